@@ -1,0 +1,48 @@
+# Every way to run anything in tlserve is a target here: the README, CI and the
+# Dockerfile call these and nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test lint typecheck proto clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q -e '.[train,serve,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m tlserve.cli.demo
+
+test: lint typecheck
+	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The folders install as tlserve.* (package-dir mapping); mypy sees them the
+# same way through a tree of links.
+typecheck: setup
+	rm -rf build/typecheck && mkdir -p build/typecheck/tlserve
+	for d in client server training protos cli; do ln -s ../../../$$d build/typecheck/tlserve/$$d; done
+	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
+		-p tlserve.client -p tlserve.server -p tlserve.training -p tlserve.cli
+
+# Generated stubs are committed (the bare client install then needs no
+# grpcio-tools); regenerate after editing protos/*.proto.
+proto:
+	mkdir -p build/gen
+	$(PY) -m grpc_tools.protoc -Itlserve/protos=protos \
+		--python_out=build/gen --pyi_out=build/gen --grpc_python_out=build/gen \
+		protos/grpc_service.proto protos/tlserve_v1.proto
+	cp build/gen/tlserve/protos/*.py build/gen/tlserve/protos/*.pyi protos/
+
+clean:
+	rm -rf build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache

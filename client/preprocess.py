@@ -1,0 +1,80 @@
+"""Decode and resize images exactly as training did.
+
+One function, :func:`prepare_image`, is used by training (to compute
+features), by the server (for ``Classify``) and by the client (for
+client-side preprocessing), so all three agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from tlserve.client.errors import InvalidInput
+from tlserve.client.metadata import Preprocessing
+
+__all__ = ["MAX_IMAGE_PIXELS", "decode_image", "prepare_image", "resize_and_crop"]
+
+# Refuse decompression bombs: a 20 kB PNG can claim 50,000 x 50,000 pixels.
+MAX_IMAGE_PIXELS = 64_000_000
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+def decode_image(data: bytes | Path | str) -> Image.Image:
+    """Decode JPEG/PNG/... bytes or a file into an RGB image.
+
+    Raises :class:`InvalidInput` for anything that is not a readable image
+    (or is larger than :data:`MAX_IMAGE_PIXELS`), naming what went wrong.
+    """
+    source: io.BytesIO | Path = (
+        io.BytesIO(data) if isinstance(data, bytes | bytearray) else Path(data)
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as opened:
+                width, height = opened.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise InvalidInput(
+                        f"image is {width}x{height} pixels, more than the limit of "
+                        f"{MAX_IMAGE_PIXELS}"
+                    )
+                return ImageOps.exif_transpose(opened).convert("RGB")
+    except InvalidInput:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(f"cannot decode image: {exc}") from exc
+
+
+def resize_and_crop(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """Resize the shorter side to ``floor(size / crop_pct)``, centre-crop to size.
+
+    Returns uint8 ``[height, width, 3]``, the model's ``images`` input row.
+    """
+    scale_size = math.floor(max(spec.height, spec.width) / spec.crop_pct)
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = scale_size, int(scale_size * height / width)
+    else:
+        new_w, new_h = int(scale_size * width / height), scale_size
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), _RESAMPLE[spec.interpolation])
+    left = round((new_w - spec.width) / 2.0)
+    top = round((new_h - spec.height) / 2.0)
+    image = image.crop((left, top, left + spec.width, top + spec.height))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def prepare_image(data: bytes | Path | str, spec: Preprocessing) -> np.ndarray:
+    """Decode, resize and crop one encoded image into the model's input row."""
+    return resize_and_crop(decode_image(data), spec)

@@ -1,0 +1,1 @@
+"""tlserve server: KServe v2 + tlserve.v1 over grpc.aio, with dynamic batching."""

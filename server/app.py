@@ -1,0 +1,156 @@
+"""Server construction and lifecycle.
+
+:func:`start_server` builds and starts everything and returns a
+:class:`RunningServer` (tests bind port 0 and read the ports back);
+:func:`serve` runs one until SIGTERM/SIGINT, then drains: health goes
+NOT_SERVING, requests are still served for ``drain_delay`` so load balancers
+stop sending, then in-flight calls get ``grace`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from tlserve.protos import (
+    grpc_service_pb2,
+    grpc_service_pb2_grpc,
+    tlserve_v1_pb2,
+    tlserve_v1_pb2_grpc,
+)
+from tlserve.server.config import ServerConfig
+from tlserve.server.core import InferenceCore
+from tlserve.server.metrics import ServerMetrics
+from tlserve.server.repository import ModelRegistry
+from tlserve.server.servicers import ImageServicer, InferenceServicer
+
+__all__ = ["RunningServer", "serve", "start_server"]
+
+log = logging.getLogger(__name__)
+
+_SERVICES = (
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    tlserve_v1_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
+)
+
+
+@dataclass
+class RunningServer:
+    """A started server: its ports, its parts, and how to stop it."""
+
+    config: ServerConfig
+    grpc_server: grpc.aio.Server
+    grpc_port: int
+    metrics_port: int
+    core: InferenceCore
+    health: health_aio.HealthServicer
+    _http: WSGIServer
+    _http_thread: threading.Thread
+    _preprocess: ThreadPoolExecutor
+
+    @property
+    def target(self) -> str:
+        return f"{self.config.host}:{self.grpc_port}"
+
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        for service in ("", *_SERVICES):
+            await self.health.set(service, status)
+
+    async def stop(self, *, drain_delay: float | None = None, grace: float | None = None) -> None:
+        """Drain and stop: NOT_SERVING, serve for ``drain_delay``, then ``grace``."""
+        drain = self.config.drain_delay if drain_delay is None else drain_delay
+        grace = self.config.grace if grace is None else grace
+        self.core.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining: health NOT_SERVING, still serving for %.1fs", drain)
+        await asyncio.sleep(drain)
+        log.info("stopping: in-flight calls have %.1fs to finish", grace)
+        await self.grpc_server.stop(grace)
+        await self.core.registry.stop()
+        self._preprocess.shutdown(wait=False, cancel_futures=True)
+        self._http.shutdown()
+        self._http.server_close()
+        log.info("stopped")
+
+
+async def start_server(
+    config: ServerConfig, metrics_registry: CollectorRegistry | None = None
+) -> RunningServer:
+    """Start listening, then load and warm every model; health follows readiness."""
+    metrics = ServerMetrics(metrics_registry)
+    registry = ModelRegistry(config, metrics)
+    preprocess = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
+    core = InferenceCore(registry, metrics, preprocess)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+    )
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(core), server
+    )
+    tlserve_v1_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(core), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            *_SERVICES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {config.host}:{config.grpc_port}")
+    http, http_thread = metrics.serve_http(config.host, config.metrics_port)
+    running = RunningServer(
+        config, server, port, http.server_port, core, health, http, http_thread, preprocess
+    )
+    await running._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    log.info(
+        "listening: gRPC on %s:%d, metrics on http://%s:%d/metrics",
+        config.host,
+        port,
+        config.host,
+        running.metrics_port,
+    )
+    await registry.load_all()
+    if registry.ready:
+        await running._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: serving %s", ", ".join(registry.names()) or "no models")
+    else:
+        log.error("not ready: models failed to load: %s", registry.failed)
+    return running
+
+
+def serve(config: ServerConfig) -> None:
+    """Run a server until SIGTERM or SIGINT, then drain and stop."""
+    asyncio.run(_serve(config))
+
+
+async def _serve(config: ServerConfig) -> None:
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received")
+    await running.stop()

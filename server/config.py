@@ -1,0 +1,107 @@
+"""Server configuration: one frozen object, read once at the edge.
+
+Values come from ``TLSERVE_*`` environment variables, overridden by command
+line flags. A bad value fails at start-up with a sentence naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEVICES", "ConfigError", "ServerConfig"]
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs to start. Durations are in seconds."""
+
+    model_repository: Path
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    # auto: CUDA when onnxruntime has it, else CPU. cuda: CUDA or refuse to start.
+    device: str = "auto"
+    max_batch_size: int = 32
+    # 0 = no waiting: a batch is whatever queued while the model was busy
+    # (Triton's default too); raise it to trade latency for bigger batches.
+    max_queue_delay: float = 0.0
+    # Images queued per model before new requests get RESOURCE_EXHAUSTED.
+    max_queue_size: int = 256
+    # After SIGTERM: health says NOT_SERVING and requests are still served for
+    # drain_delay (so load balancers notice), then in-flight work gets grace.
+    drain_delay: float = 5.0
+    grace: float = 10.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    intra_op_threads: int = 0
+    preprocess_threads: int = 4
+    log_level: str = "INFO"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"TLSERVE_DEVICE must be one of {DEVICES}, got {self.device!r}")
+        for key in ("grpc_port", "metrics_port"):
+            port = getattr(self, key)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{_env_name(key)} must be a port in 0..65535, got {port}")
+        for key in ("max_batch_size", "max_queue_size", "max_message_bytes", "preprocess_threads"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{_env_name(key)} must be at least 1, got {getattr(self, key)}")
+        for key in ("max_queue_delay", "drain_delay", "grace", "intra_op_threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(
+                    f"{_env_name(key)} must not be negative, got {getattr(self, key)}"
+                )
+
+    @classmethod
+    def load(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> ServerConfig:
+        """Build from ``TLSERVE_*`` variables, then ``overrides`` (flags) on top.
+
+        ``None`` values in ``overrides`` mean "not given" and leave the
+        environment's (or the default) value in place.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            raw = environ.get(_env_name(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = value
+        if "model_repository" not in values:
+            raise ConfigError(
+                "no model repository: pass --model-repository or set TLSERVE_MODEL_REPOSITORY"
+            )
+        values["model_repository"] = Path(values["model_repository"])
+        return cls(**values)
+
+
+def _env_name(key: str) -> str:
+    return "TLSERVE_" + key.upper()
+
+
+def _parse(key: str, kind: object, raw: str) -> Any:
+    try:
+        if kind in ("int", int):
+            return int(raw)
+        if kind in ("float", float):
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{_env_name(key)}={raw!r} is not a valid {kind}") from None

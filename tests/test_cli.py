@@ -1,0 +1,113 @@
+"""The ``tlserve`` command as a user runs it: a real process, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import ServerThread, png_bytes
+from tlserve.client import Client
+
+TLSERVE = [sys.executable, "-m", "tlserve.cli.main"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TLSERVE, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "a-red.png").write_bytes(png_bytes((240, 5, 5)))
+    (folder / "nested" / "b-blue.png").write_bytes(png_bytes((5, 5, 240)))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_classify_json_lines_walks_directories(server: ServerThread, images: Path) -> None:
+    result = _run("classify", "--target", server.target, "--model", "tiny", "--top-k", "2",
+                  "--json", str(images))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(r["file"]).name for r in rows] == ["a-red.png", "b-blue.png"]
+    assert [r["labels"][0]["label"] for r in rows] == ["red", "blue"]
+    assert set(rows[0]["labels"][0]) == {"label", "index", "score"}
+    assert len(rows[0]["labels"]) == 2
+
+
+def test_classify_table_and_exit_codes(server: ServerThread, images: Path) -> None:
+    table = _run(
+        "classify", "--target", server.target, "--model", "tiny", str(images / "a-red.png")
+    )
+    assert table.returncode == 0 and "a-red.png\tred" in table.stdout
+    unknown = _run("classify", "--target", server.target, "--model", "ghost", str(images))
+    assert unknown.returncode == 1
+    assert "NOT_FOUND" in unknown.stderr and "ghost" in unknown.stderr
+    usage = _run("classify", "--target", server.target, str(images))
+    assert usage.returncode == 2 and "--model" in usage.stderr
+
+
+def test_serve_without_repository_says_how_to_fix_it() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TLSERVE_")}
+    result = subprocess.run(
+        [*TLSERVE, "serve"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 1
+    assert "--model-repository" in result.stderr
+
+
+@pytest.fixture
+def serve_process(model_repo: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    process = subprocess.Popen(
+        [*TLSERVE, "serve", "--model-repository", str(model_repo), "--grpc-port", "0",
+         "--metrics-port", "0", "--drain-delay", "1.5", "--grace", "2"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    target = ""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not target:
+        line = process.stderr.readline()
+        match = re.search(r"gRPC on (\S+:\d+)", line)
+        target = match.group(1) if match else ""
+    assert target, "server never logged its port"
+    yield process, target
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=10)
+    process.stderr.close()
+
+
+def test_sigterm_drains_then_stops_cleanly(
+    serve_process: tuple[subprocess.Popen[str], str],
+) -> None:
+    process, target = serve_process
+    with Client(target) as client, grpc.insecure_channel(target) as channel:
+        client.wait_until_ready(timeout=30)
+        health = health_pb2_grpc.HealthStub(channel)
+        process.send_signal(signal.SIGTERM)
+        # Draining: health flips to NOT_SERVING but requests are still answered.
+        deadline = time.monotonic() + 1.0
+        status = health_pb2.HealthCheckResponse.SERVING
+        while time.monotonic() < deadline and status == health_pb2.HealthCheckResponse.SERVING:
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not client.server_ready(timeout=2)
+        assert (
+            client.classify(png_bytes((0, 250, 0)), model="tiny", timeout=2)[0][0].label == "green"
+        )
+    assert process.wait(timeout=15) == 0
+    assert process.stderr is not None
+    assert "stopped" in process.stderr.read()

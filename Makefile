@@ -6,11 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint typecheck proto clean
+.PHONY: setup demo test lint typecheck proto wheel clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS)
 	$(PIP) install -q -e '.[train,serve,dev]'
 	touch $@
@@ -43,6 +42,10 @@ proto:
 		--python_out=build/gen --pyi_out=build/gen --grpc_python_out=build/gen \
 		protos/grpc_service.proto protos/tlserve_v1.proto
 	cp build/gen/tlserve/protos/*.py build/gen/tlserve/protos/*.pyi protos/
+
+# The wheel the Docker images install (Dockerfile, stage "build").
+wheel: setup
+	$(PIP) wheel -q --no-deps --wheel-dir build/wheels .
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -206,3 +206,18 @@ def test_a_model_that_fails_to_load_keeps_the_server_not_ready(model_repo: Path)
             )
     finally:
         running.stop()
+
+
+def test_reflection_lists_the_services(server: ServerThread) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        [response] = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    names = {s.name for s in response.list_services_response.service}
+    assert {
+        "inference.GRPCInferenceService",
+        "tlserve.v1.ImageService",
+        "grpc.health.v1.Health",
+    } <= names

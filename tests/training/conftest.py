@@ -1,0 +1,24 @@
+"""Fixtures for the training tests: a tiny random backbone and a tiny real dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.training.shapes import TINY_BACKBONE, write_shapes
+from tlserve.training.backbones import Backbone, create_backbone
+
+
+@pytest.fixture
+def shapes_folder(tmp_path: Path) -> Path:
+    """ImageFolder layout: train/ (12 per class) and test/ (6 per class)."""
+    root = tmp_path / "shapes"
+    write_shapes(root / "train", 12, seed=1)
+    write_shapes(root / "test", 6, seed=2)
+    return root
+
+
+@pytest.fixture
+def tiny_backbone() -> Backbone:
+    return create_backbone(TINY_BACKBONE)

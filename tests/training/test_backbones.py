@@ -1,0 +1,98 @@
+"""The backbone registry, and that the shipped ImageNet weights are really right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage import data as skimage_data
+
+from tests.training.shapes import TINY_BACKBONE, encode_png
+from tlserve.client.metadata import Preprocessing
+from tlserve.client.preprocess import prepare_image
+from tlserve.training.backbones import (
+    create_backbone,
+    create_imagenet_classifier,
+    list_backbones,
+)
+from tlserve.training.efficientnet_lite import (
+    LITE0_STAGE_DEPTHS,
+    lite0_weights_file,
+    remap_lukemelas_keys,
+)
+from tlserve.training.modules import ImageEmbedder
+
+ESPRESSO = 967
+CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def test_lite0_imagenet_classifier_sees_an_espresso_and_a_cat() -> None:
+    """The remapped weights + their preprocessing, through THE prepare_image."""
+    model, spec = create_imagenet_classifier("tf_efficientnet_lite0")
+    assert spec == Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    photos = [skimage_data.coffee(), skimage_data.chelsea()]  # type: ignore[no-untyped-call]
+    images = np.stack([prepare_image(encode_png(photo), spec) for photo in photos])
+    # ImageEmbedder is the exported front end (uint8 NHWC → normalised NCHW → module);
+    # in front of the full classifier its "embeddings" are the ImageNet logits.
+    with torch.inference_mode():
+        logits = ImageEmbedder(model, spec)(torch.from_numpy(images))
+    top1 = logits.argmax(dim=1).tolist()
+    assert top1[0] == ESPRESSO
+    assert top1[1] in CATS
+    assert float(torch.softmax(logits, dim=1)[0, ESPRESSO]) > 0.5
+
+
+def test_lite0_backbone_gives_1280_dim_embeddings() -> None:
+    backbone = create_backbone("tf_efficientnet_lite0")
+    assert backbone.feature_dim == 1280
+    assert not backbone.module.training
+    with torch.inference_mode():
+        out = backbone.module(torch.zeros(2, 3, 224, 224))
+    assert out.shape == (2, 1280)
+    assert "tf_efficientnet_lite0" in list_backbones()
+
+
+def test_remap_is_complete_and_wrong_depths_fail_loudly() -> None:
+    state = torch.load(lite0_weights_file(), map_location="cpu", weights_only=True)
+    remapped = remap_lukemelas_keys(state, LITE0_STAGE_DEPTHS)
+    assert len(remapped) == len(state)
+    assert "blocks.6.0.conv_pwl.weight" in remapped
+    with pytest.raises(KeyError, match="beyond"):
+        remap_lukemelas_keys(state, (1, 2, 2, 3, 3, 3, 1))
+
+
+def test_timm_form_with_input_size() -> None:
+    backbone = create_backbone(TINY_BACKBONE)
+    assert backbone.name == TINY_BACKBONE
+    assert (backbone.preprocessing.height, backbone.preprocessing.width) == (64, 64)
+    assert create_backbone("timm:test_convnext@48x32").preprocessing.width == 32
+    with torch.inference_mode():
+        out = backbone.module(torch.zeros(3, 3, 64, 64))
+    assert out.shape == (3, backbone.feature_dim)
+
+
+def test_timm_form_loads_a_weights_file(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = create_backbone(TINY_BACKBONE).module
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    loaded = create_backbone(TINY_BACKBONE, weights=path).module
+    for (name, a), (_, b) in zip(
+        source.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("resnet9000", "unknown backbone"),
+        ("timm:not_a_model", "no model called"),
+        ("timm:test_convnext@big", "malformed"),
+    ],
+)
+def test_bad_backbone_names(name: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        create_backbone(name)

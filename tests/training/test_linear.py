@@ -1,0 +1,73 @@
+"""The linear strategy: CV-chosen C, and the folded nn.Linear equals scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from tlserve.training.data import DataError
+from tlserve.training.strategies import STRATEGIES, create_strategy
+from tlserve.training.strategies.linear import (
+    DEFAULT_C_GRID,
+    LinearProbe,
+    fit_logistic_regression,
+    fold_into_linear,
+)
+
+
+def blobs(
+    n_classes: int, per_class: int = 20, dim: int = 6, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian clusters with very different feature scales (the scaler matters)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, size=(n_classes, dim))
+    x = np.concatenate([rng.normal(c, 1.0, size=(per_class, dim)) for c in centres])
+    x = (x * np.logspace(-2, 2, dim) + 5.0).astype(np.float32)
+    y = np.repeat(np.arange(n_classes), per_class)
+    return x, y
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_folded_linear_matches_sklearn_predict_proba(n_classes: int) -> None:
+    x, y = blobs(n_classes)
+    scaler = StandardScaler().fit(x)
+    regression = LogisticRegression(C=0.5, max_iter=1000).fit(scaler.transform(x), y)
+    linear = fold_into_linear(scaler, regression, n_classes)
+    with torch.inference_mode():
+        ours = torch.softmax(linear(torch.from_numpy(x)), dim=1).numpy()
+    expected = regression.predict_proba(scaler.transform(x))
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_c_is_chosen_by_cv_and_reproducible() -> None:
+    x, y = blobs(3, per_class=15)
+    classes = ("a", "b", "c")
+    first = fit_logistic_regression(x, y, classes=classes, seed=1)
+    again = fit_logistic_regression(x, y, classes=classes, seed=1)
+    assert first.c in DEFAULT_C_GRID and first.folds == 5
+    assert first.cv_accuracy is not None and first.cv_accuracy > 0.8
+    assert (first.c, first.cv_accuracy) == (again.c, again.cv_accuracy)
+    assert torch.equal(first.linear.weight, again.linear.weight)
+
+
+def test_tiny_classes_fall_back_to_fewer_folds_or_no_cv() -> None:
+    x, y = blobs(2, per_class=3)
+    assert fit_logistic_regression(x, y, classes=("a", "b")).folds == 3
+    one_each = fit_logistic_regression(x[[0, 3]], y[[0, 3]], classes=("a", "b"))
+    assert (one_each.folds, one_each.c, one_each.cv_accuracy) == (0, 1.0, None)
+
+
+def test_a_class_without_training_features_is_named() -> None:
+    x, y = blobs(2)
+    with pytest.raises(DataError, match="class\\(es\\): c"):
+        fit_logistic_regression(x, y, classes=("a", "b", "c"))
+
+
+def test_registry() -> None:
+    assert STRATEGIES["linear"] is LinearProbe
+    assert isinstance(create_strategy("linear", folds=3), LinearProbe)
+    with pytest.raises(ValueError, match="unknown strategy 'magic': available are linear"):
+        create_strategy("magic")

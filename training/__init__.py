@@ -1,0 +1,30 @@
+"""tlserve training: turn a folder of labelled images into a served ONNX model.
+
+::
+
+    from tlserve.training import train
+    result = train(Path("examples/fashion-mnist"), model_repository=Path("models"), name="fashion")
+
+Modules: :mod:`~tlserve.training.data` (find the images),
+:mod:`~tlserve.training.backbones` (pretrained CNNs),
+:mod:`~tlserve.training.features`, :mod:`~tlserve.training.strategies`,
+:mod:`~tlserve.training.evaluate`, :mod:`~tlserve.training.export` and
+:mod:`~tlserve.training.publish`. This package imports torch; the client and
+the server never import it.
+"""
+
+from __future__ import annotations
+
+from tlserve.training.backbones import Backbone, create_backbone
+from tlserve.training.data import DataError, Dataset, load_dataset
+from tlserve.training.train import TrainResult, train
+
+__all__ = [
+    "Backbone",
+    "DataError",
+    "Dataset",
+    "TrainResult",
+    "create_backbone",
+    "load_dataset",
+    "train",
+]

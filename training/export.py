@@ -1,0 +1,234 @@
+"""Export a classifier to ONNX, verify it, and publish it into a model repository.
+
+The exported graph (DESIGN.md §2)::
+
+    images  uint8 [batch, H, W, 3] RGB
+      → cast, (x/255 - mean)/std, NHWC→NCHW   (inside the graph: runs on the GPU,
+      → backbone → embeddings                   and the wire carries uint8)
+      → head → softmax
+    probabilities float32 [batch, C],  embeddings float32 [batch, D]
+
+The exporter is torch's ``torch.export``-based one (``dynamo=True``), the
+default since torch 2.9; the TorchScript exporter is deprecated and warns.
+A model is verified before anyone can see it: ``onnx.checker`` (full check),
+then onnxruntime on CPU against the PyTorch module on real images, at batch
+sizes 1 and N, within :data:`PROBABILITY_ATOL` / :data:`EMBEDDING_RTOL` /
+:data:`EMBEDDING_ATOL`. :func:`publish` then moves it into
+``<repository>/<name>/<version>/`` with one atomic rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from tlserve.client.metadata import ModelCard
+from tlserve.training.backbones import Backbone
+from tlserve.training.modules import ImageClassifier, ImageEmbedder
+from tlserve.training.publish import publish, validate_model_name
+
+__all__ = [
+    "EMBEDDING_ATOL",
+    "EMBEDDING_RTOL",
+    "INPUT_NAME",
+    "OPSET",
+    "OUTPUT_NAMES",
+    "PROBABILITY_ATOL",
+    "ExportCheck",
+    "ExportError",
+    "compare_outputs",
+    "export_onnx",
+    "publish",
+    "validate_model_name",
+]
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("probabilities", "embeddings")
+BATCH_AXIS = "batch"
+
+# Tolerances between onnxruntime (CPU) and PyTorch on the same uint8 images.
+# Observed differences are ~1e-7 for probabilities and ~1e-5 for embeddings
+# (different convolution kernels); the bounds leave room for other CPUs.
+PROBABILITY_ATOL = 1e-4
+EMBEDDING_RTOL = 1e-3
+EMBEDDING_ATOL = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The exported model failed verification; nothing was published."""
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How closely onnxruntime matched PyTorch (worst case over all checked batches)."""
+
+    images: int
+    probabilities_max_abs_diff: float
+    embeddings_max_abs_diff: float
+    embeddings_max_excess: float  # max(|a-b| - (atol + rtol*|b|)); <= 0 passes
+
+
+def export_onnx(
+    backbone: Backbone | ImageEmbedder,
+    head: torch.nn.Module,
+    card: ModelCard,
+    path: Path,
+    sample_images: np.ndarray,
+) -> ExportCheck:
+    """Export ``backbone`` + ``head`` to ``path`` with ``card`` in its metadata, and verify it.
+
+    ``sample_images`` are real images, uint8 ``[N, H, W, 3]`` prepared with the
+    backbone's preprocessing (two or more, so both batch sizes are exercised).
+    Raises :class:`ExportError` (with the figures) when verification fails,
+    and then removes ``path``. Returns the figures of the check.
+    """
+    embedder = (
+        backbone if isinstance(backbone, ImageEmbedder) else ImageEmbedder.from_backbone(backbone)
+    )
+    model = ImageClassifier(embedder, head).eval()
+    spec = embedder.preprocessing
+    expected_shape = (spec.height, spec.width, 3)
+    if (
+        sample_images.dtype != np.uint8
+        or sample_images.ndim != 4
+        or sample_images.shape[1:] != expected_shape
+    ):
+        raise ValueError(
+            f"sample_images must be uint8 [N, {spec.height}, {spec.width}, 3], got "
+            f"{sample_images.dtype} {list(sample_images.shape)}"
+        )
+    if card.preprocessing != spec:
+        raise ValueError(
+            f"the card's preprocessing {card.preprocessing} is not the embedder's {spec}"
+        )
+    if len(card.labels) != _num_outputs(model, sample_images):
+        raise ValueError(
+            f"the card has {len(card.labels)} labels but the head has a different number of outputs"
+        )
+    proto = _to_onnx(model, sample_images)
+    for key, value in card.to_props().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "tlserve"
+    path = Path(path)
+    onnx.save_model(proto, str(path))
+    try:
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"onnx checker rejected {path}: {exc}") from exc
+        check = _verify(model, path, sample_images)
+    except ExportError:
+        path.unlink(missing_ok=True)  # an unverified model is not left lying around
+        raise
+    log.info(
+        "exported %s (%.1f MB); onnxruntime vs torch on %d images: "
+        "probabilities %.2e, embeddings %.2e",
+        path,
+        path.stat().st_size / 1e6,
+        check.images,
+        check.probabilities_max_abs_diff,
+        check.embeddings_max_abs_diff,
+    )
+    return check
+
+
+def _num_outputs(model: ImageClassifier, sample_images: np.ndarray) -> int:
+    with torch.inference_mode():
+        probabilities, _ = model(torch.from_numpy(sample_images[:1].copy()))
+    return int(probabilities.shape[1])
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...] = ("onnx_ir", "onnxscript")) -> Iterator[None]:
+    """Hold the exporter's optimiser loggers at WARNING: at INFO they log every pass."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _to_onnx(model: ImageClassifier, sample_images: np.ndarray) -> onnx.ModelProto:
+    # Trace with two images: a size-1 example lets torch.export specialise the
+    # batch dimension to 1 despite the dynamic_shapes request.
+    example = torch.from_numpy(np.concatenate([sample_images[:1], sample_images[:1]]))
+    with _quiet():
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: torch.export.Dim(BATCH_AXIS)},),
+            opset_version=OPSET,
+            external_data=False,
+            verbose=False,
+        )
+    if program is None:  # only the TorchScript exporter returns None
+        raise ExportError("torch.onnx.export returned no program")
+    proto: onnx.ModelProto = program.model_proto
+    return proto
+
+
+def _verify(model: ImageClassifier, path: Path, sample_images: np.ndarray) -> ExportCheck:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batches = [sample_images[:1], sample_images] if len(sample_images) > 1 else [sample_images]
+    worst = ExportCheck(0, 0.0, 0.0, -np.inf)
+    for batch in batches:
+        onnx_probabilities, onnx_embeddings = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        with torch.inference_mode():
+            probabilities, embeddings = model(torch.from_numpy(batch.copy()))
+        check = compare_outputs(
+            (onnx_probabilities, onnx_embeddings), (probabilities.numpy(), embeddings.numpy())
+        )
+        worst = ExportCheck(
+            images=max(worst.images, check.images),
+            probabilities_max_abs_diff=max(
+                worst.probabilities_max_abs_diff, check.probabilities_max_abs_diff
+            ),
+            embeddings_max_abs_diff=max(
+                worst.embeddings_max_abs_diff, check.embeddings_max_abs_diff
+            ),
+            embeddings_max_excess=max(worst.embeddings_max_excess, check.embeddings_max_excess),
+        )
+    return worst
+
+
+def compare_outputs(
+    onnx_outputs: tuple[np.ndarray, np.ndarray], torch_outputs: tuple[np.ndarray, np.ndarray]
+) -> ExportCheck:
+    """Compare (probabilities, embeddings) pairs; raise :class:`ExportError` past the tolerances."""
+    (onnx_p, onnx_e), (torch_p, torch_e) = onnx_outputs, torch_outputs
+    if onnx_p.shape != torch_p.shape or onnx_e.shape != torch_e.shape:
+        raise ExportError(
+            f"output shapes differ: onnxruntime {onnx_p.shape}, {onnx_e.shape} vs "
+            f"torch {torch_p.shape}, {torch_e.shape}"
+        )
+    p_diff = float(np.max(np.abs(onnx_p - torch_p)))
+    e_abs = np.abs(onnx_e - torch_e)
+    e_excess = float(np.max(e_abs - (EMBEDDING_ATOL + EMBEDDING_RTOL * np.abs(torch_e))))
+    check = ExportCheck(len(onnx_p), p_diff, float(np.max(e_abs)), e_excess)
+    if not (p_diff <= PROBABILITY_ATOL and e_excess <= 0.0):  # also catches NaN
+        raise ExportError(
+            f"onnxruntime disagrees with torch on {check.images} images: "
+            f"probabilities max abs diff {p_diff:.3g} (limit {PROBABILITY_ATOL:g}); "
+            f"embeddings max abs diff {check.embeddings_max_abs_diff:.3g} "
+            f"(limit atol {EMBEDDING_ATOL:g} + rtol {EMBEDDING_RTOL:g} x |torch|)"
+        )
+    return check

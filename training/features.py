@@ -1,0 +1,155 @@
+"""Compute embeddings for a list of images with a frozen backbone.
+
+Images are decoded and resized by :func:`tlserve.client.preprocess.prepare_image`
+(the function the server and client use too) in DataLoader worker processes,
+batched as uint8 ``[N, H, W, 3]``, and embedded by :class:`ImageEmbedder`, the
+module that is exported. A file that cannot be read is skipped and reported,
+never fatal: one bad JPEG in ten thousand should not cost a training run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from tlserve.client.errors import InvalidInput
+from tlserve.client.metadata import Preprocessing
+from tlserve.client.preprocess import prepare_image
+from tlserve.training.data import Sample
+from tlserve.training.modules import ImageEmbedder
+
+__all__ = ["Features", "SkippedFile", "default_workers", "extract_features", "load_images"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """An image that could not be used, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class Features:
+    """Embeddings ``[N, D]`` float32, labels ``[N]`` int64, the paths they came from."""
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    paths: tuple[Path, ...]
+    skipped: tuple[SkippedFile, ...]
+
+
+# One loaded item: its index in the sample list, the image (None if unreadable)
+# and the reason it could not be read.
+_Item = tuple[int, np.ndarray | None, str]
+_Batch = tuple[list[int], np.ndarray | None, list[tuple[int, str]]]
+
+
+class _PreparedImages(TorchDataset[_Item]):
+    def __init__(self, paths: Sequence[Path], spec: Preprocessing) -> None:
+        self.paths = list(paths)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> _Item:
+        try:
+            return index, prepare_image(self.paths[index], self.spec), ""
+        except (InvalidInput, OSError) as exc:
+            return index, None, str(exc)
+
+
+def _collate(items: list[_Item]) -> _Batch:
+    good = [(index, image) for index, image, _ in items if image is not None]
+    failed = [(index, reason) for index, image, reason in items if image is None]
+    # np.stack copies: the batch is writable (torch.from_numpy wants that).
+    images = np.stack([image for _, image in good]) if good else None
+    return [index for index, _ in good], images, failed
+
+
+def default_workers() -> int:
+    """Decoding processes: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def extract_features(
+    embedder: ImageEmbedder,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 32,
+    workers: int | None = None,
+) -> Features:
+    """Embed every readable image in ``samples``; report the rest.
+
+    Images are prepared with ``embedder.preprocessing``. ``workers=0`` decodes in
+    this process (no subprocesses); ``None`` picks :func:`default_workers`.
+    """
+    workers = default_workers() if workers is None else workers
+    paths = [path for path, _ in samples]
+    loader = DataLoader(
+        _PreparedImages(paths, embedder.preprocessing),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+    )
+    embedder.eval()
+    kept: list[int] = []
+    chunks: list[np.ndarray] = []
+    skipped: list[SkippedFile] = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for indices, images, failed in loader:
+            for index, reason in failed:
+                log.warning("skipping unreadable image %s: %s", paths[index], reason)
+                skipped.append(SkippedFile(paths[index], reason))
+            if images is None:
+                continue
+            chunks.append(embedder(torch.from_numpy(images)).numpy().astype(np.float32))
+            kept.extend(indices)
+    seconds = time.perf_counter() - start
+    log.info(
+        "embedded %d images in %.1f s (%.1f images/s, %d skipped)",
+        len(kept),
+        seconds,
+        len(kept) / max(seconds, 1e-9),
+        len(skipped),
+    )
+    dim = int(chunks[0].shape[1]) if chunks else 0
+    return Features(
+        embeddings=np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32),
+        labels=np.array([samples[i][1] for i in kept], dtype=np.int64),
+        paths=tuple(paths[i] for i in kept),
+        skipped=tuple(skipped),
+    )
+
+
+def load_images(paths: Sequence[Path], spec: Preprocessing, *, limit: int = 8) -> np.ndarray:
+    """Up to ``limit`` readable images as uint8 ``[N, H, W, 3]`` (unreadable ones passed over)."""
+    images: list[np.ndarray] = []
+    for path in paths:
+        if len(images) >= limit:
+            break
+        try:
+            images.append(prepare_image(path, spec))
+        except (InvalidInput, OSError):
+            continue
+    if not images:
+        raise ValueError("none of the given images could be read")
+    return np.stack(images)

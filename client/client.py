@@ -38,7 +38,7 @@ __all__ = ["Client", "ImageInput", "ModelMetadata", "Prediction", "TensorMetadat
 
 #: An image to classify: a file path, encoded bytes, a PIL image or an
 #: ``[H, W, 3]`` (or ``[H, W]``) uint8 array.
-ImageInput: TypeAlias = "str | Path | bytes | Image.Image | np.ndarray"
+ImageInput: TypeAlias = str | Path | bytes | Image.Image | np.ndarray
 
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -79,9 +79,10 @@ def encode_image(image: ImageInput) -> bytes:
     if isinstance(image, str | Path):
         return Path(image).read_bytes()
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        if image.dtype != np.uint8 or image.shape[2:] not in ((), (3,), (4,)) or image.ndim < 2:
             raise InvalidInput(
-                f"an image array must be uint8 [H, W] or [H, W, 3], got {image.dtype} {image.shape}"
+                "an image array must be uint8 [H, W], [H, W, 3] or [H, W, 4], "
+                f"got {image.dtype} {image.shape}"
             )
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):

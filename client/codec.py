@@ -145,7 +145,7 @@ def decode_request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray
 def encode_request_inputs(request: pb.ModelInferRequest, inputs: dict[str, np.ndarray]) -> None:
     """Add the arrays to the request as raw contents (the fast path)."""
     for name, array in inputs.items():
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array)
         request.inputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
         request.raw_input_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
 
@@ -155,7 +155,7 @@ def encode_response_outputs(
 ) -> None:
     """Add the arrays to the response as raw contents."""
     for name, array in outputs.items():
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array)
         response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
         response.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
 
@@ -163,6 +163,8 @@ def encode_response_outputs(
 def decode_response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     """The response's output tensors as arrays, whether raw or typed."""
     raw = response.raw_output_contents
+    if raw and len(raw) != len(response.outputs):
+        raise InvalidInput(f"{len(raw)} raw_output_contents for {len(response.outputs)} outputs")
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(response.outputs):
         shape = tuple(int(d) for d in tensor.shape)

@@ -98,7 +98,7 @@ class ModelCard:
                     f"({SCHEMA_VERSION}); upgrade tlserve"
                 )
             values = {
-                key[len(_PREFIX) :]: json.loads(value)
+                key[len(_PREFIX) :]: _json(key, value)
                 for key, value in props.items()
                 if key.startswith(_PREFIX) and key != _PREFIX + "schema"
             }
@@ -113,8 +113,15 @@ class ModelCard:
                 tlserve_version=str(values.get("tlserve_version", "")),
                 notes={str(k): str(v) for k, v in values.get("notes", {}).items()},
             )
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed tlserve model card: {exc!r}") from exc
+
+
+def _json(key: str, value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"model card key {key} is not JSON: {exc}") from exc
 
 
 def _triple(values: Any) -> tuple[float, float, float]:

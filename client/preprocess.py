@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,20 +39,34 @@ def decode_image(data: bytes | Path | str) -> Image.Image:
         io.BytesIO(data) if isinstance(data, bytes | bytearray) else Path(data)
     )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as opened:
-                width, height = opened.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise InvalidInput(
-                        f"image is {width}x{height} pixels, more than the limit of "
-                        f"{MAX_IMAGE_PIXELS}"
-                    )
-                return ImageOps.exif_transpose(opened).convert("RGB")
+        # The size check reads only the header: nothing is decoded before it.
+        with Image.open(source) as opened:
+            width, height = opened.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InvalidInput(
+                    f"image is {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS}"
+                )
+            return _to_rgb(ImageOps.exif_transpose(opened))
     except InvalidInput:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as exc:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
         raise InvalidInput(f"cannot decode image: {exc}") from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, scaling 16/32-bit greyscale down rather than clipping it to white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        grey = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
 
 
 def resize_and_crop(image: Image.Image, spec: Preprocessing) -> np.ndarray:

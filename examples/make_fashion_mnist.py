@@ -93,24 +93,18 @@ def read_idx(source: Path, stem: str) -> npt.NDArray[np.uint8]:
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(dims)) if dims else 1
     if len(data) - header != expected:
-        raise ValueError(
-            f"{stem}: {len(data) - header} data bytes, expected {expected} for {dims}"
-        )
+        raise ValueError(f"{stem}: {len(data) - header} data bytes, expected {expected} for {dims}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def load_split(
-    source: Path, prefix: str
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+def load_split(source: Path, prefix: str) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
     """Load (images, labels) for ``prefix`` (``train`` or ``t10k``)."""
     images = read_idx(source, f"{prefix}-images-idx3-ubyte")
     labels = read_idx(source, f"{prefix}-labels-idx1-ubyte")
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise ValueError(f"{prefix}: unexpected image shape {images.shape}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(
-            f"{prefix}: {labels.shape} labels for {images.shape[0]} images"
-        )
+        raise ValueError(f"{prefix}: {labels.shape} labels for {images.shape[0]} images")
     if labels.size and int(labels.max()) >= len(CLASS_NAMES):
         raise ValueError(f"{prefix}: label {int(labels.max())} out of range")
     return images, labels
@@ -125,8 +119,7 @@ def stratified_sample(
         pool = np.flatnonzero(labels == label)
         if per_class > pool.size:
             raise ValueError(
-                f"class {CLASS_NAMES[label]!r} has {pool.size} images, "
-                f"{per_class} requested"
+                f"class {CLASS_NAMES[label]!r} has {pool.size} images, {per_class} requested"
             )
         chosen = rng.choice(pool, size=per_class, replace=False)
         picked[label] = sorted(int(i) for i in chosen)
@@ -150,12 +143,8 @@ def write_split(
         for index in indices:
             image = Image.fromarray(np.ascontiguousarray(images[index]))
             if image.mode != "L":
-                raise ValueError(
-                    f"expected an 8-bit grayscale image, got mode {image.mode}"
-                )
-            image.save(
-                class_dir / f"{index:0{_INDEX_WIDTH}d}.png", format="PNG", optimize=True
-            )
+                raise ValueError(f"expected an 8-bit grayscale image, got mode {image.mode}")
+            image.save(class_dir / f"{index:0{_INDEX_WIDTH}d}.png", format="PNG", optimize=True)
             written += 1
     return written
 
@@ -214,15 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for split, prefix in SPLITS.items():
         images, labels = load_split(source, prefix)
         rng = np.random.default_rng([int(args.seed), SPLIT_STREAM[split]])
-        plans.append(
-            (split, prefix, images, stratified_sample(labels, counts[split], rng))
-        )
+        plans.append((split, prefix, images, stratified_sample(labels, counts[split], rng)))
     out.mkdir(parents=True, exist_ok=True)
     for split, prefix, images, picked in plans:
         written = write_split(out, split, images, picked)
         print(
-            f"{split}: {written} images ({counts[split]} per class) "
-            f"from {prefix} -> {out / split}"
+            f"{split}: {written} images ({counts[split]} per class) from {prefix} -> {out / split}"
         )
     return 0
 

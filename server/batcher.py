@@ -136,6 +136,10 @@ class DynamicBatcher:
         """Take an item off the queue; False if it no longer wants an answer."""
         self._queued_rows -= item.rows
         self._metrics.queue_depth.labels(self.name).set(self._queued_rows)
+        return self._still_wanted(item)
+
+    def _still_wanted(self, item: _Pending) -> bool:
+        """False (and the caller told why) once cancelled or past its deadline."""
         if item.future.done():  # the call was cancelled
             return False
         if item.deadline is not None and asyncio.get_running_loop().time() >= item.deadline:
@@ -150,7 +154,7 @@ class DynamicBatcher:
         while True:
             if self._carry is not None:
                 item, self._carry = self._carry, None
-                if not item.future.done():
+                if self._still_wanted(item):
                     return item
                 continue
             item = await self._queue.get()
@@ -172,7 +176,7 @@ class DynamicBatcher:
                     break
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin before Python 3.11
                     break
             if not self._admit(item):
                 continue

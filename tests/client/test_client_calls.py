@@ -1,0 +1,189 @@
+"""The sync client against a real server on 127.0.0.1:0: what a caller sees."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import TINY_SIZE, ServerThread, png_bytes
+from tlserve.client import (
+    Client,
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    TlserveError,
+    Unavailable,
+)
+
+RED, GREEN, BLUE = (250, 10, 10), (10, 240, 10), (5, 5, 255)
+
+
+@pytest.fixture
+def dead_target() -> Iterator[str]:
+    """host:port where nothing listens: bound (so no one else takes it), never listening."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _assert_chained(error: TlserveError) -> None:
+    cause = error.__cause__
+    assert isinstance(cause, grpc.RpcError) and isinstance(cause, grpc.Call)
+    assert cause.code() == error.code
+    assert str(error).startswith(f"{error.code.name}: ")
+
+
+def test_typed_errors_are_raised_from_the_rpc_error(server: ServerThread) -> None:
+    with Client(server.target) as client:
+        with pytest.raises(ModelNotFound) as not_found:
+            client.model_metadata("ghost", timeout=5)
+        _assert_chained(not_found.value)
+        with pytest.raises(InvalidInput, match="cannot decode image") as invalid:
+            client.classify(b"not an image", model="tiny", timeout=5)
+        _assert_chained(invalid.value)
+        with pytest.raises(InvalidInput) as wrong_dtype:
+            client.infer("tiny", {"images": np.zeros((1, 8, 8, 3), np.float32)}, timeout=5)
+        _assert_chained(wrong_dtype.value)
+
+
+def test_unreachable_server_is_unavailable(dead_target: str) -> None:
+    with Client(dead_target) as client, pytest.raises(Unavailable) as caught:
+        client.server_ready(timeout=5)
+    _assert_chained(caught.value)
+
+
+def test_timeout_is_the_call_deadline(server: ServerThread) -> None:
+    # gRPC rounds deadlines up to the millisecond, and a tiny request on loopback can be
+    # answered within one: send a ~3 MB photo-sized noise image that takes far longer.
+    noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), np.uint8)
+    with Client(server.target) as client:
+        with pytest.raises(DeadlineExceeded) as caught:
+            client.classify(noise, model="tiny", timeout=1e-6)
+        _assert_chained(caught.value)
+        # The client is still usable afterwards.
+        assert client.classify(png_bytes(RED), model="tiny", timeout=5)[0][0].label == "red"
+
+
+def test_wait_until_ready_gives_up_after_its_timeout(dead_target: str) -> None:
+    with Client(dead_target) as client:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match=r"not ready after 1\.0s") as caught:
+            client.wait_until_ready(timeout=1.0, interval=0.05)
+        elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed < 5.0
+    assert "UNAVAILABLE" in str(caught.value)  # says why: the last error
+    assert isinstance(caught.value.__cause__, Unavailable)
+
+
+def test_wait_until_ready_returns_promptly_when_ready(server: ServerThread) -> None:
+    with Client(server.target) as client:
+        started = time.monotonic()
+        client.wait_until_ready(timeout=30)
+        assert time.monotonic() - started < 5.0
+
+
+def test_a_full_queue_is_overloaded_and_says_retry(model_repo: Path) -> None:
+    running = ServerThread(model_repo, max_queue_size=1)
+    try:
+        with Client(running.target) as client:
+            with pytest.raises(Overloaded, match="Retry later") as caught:
+                client.classify([png_bytes(RED), png_bytes(BLUE)], model="tiny", timeout=5)
+            _assert_chained(caught.value)
+            assert client.classify(png_bytes(BLUE), model="tiny", timeout=5)[0][0].label == "blue"
+    finally:
+        running.stop()
+
+
+def test_classify_accepts_every_image_form(server: ServerThread, tmp_path: Path) -> None:
+    path = tmp_path / "green.png"
+    path.write_bytes(png_bytes(GREEN))
+    red_array = np.zeros((12, 9, 3), np.uint8)
+    red_array[..., 0] = 250
+    blue_rgba = np.zeros((10, 10, 4), np.uint8)
+    blue_rgba[..., 2] = blue_rgba[..., 3] = 255
+    flipped = np.ascontiguousarray(red_array[:, ::-1])[::-1, ::-1]  # a strided view
+    images = [
+        str(path),
+        path,
+        png_bytes(BLUE),
+        Image.new("RGB", (30, 20), RED),
+        Image.new("RGB", (30, 20), GREEN).convert("P"),
+        red_array,
+        flipped,
+        blue_rgba,
+        np.full((TINY_SIZE, TINY_SIZE), 200, np.uint8),  # grayscale [H, W]
+    ]
+    with Client(server.target) as client:
+        results = client.classify(images, model="tiny", top_k=3, timeout=10)
+        assert [r[0].label for r in results[:-1]] == [
+            "green", "green", "blue", "red", "green", "red", "red", "blue",
+        ]  # fmt: skip
+        assert len(results[-1]) == 3  # gray: a tie, but an answer
+        assert all(len(r) == 3 for r in results)
+        assert client.classify(tuple(images[:2]), model="tiny", timeout=5)[1][0].label == "green"
+        for single in images[:6]:
+            [one] = client.classify(single, model="tiny", top_k=1, timeout=5)
+            assert len(one) == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((8, 8, 3), np.float32),
+        np.zeros((8, 8, 3), np.int64),
+        np.zeros((2, 8, 8, 3), np.uint8),  # a batch is not an image
+        np.zeros(8, np.uint8),
+        [png_bytes(RED), np.zeros((8, 8, 3), np.float64)],
+        [png_bytes(RED), None],
+    ],
+    ids=["float32", "int64", "4d", "1d", "list-with-bad-array", "list-with-none"],
+)
+def test_bad_images_are_invalid_input_before_any_call(dead_target: str, bad: object) -> None:
+    # Nothing listens at dead_target: reaching the wire would raise Unavailable.
+    with Client(dead_target) as client, pytest.raises(InvalidInput):
+        client.classify(bad, model="tiny", timeout=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("channels", [1, 5])
+def test_an_array_with_the_wrong_channel_count_is_invalid_input(
+    dead_target: str, channels: int
+) -> None:
+    with Client(dead_target) as client, pytest.raises(InvalidInput):
+        client.classify(np.zeros((8, 8, channels), np.uint8), model="tiny", timeout=5)
+
+
+def test_one_client_is_safe_to_share_between_threads(server: ServerThread) -> None:
+    colours = {"red": RED, "green": GREEN, "blue": BLUE}
+    expected = [list(colours)[i % 3] for i in range(50)]
+    encoded = {label: png_bytes(rgb) for label, rgb in colours.items()}
+    with Client(server.target) as client:
+
+        def classify(label: str) -> str:
+            return client.classify(encoded[label], model="tiny", timeout=30)[0][0].label
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(classify, expected))
+    assert got == expected
+
+
+def test_leaving_the_context_manager_closes_the_channel(server: ServerThread) -> None:
+    client = Client(server.target)
+    with client as entered:
+        assert entered is client
+        assert client.server_ready(timeout=5)
+    with pytest.raises(ValueError, match="closed channel"):
+        client.server_ready(timeout=5)
+
+    other = Client(server.target)
+    other.close()
+    with pytest.raises(ValueError, match="closed channel"):
+        other.classify(png_bytes(RED), model="tiny", timeout=5)

@@ -58,6 +58,9 @@ _CONTENTS_FIELD = {
 }
 
 
+_NARROW = {"INT8", "INT16", "UINT8", "UINT16"}
+
+
 def dtype_of(datatype: str) -> np.dtype[Any]:
     """The numpy dtype of a V2 datatype name; InvalidInput if unsupported."""
     try:
@@ -109,12 +112,14 @@ def _from_typed(
         raise InvalidInput(
             f"input {name!r}: {len(values)} values in {field} but shape {list(shape)} needs {count}"
         )
-    array = np.asarray(values)
-    if array.size and dtype.kind in "ui" and datatype not in ("INT64", "UINT64"):
+    if datatype in _NARROW:
+        # int_contents/uint_contents are 32-bit: check the narrower type's range.
+        wide = np.array(values, dtype=np.int64)
         info = np.iinfo(dtype)
-        if array.min() < info.min or array.max() > info.max:
+        if wide.size and (wide.min() < info.min or wide.max() > info.max):
             raise InvalidInput(f"input {name!r}: values out of range for {datatype}")
-    return array.astype(dtype).reshape(shape)
+        return wide.astype(dtype).reshape(shape)
+    return np.array(values, dtype=dtype).reshape(shape)
 
 
 def decode_request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:

@@ -41,6 +41,10 @@ proto:
 	$(PY) -m grpc_tools.protoc -Itlserve/protos=protos \
 		--python_out=build/gen --pyi_out=build/gen --grpc_python_out=build/gen \
 		protos/grpc_service.proto protos/tlserve_v1.proto
+	sed -i -e 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/DESCRIPTOR = POOL.AddSerializedFile(/' \
+		-e 's/^from google.protobuf.internal import builder as _builder$$/&\nfrom tlserve.protos._pool import POOL/' \
+		build/gen/tlserve/protos/*_pb2.py
+	grep -q "POOL.AddSerializedFile" build/gen/tlserve/protos/grpc_service_pb2.py
 	cp build/gen/tlserve/protos/*.py build/gen/tlserve/protos/*.pyi protos/
 
 # The wheel the Docker images install (Dockerfile, stage "build").

@@ -9,6 +9,7 @@ from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
+from tlserve.protos._pool import POOL
 _runtime_version.ValidateProtobufRuntimeVersion(
     _runtime_version.Domain.PUBLIC,
     6,
@@ -24,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftlserve/protos/tlserve_v1.proto\x12\ntlserve.v1\"[\n\x0f\x43lassifyRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x03(\x0c\x12\r\n\x05top_k\x18\x04 \x01(\r\":\n\x0bScoredLabel\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"9\n\x0e\x43lassification\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.tlserve.v1.ScoredLabel\"j\n\x10\x43lassifyResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12+\n\x07results\x18\x03 \x03(\x0b\x32\x1a.tlserve.v1.Classification2W\n\x0cImageService\x12G\n\x08\x43lassify\x12\x1b.tlserve.v1.ClassifyRequest\x1a\x1c.tlserve.v1.ClassifyResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = POOL.AddSerializedFile(b'\n\x1ftlserve/protos/tlserve_v1.proto\x12\ntlserve.v1\"[\n\x0f\x43lassifyRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x03(\x0c\x12\r\n\x05top_k\x18\x04 \x01(\r\":\n\x0bScoredLabel\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"9\n\x0e\x43lassification\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.tlserve.v1.ScoredLabel\"j\n\x10\x43lassifyResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12+\n\x07results\x18\x03 \x03(\x0b\x32\x1a.tlserve.v1.Classification2W\n\x0cImageService\x12G\n\x08\x43lassify\x12\x1b.tlserve.v1.ClassifyRequest\x1a\x1c.tlserve.v1.ClassifyResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

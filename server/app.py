@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -29,6 +30,7 @@ from tlserve.protos import (
     tlserve_v1_pb2,
     tlserve_v1_pb2_grpc,
 )
+from tlserve.protos._pool import POOL
 from tlserve.server.config import ServerConfig
 from tlserve.server.core import InferenceCore
 from tlserve.server.metrics import ServerMetrics
@@ -43,6 +45,15 @@ _SERVICES = (
     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     tlserve_v1_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
 )
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """tlserve's private pool (see tlserve.protos._pool), plus health for reflection."""
+    try:
+        POOL.FindFileByName(health_pb2.DESCRIPTOR.name)
+    except KeyError:
+        POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+    return POOL
 
 
 @dataclass
@@ -114,6 +125,7 @@ async def start_server(
             reflection.SERVICE_NAME,
         ),
         server,
+        pool=_reflection_pool(),
     )
     port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
     if port == 0:

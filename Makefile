@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint typecheck proto wheel clean
+.PHONY: setup demo test lint typecheck proto wheel bench bench-train bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ proto:
 		build/gen/tlserve/protos/*_pb2.py
 	grep -q "POOL.AddSerializedFile" build/gen/tlserve/protos/grpc_service_pb2.py
 	cp build/gen/tlserve/protos/*.py build/gen/tlserve/protos/*.pyi protos/
+
+# Benchmarks print their figures; speed targets live here, not in tests.
+bench: bench-train bench-serve
+
+bench-train: setup
+	$(PY) bench/train.py
+
+bench-serve: setup
+	$(PY) bench/serve.py
 
 # The wheel the Docker images install (Dockerfile, stage "build").
 wheel: setup

@@ -39,6 +39,16 @@ class ImageServiceStub:
                 request_serializer=tlserve_dot_protos_dot_tlserve__v1__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=tlserve_dot_protos_dot_tlserve__v1__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.ClassifyStream = channel.stream_stream(
+                '/tlserve.v1.ImageService/ClassifyStream',
+                request_serializer=tlserve_dot_protos_dot_tlserve__v1__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=tlserve_dot_protos_dot_tlserve__v1__pb2.ClassifyStreamResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/tlserve.v1.ImageService/Embed',
+                request_serializer=tlserve_dot_protos_dot_tlserve__v1__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=tlserve_dot_protos_dot_tlserve__v1__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class ImageServiceServicer:
@@ -51,6 +61,21 @@ class ImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClassifyStream(self, request_iterator, context):
+        """A flow of images: each request on the stream is answered in order; a
+        failed request is reported in error_message and the stream goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Encoded images in, the backbone's pooled features (embeddings) out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +83,16 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=tlserve_dot_protos_dot_tlserve__v1__pb2.ClassifyRequest.FromString,
                     response_serializer=tlserve_dot_protos_dot_tlserve__v1__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'ClassifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ClassifyStream,
+                    request_deserializer=tlserve_dot_protos_dot_tlserve__v1__pb2.ClassifyRequest.FromString,
+                    response_serializer=tlserve_dot_protos_dot_tlserve__v1__pb2.ClassifyStreamResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=tlserve_dot_protos_dot_tlserve__v1__pb2.EmbedRequest.FromString,
+                    response_serializer=tlserve_dot_protos_dot_tlserve__v1__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +122,60 @@ class ImageService:
             '/tlserve.v1.ImageService/Classify',
             tlserve_dot_protos_dot_tlserve__v1__pb2.ClassifyRequest.SerializeToString,
             tlserve_dot_protos_dot_tlserve__v1__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tlserve.v1.ImageService/ClassifyStream',
+            tlserve_dot_protos_dot_tlserve__v1__pb2.ClassifyRequest.SerializeToString,
+            tlserve_dot_protos_dot_tlserve__v1__pb2.ClassifyStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlserve.v1.ImageService/Embed',
+            tlserve_dot_protos_dot_tlserve__v1__pb2.EmbedRequest.SerializeToString,
+            tlserve_dot_protos_dot_tlserve__v1__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

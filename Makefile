@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint typecheck proto wheel bench bench-train bench-serve clean
+.PHONY: setup demo test lint typecheck proto wheel bench bench-train bench-serve k8s image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,14 @@ bench-serve: setup
 # The wheel the Docker images install (Dockerfile, stage "build").
 wheel: setup
 	$(PIP) wheel -q --no-deps --wheel-dir build/wheels .
+
+# Kubernetes manifests as the cluster gets them (validated in `make test`).
+k8s:
+	kubectl kustomize deploy/overlays/gpu
+
+# Needs a Docker engine (none on the development machines).
+image: wheel
+	docker build --target serve-gpu -t tlserve:serve-gpu .
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache

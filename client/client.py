@@ -1,5 +1,7 @@
-"""The Python client: classify images or run tensors on a tlserve server.
+"""The blocking client: :class:`AsyncClient` on a private event loop.
 
+Every call is written once, in :mod:`tlserve.client.aio`; each method here
+submits that coroutine to the client's own loop thread and waits for it.
 One channel per client, safe to share between threads. ``timeout=`` is the
 gRPC deadline of the call; failures raise the typed errors of
 :mod:`tlserve.client.errors`, chained ``from`` the ``grpc.RpcError``.
@@ -7,128 +9,97 @@ gRPC deadline of the call; failures raise the typed errors of
 
 from __future__ import annotations
 
-import io
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+import asyncio
+import functools
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import grpc
-import numpy as np
-from PIL import Image
+from tlserve.client.aio import AsyncClient
+from tlserve.client.results import ImageInput, StreamResult
+from tlserve.client.transport import DEFAULT_MAX_MESSAGE_BYTES, Credentials, RetryPolicy
 
-from tlserve.client.codec import decode_response_outputs, encode_request_inputs
-from tlserve.client.errors import (
-    DeadlineExceeded,
-    InvalidInput,
-    TlserveError,
-    Unavailable,
-    from_rpc_error,
-)
-from tlserve.client.metadata import ModelCard
-from tlserve.protos import grpc_service_pb2 as pb
-from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
-from tlserve.protos import tlserve_v1_pb2 as v1
-from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
+__all__ = ["Client"]
 
-__all__ = ["Client", "ImageInput", "ModelMetadata", "Prediction", "TensorMetadata"]
-
-#: An image to classify: a file path, encoded bytes, a PIL image or an
-#: ``[H, W, 3]`` (or ``[H, W]``) uint8 array.
-ImageInput: TypeAlias = str | Path | bytes | Image.Image | np.ndarray
-
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+P = ParamSpec("P")
+T = TypeVar("T")
+_END = object()
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """One label of a classification, best first."""
+def _blocking(
+    method: Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[Client, P], T]:
+    """The sync twin of an AsyncClient method: same arguments, same docstring."""
 
-    label: str
-    index: int
-    score: float
+    @functools.wraps(method)
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(method(self._async, *args, **kwargs))
 
-
-@dataclass(frozen=True)
-class TensorMetadata:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
+    return call
 
 
-@dataclass(frozen=True)
-class ModelMetadata:
-    """A served model: its tensors, provider and (if it has one) model card."""
-
-    name: str
-    versions: tuple[str, ...]
-    platform: str
-    inputs: tuple[TensorMetadata, ...]
-    outputs: tuple[TensorMetadata, ...]
-    execution_provider: str
-    card: ModelCard | None
-
-
-def encode_image(image: ImageInput) -> bytes:
-    """Encoded bytes for any accepted image form (arrays and PIL as PNG)."""
-    if isinstance(image, bytes):
-        return image
-    if isinstance(image, str | Path):
-        return Path(image).read_bytes()
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.shape[2:] not in ((), (3,), (4,)) or image.ndim < 2:
-            raise InvalidInput(
-                "an image array must be uint8 [H, W], [H, W, 3] or [H, W, 4], "
-                f"got {image.dtype} {image.shape}"
-            )
-        image = Image.fromarray(image)
-    if isinstance(image, Image.Image):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
-    raise InvalidInput(f"cannot send {type(image).__name__} as an image")
-
-
-@contextmanager
-def _mapped_errors() -> Iterator[None]:
-    try:
-        yield
-    except grpc.RpcError as exc:
-        raise from_rpc_error(exc) from exc
-
-
-def _tensors(
-    items: Sequence[pb.ModelMetadataResponse.TensorMetadata],
-) -> tuple[TensorMetadata, ...]:
-    return tuple(TensorMetadata(t.name, t.datatype, tuple(t.shape)) for t in items)
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
+    loop.close()
 
 
 class Client:
-    """A connection to one tlserve server (``host:port``).
+    """A connection to one tlserve server (``host:port``), for blocking code.
 
     Use as a context manager, or call :meth:`close`::
 
         with Client("localhost:8001") as client:
             client.wait_until_ready(timeout=30)
-            [labels] = client.classify(["cat.jpg"], model="pets")
+            [labels] = client.classify("cat.jpg", model="pets")
+
+    Takes the same options as :class:`AsyncClient` and has the same calls.
     """
 
-    def __init__(self, target: str, *, options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: Credentials | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
         self.target = target
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-                ("grpc.keepalive_time_ms", 30_000),
-                *options,
-            ],
+        self._closed = False
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=_run_loop, args=(self._loop,), name=f"tlserve-client {target}", daemon=True
         )
-        self._inference = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._images = v1_grpc.ImageServiceStub(self._channel)
+        self._thread.start()
+
+        async def connect() -> AsyncClient:
+            # A grpc.aio channel belongs to the loop it is created in.
+            return AsyncClient(
+                target, credentials=credentials, retry=retry, timeout=timeout,
+                max_message_bytes=max_message_bytes, options=options,
+            )  # fmt: skip
+
+        try:
+            self._async = self._run(connect())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coroutine.close()
+            raise ValueError(f"the client for {self.target} is closed")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
 
     def __enter__(self) -> Client:
         return self
@@ -142,100 +113,65 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        """Close the channel and stop the loop thread; later calls raise ``ValueError``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._run(self._async.close())
+            self._closed = True
+        self._stop_loop()
 
-    def classify(
+    @property
+    def timeout(self) -> float | None:
+        """The default deadline of each call, in seconds."""
+        return self._async.timeout
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return self._async.retry
+
+    classify = _blocking(AsyncClient.classify)
+    embed = _blocking(AsyncClient.embed)
+    infer = _blocking(AsyncClient.infer)
+    model_metadata = _blocking(AsyncClient.model_metadata)
+    list_models = _blocking(AsyncClient.list_models)
+    server_ready = _blocking(AsyncClient.server_ready)
+    health = _blocking(AsyncClient.health)
+    wait_until_ready = _blocking(AsyncClient.wait_until_ready)
+
+    def classify_stream(
         self,
-        images: ImageInput | Sequence[ImageInput],
+        images: Iterable[ImageInput],
         *,
         model: str,
         top_k: int = 5,
         version: str = "",
         timeout: float | None = None,
-    ) -> list[list[Prediction]]:
-        """Classify one image or many; one list of predictions per image, in order.
+    ) -> Iterator[StreamResult]:
+        """Classify a flow of images over one stream; results in order, as they come.
 
-        The server decodes and resizes each image with the model's own
-        preprocessing, so send the original files.
+        ``images`` may be a generator that blocks (a camera, a queue): it is
+        read on a worker thread. See :meth:`AsyncClient.classify_stream`.
         """
-        batch: list[ImageInput] = (
-            [images]  # type: ignore[list-item]
-            if _is_single_image(images)
-            else list(images)  # type: ignore[arg-type]
-        )
-        request = v1.ClassifyRequest(
-            model_name=model,
-            model_version=version,
-            images=[encode_image(image) for image in batch],
-            top_k=top_k,
-        )
-        with _mapped_errors():
-            response = self._images.Classify(request, timeout=timeout)
-        return [
-            [Prediction(s.label, s.index, s.score) for s in result.labels]
-            for result in response.results
-        ]
+        source = iter(images)
 
-    def infer(
-        self,
-        model: str,
-        inputs: Mapping[str, np.ndarray],
-        *,
-        outputs: Sequence[str] = (),
-        version: str = "",
-        timeout: float | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Run the model on named arrays (sent as raw contents); named arrays back."""
-        request = pb.ModelInferRequest(model_name=model, model_version=version)
-        encode_request_inputs(request, dict(inputs))
-        for name in outputs:
-            request.outputs.add(name=name)
-        with _mapped_errors():
-            response = self._inference.ModelInfer(request, timeout=timeout)
-        return decode_response_outputs(response)
+        async def pull() -> AsyncIterator[ImageInput]:
+            while (item := await asyncio.to_thread(next, source, _END)) is not _END:
+                yield item  # type: ignore[misc]
 
-    def model_metadata(
-        self, model: str, *, version: str = "", timeout: float | None = None
-    ) -> ModelMetadata:
-        """The model's tensors, execution provider and model card."""
-        with _mapped_errors():
-            response = self._inference.ModelMetadata(
-                pb.ModelMetadataRequest(name=model, version=version), timeout=timeout
-            )
-        params = {k: v.string_param for k, v in response.parameters.items()}
-        return ModelMetadata(
-            name=response.name,
-            versions=tuple(response.versions),
-            platform=response.platform,
-            inputs=_tensors(response.inputs),
-            outputs=_tensors(response.outputs),
-            execution_provider=params.get("execution_provider", ""),
-            card=ModelCard.from_props(params),
+        stream = self._async.classify_stream(
+            pull(), model=model, top_k=top_k, version=version, timeout=timeout
         )
 
-    def server_ready(self, *, timeout: float | None = None) -> bool:
-        """True when every model is loaded and warm and the server is not draining."""
-        with _mapped_errors():
-            return bool(self._inference.ServerReady(pb.ServerReadyRequest(), timeout=timeout).ready)
+        async def next_result() -> StreamResult:
+            return await stream.__anext__()
 
-    def wait_until_ready(self, *, timeout: float = 60.0, interval: float = 0.2) -> None:
-        """Block until the server is ready; DeadlineExceeded after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        last: TlserveError | None = None
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded(
-                    f"{self.target} not ready after {timeout:.1f}s"
-                    + (f" (last error: {last})" if last else "")
-                ) from last
-            try:
-                if self.server_ready(timeout=min(remaining, 5.0)):
+        try:
+            while True:
+                try:
+                    yield self._run(next_result())
+                except StopAsyncIteration:
                     return
-            except (Unavailable, DeadlineExceeded) as exc:
-                last = exc
-            time.sleep(min(interval, max(deadline - time.monotonic(), 0)))
-
-
-def _is_single_image(images: object) -> bool:
-    return isinstance(images, str | Path | bytes | Image.Image | np.ndarray)
+        finally:
+            if not self._closed:
+                self._run(stream.aclose())  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ turns a received ``grpc.RpcError`` back into the same class with
     TlserveError
     ├── ModelNotFound      NOT_FOUND          unknown model or version
     ├── InvalidInput       INVALID_ARGUMENT   wrong shape, dtype, size, undecodable image
-    ├── Overloaded         RESOURCE_EXHAUSTED queue full: retry later
+    ├── Overloaded         RESOURCE_EXHAUSTED queue full: retry later (``retry_after``)
     ├── DeadlineExceeded   DEADLINE_EXCEEDED  the caller's deadline passed
     ├── Unavailable        UNAVAILABLE        not ready, draining, or unreachable
     ├── Unauthenticated    UNAUTHENTICATED    missing or wrong credentials
@@ -17,9 +17,12 @@ turns a received ``grpc.RpcError`` back into the same class with
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 __all__ = [
+    "RETRY_AFTER_KEY",
     "DeadlineExceeded",
     "InvalidInput",
     "ModelNotFound",
@@ -29,7 +32,12 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "from_rpc_error",
+    "from_status_message",
 ]
+
+#: Trailing-metadata key of the server's retry hint on RESOURCE_EXHAUSTED:
+#: an integer number of milliseconds.
+RETRY_AFTER_KEY = "retry-after-ms"
 
 
 class TlserveError(Exception):
@@ -47,7 +55,13 @@ class InvalidInput(TlserveError):
 
 
 class Overloaded(TlserveError):
+    """The server's queue is full. ``retry_after``: its hint, in seconds, if it sent one."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after
 
 
 class DeadlineExceeded(TlserveError):
@@ -81,8 +95,42 @@ _BY_CODE: dict[grpc.StatusCode, type[TlserveError]] = {
 
 
 def from_rpc_error(exc: grpc.RpcError) -> TlserveError:
-    """The typed error for a failed call; raise it ``from exc``."""
-    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    """The typed error for a failed call (sync or ``grpc.aio``); raise it ``from exc``.
+
+    An :class:`Overloaded` carries the server's ``retry-after-ms`` trailing
+    metadata as ``retry_after`` seconds.
+    """
+    code = _called(exc, "code")
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+        details = str(exc)
+    else:
+        details = _called(exc, "details") or ""
     cls = _BY_CODE.get(code, ServerError)
-    return cls(f"{code.name}: {details}")
+    message = f"{code.name}: {details}"
+    if cls is Overloaded:
+        return Overloaded(message, retry_after=_retry_after(_called(exc, "trailing_metadata")))
+    return cls(message)
+
+
+def from_status_message(text: str) -> TlserveError:
+    """The typed error for a ``"<STATUS_CODE>: <message>"`` string (stream errors)."""
+    name, _, _ = text.partition(":")
+    code = grpc.StatusCode.__members__.get(name.strip(), grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(code, ServerError)(text)
+
+
+def _called(exc: object, method: str) -> Any:
+    # grpc.aio's AioRpcError has the Call methods without being a grpc.Call.
+    function = getattr(exc, method, None)
+    return function() if callable(function) else None
+
+
+def _retry_after(metadata: Any) -> float | None:
+    for key, value in metadata or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, int(value) / 1000.0)
+            except (TypeError, ValueError):
+                return None
+    return None

@@ -17,7 +17,13 @@ from PIL import Image, ImageOps
 from tlserve.client.errors import InvalidInput
 from tlserve.client.metadata import Preprocessing
 
-__all__ = ["MAX_IMAGE_PIXELS", "decode_image", "prepare_image", "resize_and_crop"]
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "decode_image",
+    "prepare_decoded",
+    "prepare_image",
+    "resize_and_crop",
+]
 
 # Refuse decompression bombs: a 20 kB PNG can claim 50,000 x 50,000 pixels.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -91,3 +97,12 @@ def resize_and_crop(image: Image.Image, spec: Preprocessing) -> np.ndarray:
 def prepare_image(data: bytes | Path | str, spec: Preprocessing) -> np.ndarray:
     """Decode, resize and crop one encoded image into the model's input row."""
     return resize_and_crop(decode_image(data), spec)
+
+
+def prepare_decoded(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """Resize and crop an already-decoded image (any mode) into the model's input row.
+
+    The same pixels the server gets from :func:`prepare_image` after an
+    image is sent to it as PNG: RGB conversion, then :func:`resize_and_crop`.
+    """
+    return resize_and_crop(_to_rgb(image), spec)

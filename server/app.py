@@ -33,8 +33,10 @@ from tlserve.protos import (
 from tlserve.protos._pool import POOL
 from tlserve.server.config import ServerConfig
 from tlserve.server.core import InferenceCore
+from tlserve.server.gpu import register_gpu_metrics
+from tlserve.server.lifecycle import ModelRegistry
 from tlserve.server.metrics import ServerMetrics
-from tlserve.server.repository import ModelRegistry
+from tlserve.server.security import BearerTokenInterceptor, load_token, server_credentials
 from tlserve.server.servicers import ImageServicer, InferenceServicer
 
 __all__ = ["RunningServer", "serve", "start_server"]
@@ -105,12 +107,26 @@ async def start_server(
     registry = ModelRegistry(config, metrics)
     preprocess = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
     core = InferenceCore(registry, metrics, preprocess)
+    metrics.models_loaded.set_function(registry.version_count)
+    register_gpu_metrics(metrics.registry, config.device)
 
+    credentials = server_credentials(config)  # bad TLS/auth settings fail before binding
+    token = load_token(config)
+    interceptors = (
+        [BearerTokenInterceptor(token, lambda why: metrics.auth_failures.labels(why).inc())]
+        if token
+        else []
+    )
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-        ]
+            # The SDK pings every 30 s to keep idle channels and long streams
+            # alive; allow it rather than answering GOAWAY "too many pings".
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(core), server
@@ -127,7 +143,11 @@ async def start_server(
         server,
         pool=_reflection_pool(),
     )
-    port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+    address = f"{config.host}:{config.grpc_port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind gRPC to {config.host}:{config.grpc_port}")
     http, http_thread = metrics.serve_http(config.host, config.metrics_port)
@@ -137,9 +157,11 @@ async def start_server(
     await running._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     log.info(
-        "listening: gRPC on %s:%d, metrics on http://%s:%d/metrics",
+        "listening: gRPC on %s:%d (%s, %s), metrics on http://%s:%d/metrics",
         config.host,
         port,
+        "plaintext" if credentials is None else "mTLS" if config.tls_client_ca else "TLS",
+        "bearer-token auth" if token else "no auth",
         config.host,
         running.metrics_port,
     )

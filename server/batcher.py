@@ -1,20 +1,28 @@
-"""Dynamic batching: one queue per model, futures for the callers.
+"""Dynamic batching: one queue per model version, futures for the callers.
 
-Requests join a bounded queue (full -> :class:`Overloaded` at once, never an
-unbounded wait). One worker task takes what is queued, up to
-``max_batch_size`` rows, waiting at most ``max_queue_delay`` for more, runs
-the batch in a thread (onnxruntime releases the GIL) and hands each caller
-its own rows. Requests whose deadline passed or whose call was cancelled are
-dropped before they take a batch slot; a failing batch fails exactly the
-requests in it.
+Requests join a bounded queue (full -> :class:`QueueFull`, an ``Overloaded``
+with a retry hint, at once; never an unbounded wait). ``instances`` worker
+tasks each take what is queued, up to ``max_batch_size`` rows, run it in a
+thread (onnxruntime releases the GIL, and one session may run concurrently)
+and hand each caller its own rows.
+
+Filling a batch: whatever is queued is taken at once. If the queue runs dry
+and the rows so far are one of the ``preferred_batch_sizes``, the batch runs
+now; otherwise the worker waits up to ``max_queue_delay`` for more. A batch
+never grows past the largest preferred size (when any are given).
+
+Requests whose deadline passed or whose call was cancelled are dropped
+before they take a batch slot (and a cancelled request frees its queue
+room at once); a failing batch fails exactly the requests in it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -22,13 +30,26 @@ import numpy as np
 
 from tlserve.client.errors import DeadlineExceeded, Overloaded, ServerError, Unavailable
 from tlserve.server.metrics import ServerMetrics
+from tlserve.server.statistics import ModelStatistics
 
-__all__ = ["DynamicBatcher"]
+__all__ = ["DynamicBatcher", "QueueFull"]
 
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 RunFn = Callable[[Arrays], Arrays]
+
+# Bounds of the retry hint, in milliseconds.
+_MIN_RETRY_MS, _MAX_RETRY_MS = 1, 30_000
+_EWMA = 0.2  # weight of the newest batch in the per-row compute estimate
+
+
+class QueueFull(Overloaded):
+    """The queue is full; ``retry_after_ms`` estimates when there will be room."""
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 @dataclass
@@ -38,6 +59,7 @@ class _Pending:
     future: asyncio.Future[Arrays]
     deadline: float | None  # on the event loop's clock
     enqueued: float = field(default_factory=time.perf_counter)
+    dequeued: bool = False
 
     def signature(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
         """Requests can share a batch only if all but the first dim agree."""
@@ -45,7 +67,7 @@ class _Pending:
 
 
 class DynamicBatcher:
-    """Batches requests for one model. Call :meth:`start` inside the loop."""
+    """Batches requests for one model version. Call :meth:`start` inside the loop."""
 
     def __init__(
         self,
@@ -58,6 +80,10 @@ class DynamicBatcher:
         max_batch_size: int = 32,
         max_queue_delay: float = 0.0,
         max_queue_size: int = 256,
+        preferred_batch_sizes: Sequence[int] = (),
+        instances: int = 1,
+        stats: ModelStatistics | None = None,
+        row_seconds: float = 0.001,
     ) -> None:
         self._run_batch = run
         self.name = name
@@ -66,36 +92,50 @@ class DynamicBatcher:
         self.batchable = batchable
         self.max_queue_delay = max_queue_delay
         self.max_queue_size = max_queue_size
+        self.preferred = tuple(s for s in sorted(set(preferred_batch_sizes)) if s <= max_batch_size)
+        self.instances = instances
+        self.stats = stats if stats is not None else ModelStatistics()
+        # Recent compute seconds per row (EWMA): the basis of the retry hint.
+        self.row_seconds = row_seconds
         self._executor = executor
         self._metrics = metrics
         self._queued_rows = 0
-        self._carry: _Pending | None = None
+        self._carry: dict[int, _Pending] = {}  # per worker: starts its next batch
         self._queue: asyncio.Queue[_Pending] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        # Queue and task belong to the running loop, so they are made here.
+        # Queue and tasks belong to the running loop, so they are made here.
         self._queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._worker(), name=f"batcher:{self.name}")
+        self._tasks = [
+            asyncio.create_task(self._worker(i), name=f"batcher:{self.name}:{i}")
+            for i in range(self.instances)
+        ]
 
     async def stop(self) -> None:
-        """Stop the worker; anything still queued fails with Unavailable."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        pending = [self._carry] if self._carry else []
+        """Stop the workers; anything still queued fails with Unavailable."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        pending = list(self._carry.values())
         while self._queue is not None and not self._queue.empty():
             pending.append(self._queue.get_nowait())
         for item in pending:
             if not item.future.done():
                 item.future.set_exception(Unavailable(f"model {self.name!r} is shutting down"))
-        self._carry = None
+        self._carry.clear()
+        self._metrics.queue_depth.labels(self.name).dec(self._queued_rows)
         self._queued_rows = 0
 
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+    def retry_after_ms(self, rows: int = 0) -> int:
+        """How long until the queue (plus ``rows``) drains, at the recent per-row speed."""
+        seconds = (self._queued_rows + rows) * self.row_seconds / self.instances
+        return min(_MAX_RETRY_MS, max(_MIN_RETRY_MS, math.ceil(seconds * 1000)))
 
     async def submit(self, inputs: Arrays, *, deadline: float | None = None) -> Arrays:
         """Queue a request of N rows and wait for its N rows of outputs.
@@ -115,27 +155,41 @@ class DynamicBatcher:
         )
         return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
 
-    def _overloaded(self, rows: int) -> Overloaded:
-        return Overloaded(
+    def _overloaded(self, rows: int) -> QueueFull:
+        return QueueFull(
             f"model {self.name!r} has {self._queued_rows} rows queued; {rows} more would pass "
-            f"the limit of {self.max_queue_size}. Retry later."
+            f"the limit of {self.max_queue_size}. Retry later.",
+            self.retry_after_ms(rows),
         )
 
+    def _running(self) -> bool:
+        return self._queue is not None and any(not t.done() for t in self._tasks)
+
     async def _enqueue(self, inputs: Arrays, rows: int, deadline: float | None) -> Arrays:
-        if self._queue is None or self._task is None or self._task.done():
+        if self._queue is None or not self._running():
             raise Unavailable(f"model {self.name!r} is not serving")
         if self._queued_rows + rows > self.max_queue_size:
             raise self._overloaded(rows)
-        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        item = _Pending(inputs, rows, asyncio.get_running_loop().create_future(), deadline)
+        self._count(rows)
+        self._queue.put_nowait(item)
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            if not item.dequeued:  # free its room now; the worker will skip it
+                item.dequeued = True
+                self._count(-rows)
+            raise
+
+    def _count(self, rows: int) -> None:
         self._queued_rows += rows
-        self._metrics.queue_depth.labels(self.name).set(self._queued_rows)
-        self._queue.put_nowait(_Pending(inputs, rows, future, deadline))
-        return await future
+        self._metrics.queue_depth.labels(self.name).inc(rows)
 
     def _admit(self, item: _Pending) -> bool:
         """Take an item off the queue; False if it no longer wants an answer."""
-        self._queued_rows -= item.rows
-        self._metrics.queue_depth.labels(self.name).set(self._queued_rows)
+        if not item.dequeued:
+            item.dequeued = True
+            self._count(-item.rows)
         return self._still_wanted(item)
 
     def _still_wanted(self, item: _Pending) -> bool:
@@ -149,11 +203,11 @@ class DynamicBatcher:
             return False
         return True
 
-    async def _next_item(self) -> _Pending:
+    async def _next_item(self, worker: int) -> _Pending:
         assert self._queue is not None
         while True:
-            if self._carry is not None:
-                item, self._carry = self._carry, None
+            item = self._carry.pop(worker, None)
+            if item is not None:
                 if self._still_wanted(item):
                     return item
                 continue
@@ -161,18 +215,21 @@ class DynamicBatcher:
             if self._admit(item):
                 return item
 
-    async def _collect(self) -> list[_Pending]:
+    def _full(self, rows: int) -> bool:
+        return rows >= self.max_batch_size or bool(self.preferred and rows >= self.preferred[-1])
+
+    async def _collect(self, worker: int) -> list[_Pending]:
         assert self._queue is not None
-        first = await self._next_item()
+        first = await self._next_item(worker)
         batch, rows = [first], first.rows
         loop = asyncio.get_running_loop()
         fill_until = loop.time() + self.max_queue_delay
-        while rows < self.max_batch_size:
+        while not self._full(rows):
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = fill_until - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or rows in self.preferred:
                     break
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
@@ -180,30 +237,40 @@ class DynamicBatcher:
                     break
             if not self._admit(item):
                 continue
-            if rows + item.rows > self.max_batch_size or item.signature() != first.signature():
-                self._carry = item  # starts the next batch
+            limit = self.preferred[-1] if self.preferred else self.max_batch_size
+            if rows + item.rows > limit or item.signature() != first.signature():
+                self._carry[worker] = item  # starts this worker's next batch
                 break
             batch.append(item)
             rows += item.rows
-        return batch
+        # Deadlines may have passed while the batch filled.
+        return [item for item in batch if self._still_wanted(item)]
 
-    async def _worker(self) -> None:
+    async def _worker(self, worker: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
-            await self._execute(loop, batch)
+            batch = await self._collect(worker)
+            if batch:
+                await self._execute(loop, batch)
+
+    def _timed_run(self, feeds: Arrays) -> tuple[Arrays, int]:
+        started = time.perf_counter_ns()
+        outputs = self._run_batch(feeds)
+        return outputs, time.perf_counter_ns() - started
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         rows = sum(item.rows for item in batch)
         started = time.perf_counter()
         for item in batch:
             self._metrics.queue_duration.labels(self.name).observe(started - item.enqueued)
+            self.stats.record_queue(int((started - item.enqueued) * 1e9))
         if len(batch) == 1:
             feeds = batch[0].inputs
         else:
             feeds = {k: np.concatenate([item.inputs[k] for item in batch]) for k in batch[0].inputs}
+        input_ns = int((time.perf_counter() - started) * 1e9)
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run_batch, feeds)
+            outputs, infer_ns = await loop.run_in_executor(self._executor, self._timed_run, feeds)
         except asyncio.CancelledError:  # stop() during a batch
             for item in batch:
                 if not item.future.done():
@@ -219,6 +286,8 @@ class DynamicBatcher:
         finally:
             self._metrics.compute_duration.labels(self.name).observe(time.perf_counter() - started)
             self._metrics.batch_size.labels(self.name).observe(rows)
+        self.row_seconds += _EWMA * (infer_ns / 1e9 / rows - self.row_seconds)
+        output_started = time.perf_counter_ns()
         offset = 0
         for item in batch:
             if not item.future.done():
@@ -229,3 +298,5 @@ class DynamicBatcher:
                     }
                 )
             offset += item.rows
+        output_ns = time.perf_counter_ns() - output_started
+        self.stats.record_batch(rows, len(batch), input_ns, infer_ns, output_ns)

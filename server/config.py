@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEVICES", "ConfigError", "ServerConfig"]
+__all__ = ["DEVICES", "GPU_FALLBACKS", "ConfigError", "ServerConfig"]
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+GPU_FALLBACKS = ("fail", "cpu")
 
 
 class ConfigError(ValueError):
@@ -30,14 +31,31 @@ class ServerConfig:
     host: str = "127.0.0.1"
     grpc_port: int = 8001
     metrics_port: int = 8002
-    # auto: CUDA when onnxruntime has it, else CPU. cuda: CUDA or refuse to start.
+    # auto: CUDA when onnxruntime has it, else CPU. cuda/tensorrt: that GPU
+    # provider; if it is unusable, gpu_fallback says what happens: "fail" (the
+    # model fails to load, the server is not ready) or "cpu" (serve on CPU,
+    # logged at WARNING and visible in metadata and metrics).
     device: str = "auto"
+    gpu_fallback: str = "fail"
     max_batch_size: int = 32
     # 0 = no waiting: a batch is whatever queued while the model was busy
     # (Triton's default too); raise it to trade latency for bigger batches.
     max_queue_delay: float = 0.0
     # Images queued per model before new requests get RESOURCE_EXHAUSTED.
     max_queue_size: int = 256
+    # Batch sizes the batcher runs at once, without waiting out max_queue_delay
+    # ("4,8"); empty: none preferred. See server/batcher.py.
+    preferred_batch_sizes: str = ""
+    # Concurrent executions per model: N batches of one onnxruntime session run
+    # at once, each on its own thread (one copy of the weights).
+    instances: int = 1
+    # Model lifecycle (server/lifecycle.py). Which versions of each model are
+    # served: "latest:N" or "specific:1,3" (or "all").
+    version_policy: str = "latest:1"
+    # "poll": rescan the repository every poll_interval seconds and load, swap
+    # or unload to match it; "explicit": only the repository RPCs change models.
+    model_control: str = "poll"
+    poll_interval: float = 10.0
     # After SIGTERM: health says NOT_SERVING and requests are still served for
     # drain_delay (so load balancers notice), then in-flight work gets grace.
     drain_delay: float = 5.0
@@ -46,16 +64,35 @@ class ServerConfig:
     intra_op_threads: int = 0
     preprocess_threads: int = 4
     log_level: str = "INFO"
+    # Security and limits (server/security.py). TLS when cert and key are set;
+    # mTLS (client certificates required) when tls_client_ca is set too.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # Bearer token for every RPC but health and reflection; give one or the other.
+    auth_token: str = ""
+    auth_token_file: str = ""
+    max_images_per_request: int = 256
+    # Decoded size limit per image (width x height), checked from the header
+    # before anything is decoded; capped by tlserve.client.preprocess.MAX_IMAGE_PIXELS.
+    max_image_pixels: int = 64_000_000
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"TLSERVE_DEVICE must be one of {DEVICES}, got {self.device!r}")
+        if self.gpu_fallback not in GPU_FALLBACKS:
+            raise ConfigError(
+                f"TLSERVE_GPU_FALLBACK must be one of {GPU_FALLBACKS}, got {self.gpu_fallback!r}"
+            )
         for key in ("grpc_port", "metrics_port"):
             port = getattr(self, key)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{_env_name(key)} must be a port in 0..65535, got {port}")
-        for key in ("max_batch_size", "max_queue_size", "max_message_bytes", "preprocess_threads"):
+        for key in (
+            "max_batch_size", "max_queue_size", "max_message_bytes", "preprocess_threads",
+            "max_images_per_request", "max_image_pixels",
+        ):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ConfigError(f"{_env_name(key)} must be at least 1, got {getattr(self, key)}")
         for key in ("max_queue_delay", "drain_delay", "grace", "intra_op_threads"):
@@ -63,6 +100,7 @@ class ServerConfig:
                 raise ConfigError(
                     f"{_env_name(key)} must not be negative, got {getattr(self, key)}"
                 )
+        _check_serving(self)
 
     @classmethod
     def load(
@@ -90,6 +128,28 @@ class ServerConfig:
             )
         values["model_repository"] = Path(values["model_repository"])
         return cls(**values)
+
+
+def _check_serving(config: ServerConfig) -> None:
+    """Batching and lifecycle settings: parsed once here, so a bad one fails at start-up."""
+    from tlserve.server.policy import MODEL_CONTROLS, parse_batch_sizes, parse_version_policy
+
+    if config.instances < 1:
+        raise ConfigError(f"TLSERVE_INSTANCES must be at least 1, got {config.instances}")
+    if config.model_control not in MODEL_CONTROLS:
+        raise ConfigError(
+            f"TLSERVE_MODEL_CONTROL must be one of {MODEL_CONTROLS}, got {config.model_control!r}"
+        )
+    if config.poll_interval <= 0:
+        raise ConfigError(f"TLSERVE_POLL_INTERVAL must be positive, got {config.poll_interval}")
+    for key, parse in (
+        ("preferred_batch_sizes", parse_batch_sizes),
+        ("version_policy", parse_version_policy),
+    ):
+        try:
+            parse(getattr(config, key))
+        except ValueError as exc:
+            raise ConfigError(f"{_env_name(key)}: {exc}") from exc
 
 
 def _env_name(key: str) -> str:

@@ -1,7 +1,10 @@
-"""The data plane: inference and classification, without any gRPC.
+"""The data plane: inference, classification and embeddings, without any gRPC.
 
 Servicers decode protos, call this, and encode the reply; everything a test
-would want to call directly lives here.
+would want to call directly lives here. Every request holds the model
+version it resolved for its whole life (``registry.acquire``), so a hot swap
+or an unload waits for it instead of failing it, and a Classify never mixes
+one version's labels with another's outputs.
 """
 
 from __future__ import annotations
@@ -17,15 +20,15 @@ import numpy as np
 from tlserve.client.codec import datatype_of
 from tlserve.client.errors import InvalidInput, TlserveError
 from tlserve.client.metadata import Preprocessing
-from tlserve.client.preprocess import prepare_image
+from tlserve.server.decode import ImageDecoder
+from tlserve.server.lifecycle import ModelRegistry
 from tlserve.server.metrics import ServerMetrics
-from tlserve.server.repository import LoadedModel, ModelRegistry
+from tlserve.server.repository import LoadedModel
 from tlserve.server.runtime import OnnxModel
 
-__all__ = ["DEFAULT_TOP_K", "MAX_IMAGES_PER_REQUEST", "InferenceCore", "ScoredLabel"]
+__all__ = ["DEFAULT_TOP_K", "InferenceCore", "ScoredLabel", "validate_inputs"]
 
 DEFAULT_TOP_K = 5
-MAX_IMAGES_PER_REQUEST = 256
 
 Arrays = dict[str, np.ndarray]
 
@@ -80,6 +83,8 @@ class InferenceCore:
         self.registry = registry
         self.metrics = metrics
         self._preprocess = preprocess_executor
+        self.max_images = registry.config.max_images_per_request
+        self.decoder = ImageDecoder(max_pixels=registry.config.max_image_pixels)
         self.draining = False
 
     @property
@@ -94,9 +99,8 @@ class InferenceCore:
         self, name: str, version: str, inputs: Arrays, *, deadline: float | None = None
     ) -> tuple[LoadedModel, Arrays]:
         """Run the model on the inputs through its batcher."""
-        loaded = self.registry.get(name, version)
-        validate_inputs(name, loaded.model, inputs)
-        return loaded, await loaded.batcher.submit(inputs, deadline=deadline)
+        with self.registry.acquire(name, version) as loaded:
+            return loaded, await self._run(loaded, inputs, deadline, validate=True)
 
     async def classify(
         self,
@@ -108,46 +112,87 @@ class InferenceCore:
         deadline: float | None = None,
     ) -> tuple[LoadedModel, list[list[ScoredLabel]]]:
         """Decode and resize the images as the model was trained, then classify."""
-        loaded = self.registry.get(name, version)
+        with self.registry.acquire(name, version) as loaded:
+            probabilities = await self._images_to(loaded, images, "probabilities", deadline)
+            labels = loaded.model.card.labels if loaded.model.card else ()
+            k = max(1, min(top_k or DEFAULT_TOP_K, probabilities.shape[1]))
+            return loaded, [_top_k(row, labels, k) for row in probabilities]
+
+    async def embed(
+        self, name: str, version: str, images: Sequence[bytes], *, deadline: float | None = None
+    ) -> tuple[LoadedModel, np.ndarray]:
+        """Decode and resize the images, then return the model's ``embeddings`` rows."""
+        with self.registry.acquire(name, version) as loaded:
+            return loaded, await self._images_to(loaded, images, "embeddings", deadline)
+
+    async def _images_to(
+        self, loaded: LoadedModel, images: Sequence[bytes], output: str, deadline: float | None
+    ) -> np.ndarray:
         card = loaded.model.card
         if card is None:
             raise InvalidInput(
-                f"model {name!r} carries no tlserve model card (labels, preprocessing); "
+                f"model {loaded.name!r} carries no tlserve model card (labels, preprocessing); "
                 "call ModelInfer with tensors instead"
             )
+        if output not in {spec.name for spec in loaded.model.outputs}:
+            raise InvalidInput(f"model {loaded.name!r} has no {output!r} output")
         if not images:
             raise InvalidInput("no images in the request")
-        if len(images) > MAX_IMAGES_PER_REQUEST:
+        if len(images) > self.max_images:
             raise InvalidInput(
-                f"{len(images)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}"
+                f"{len(images)} images in one request; the limit is {self.max_images}"
             )
         started = time.perf_counter()
         batch = await self._prepare(images, card.preprocessing)
-        self.metrics.preprocess_duration.labels(name).observe(time.perf_counter() - started)
-        input_name = loaded.model.inputs[0].name
-        _, outputs = await self.infer(name, version, {input_name: batch}, deadline=deadline)
-        probabilities = outputs.get("probabilities")
-        if probabilities is None:
-            raise InvalidInput(f"model {name!r} has no 'probabilities' output to classify with")
-        k = max(1, min(top_k or DEFAULT_TOP_K, probabilities.shape[1]))
-        return loaded, [_top_k(row, card.labels, k) for row in probabilities]
+        self.metrics.preprocess_duration.labels(loaded.name).observe(time.perf_counter() - started)
+        feeds = {loaded.model.inputs[0].name: batch}
+        return (await self._run(loaded, feeds, deadline, validate=False))[output]
+
+    async def _run(
+        self, loaded: LoadedModel, inputs: Arrays, deadline: float | None, *, validate: bool
+    ) -> Arrays:
+        """Submit to the batcher; count the outcome in statistics and metrics."""
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            with self.metrics.inference(loaded.name, loaded.version):
+                if validate:
+                    validate_inputs(loaded.name, loaded.model, inputs)
+                outputs = await loaded.batcher.submit(inputs, deadline=deadline)
+            ok = True
+            return outputs
+        finally:
+            loaded.stats.record_request(time.perf_counter_ns() - started, ok=ok)
 
     async def _prepare(self, images: Sequence[bytes], spec: Preprocessing) -> np.ndarray:
         loop = asyncio.get_running_loop()
         rows = await asyncio.gather(
-            *(loop.run_in_executor(self._preprocess, _prepare_one, i, data, spec)
+            *(loop.run_in_executor(self._preprocess, self._prepare_one, i, data, spec)
               for i, data in enumerate(images)),
         )  # fmt: skip
         return np.stack(rows)
 
+    def statistics(self, name: str, version: str) -> list[LoadedModel]:
+        """The serving versions whose statistics are asked for (every one if no name)."""
+        if not name:
+            return [m for n in self.registry.names() for m in self.registry.versions(n)]
+        if version:
+            return [self.registry.get(name, version)]
+        self.registry.get(name)  # ModelNotFound if unknown
+        return self.registry.versions(name)
 
-def _prepare_one(index: int, data: bytes, spec: Preprocessing) -> np.ndarray:
-    try:
-        return prepare_image(data, spec)
-    except TlserveError as exc:
-        raise type(exc)(f"image {index}: {exc}") from exc
+    def _prepare_one(self, index: int, data: bytes, spec: Preprocessing) -> np.ndarray:
+        """Decode one image (in a preprocess thread); errors name the image's index."""
+        try:
+            row, path = self.decoder.prepare(data, spec)
+        except TlserveError as exc:
+            raise type(exc)(f"image {index}: {exc}") from exc
+        self.metrics.images_decoded.labels(path).inc()
+        return row
 
 
 def _top_k(row: np.ndarray, labels: Sequence[str], k: int) -> list[ScoredLabel]:
     best = np.argsort(-row, kind="stable")[:k]
-    return [ScoredLabel(labels[i], int(i), float(row[i])) for i in best]
+    return [
+        ScoredLabel(labels[i] if i < len(labels) else str(i), int(i), float(row[i])) for i in best
+    ]

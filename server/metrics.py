@@ -6,12 +6,27 @@ version, API, outcome), never request ids or client addresses.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from wsgiref.simple_server import WSGIServer
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["ServerMetrics"]
+__all__ = ["ServerMetrics", "failure_reason"]
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short, bounded label for why a request failed (its gRPC status, lower case)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    code = getattr(exc, "code", None)
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name).lower()
+    return "internal"
+
 
 # From 0.5 ms to 10 s: a fast CPU batch to a slow overloaded queue.
 _LATENCY_BUCKETS = (
@@ -76,6 +91,62 @@ class ServerMetrics:
             ["model", "version", "provider"],
             registry=r,
         )
+        # Security, limits, providers and decoding (issue 4 part B).
+        self.inferences = Counter(
+            "tlserve_inferences",
+            "Requests that reached a model, by version and outcome (ok or a failure reason).",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "tlserve_inflight_requests",
+            "Requests admitted to a model and not yet answered (queued or running).",
+            ["model"],
+            registry=r,
+        )
+        self.models_loaded = Gauge(
+            "tlserve_models_loaded", "Model versions loaded and serving.", registry=r
+        )
+        # Model lifecycle (issue 4 part A): loads, swaps and unloads by outcome.
+        self.model_loads = Counter(
+            "tlserve_model_loads",
+            "Model version loads (outcome ok or failed) and unloads (outcome unloaded).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.provider_fallbacks = Counter(
+            "tlserve_provider_fallbacks",
+            "Model loads that asked for a GPU provider and fell back to another one.",
+            ["model", "requested", "provider"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "tlserve_auth_failures",
+            "Calls refused for a missing or invalid bearer token.",
+            ["reason"],
+            registry=r,
+        )
+        self.images_decoded = Counter(
+            "tlserve_images_decoded",
+            "Images decoded for Classify, by decoder path (jpeg_fast or exact).",
+            ["path"],
+            registry=r,
+        )
+
+    @contextmanager
+    def inference(self, model: str, version: str) -> Iterator[None]:
+        """Count one request in a model: in-flight while inside, then its outcome."""
+        gauge = self.in_flight.labels(model)
+        gauge.inc()
+        outcome = "ok"
+        try:
+            yield
+        except BaseException as exc:
+            outcome = failure_reason(exc)
+            raise
+        finally:
+            gauge.dec()
+            self.inferences.labels(model, version, outcome).inc()
 
     def serve_http(self, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
         """Expose ``/metrics`` on ``host:port`` (0 picks a free port)."""

@@ -1,26 +1,41 @@
-"""The model repository on disk and the registry of loaded models.
+"""The model repository on disk, and one loaded model version.
 
 Layout (Triton's): ``<root>/<name>/<version>/model.onnx`` with integer
-versions; the newest version of each model is served. Directories whose
-names start with a dot are in-progress writes and are never read.
+versions. Directories whose names start with a dot are in-progress writes
+and are never read. :func:`load_version` loads and warms one version beside
+whatever else is serving; :func:`retire` waits for its in-flight requests and
+releases it. Which versions serve, and when they change, is
+:mod:`tlserve.server.lifecycle`'s business.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlserve.client.errors import ModelNotFound, Unavailable
+from tlserve.client.errors import InvalidInput
 from tlserve.server.batcher import DynamicBatcher
 from tlserve.server.config import ServerConfig
 from tlserve.server.metrics import ServerMetrics
-from tlserve.server.runtime import OnnxModel
+from tlserve.server.policy import parse_batch_sizes
+from tlserve.server.runtime import OnnxModel, load_model
+from tlserve.server.statistics import ModelStatistics
 
-__all__ = ["LoadedModel", "ModelRegistry", "scan_repository", "valid_model_name"]
+__all__ = [
+    "LoadedModel",
+    "check_model_name",
+    "load_version",
+    "retire",
+    "scan_repository",
+    "valid_model_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +43,17 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def valid_model_name(name: str) -> bool:
-    """Letters, digits, ``_ . -``; no path separators, no leading dot."""
+    """Letters, digits, ``_ . -``; no path separators, no leading dot, no ``..``."""
     return bool(_NAME.fullmatch(name)) and ".." not in name
+
+
+def check_model_name(name: str) -> None:
+    """InvalidInput unless ``name`` is a plain model name (no path tricks)."""
+    if not valid_model_name(name):
+        raise InvalidInput(
+            f"{name!r} is not a valid model name: 1-128 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
 
 
 def scan_repository(root: Path) -> dict[str, list[int]]:
@@ -51,103 +75,114 @@ def scan_repository(root: Path) -> dict[str, list[int]]:
         if versions:
             found[model_dir.name] = versions
         else:
-            log.warning("skipping %s: no <version>/model.onnx inside", model_dir)
+            log.debug("skipping %s: no <version>/model.onnx inside", model_dir)
     return found
 
 
 @dataclass
 class LoadedModel:
-    """One model version, loaded, warm and with its batcher running."""
+    """One model version, loaded, warm and with its batcher running.
+
+    ``inflight`` counts requests that hold it (see :meth:`use`): retiring
+    waits until it is zero, so unloading or swapping never fails a request.
+    """
 
     name: str
     version: str
     model: OnnxModel
     batcher: DynamicBatcher
     executor: ThreadPoolExecutor
+    stats: ModelStatistics
+    inflight: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[LoadedModel]:
+        """Hold this version for one request."""
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no request holds it; False if ``timeout`` passed first."""
+        if self.inflight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
 
-class ModelRegistry:
-    """Loads the repository's models and hands them out by name."""
-
-    def __init__(self, config: ServerConfig, metrics: ServerMetrics) -> None:
-        self._config = config
-        self._metrics = metrics
-        self._models: dict[str, LoadedModel] = {}
-        self.failed: dict[str, str] = {}
-        self.loaded = False
-
-    @property
-    def ready(self) -> bool:
-        """True once every model found at start-up is loaded and warm."""
-        return self.loaded and not self.failed
-
-    def names(self) -> list[str]:
-        return sorted(self._models)
-
-    def has(self, name: str) -> bool:
-        return name in self._models
-
-    def get(self, name: str, version: str = "") -> LoadedModel:
-        """The loaded model; ModelNotFound (naming what exists) otherwise."""
-        loaded = self._models.get(name)
-        if loaded is None:
-            if not self.loaded:
-                raise Unavailable("models are still loading; retry shortly")
-            known = ", ".join(self.names()) or "none"
-            raise ModelNotFound(f"no model named {name!r} (loaded: {known})")
-        if version and version != loaded.version:
-            raise ModelNotFound(
-                f"model {name!r} has no version {version!r} (serving version {loaded.version})"
-            )
-        return loaded
-
-    async def load_all(self) -> None:
-        """Load and warm the newest version of every model in the repository."""
-        for name, versions in scan_repository(self._config.model_repository).items():
-            try:
-                self._models[name] = await self._load(name, str(versions[-1]))
-            except Exception as exc:
-                log.exception("model %r failed to load", name)
-                self.failed[name] = str(exc)
-        self.loaded = True
-
-    async def _load(self, name: str, version: str) -> LoadedModel:
-        path = self._config.model_repository / name / version / "model.onnx"
-        loop = asyncio.get_running_loop()
-        # One thread per model: its batches run one at a time, off the loop.
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
-        cfg = self._config
-        model = await loop.run_in_executor(
-            executor,
-            lambda: OnnxModel(path, device=cfg.device, intra_op_threads=cfg.intra_op_threads),
-        )
+async def load_version(
+    config: ServerConfig, metrics: ServerMetrics, name: str, version: str
+) -> LoadedModel:
+    """Load one version, warm it up and start its batcher; nothing else changes."""
+    path = config.model_repository / name / version / "model.onnx"
+    loop = asyncio.get_running_loop()
+    # `instances` threads: that many batches of the one session run at once.
+    executor = ThreadPoolExecutor(
+        max_workers=config.instances, thread_name_prefix=f"ort-{name}-{version}"
+    )
+    try:
+        model = await loop.run_in_executor(executor, load_model, path, config, metrics)
         # Warm up before ready: the first run allocates and picks kernels.
         await loop.run_in_executor(executor, model.run, model.dummy_inputs())
-        batcher = DynamicBatcher(
-            model.run,
-            name=name,
-            batchable=model.batchable,
-            executor=executor,
-            metrics=self._metrics,
-            max_batch_size=cfg.max_batch_size,
-            max_queue_delay=cfg.max_queue_delay,
-            max_queue_size=cfg.max_queue_size,
-        )
-        await batcher.start()
-        self._metrics.model_info.labels(name, version, model.provider).set(1)
-        log.info(
-            "loaded model %r version %s from %s on %s (%d classes)",
-            name,
-            version,
-            path,
-            model.provider,
-            len(model.card.labels) if model.card else 0,
-        )
-        return LoadedModel(name, version, model, batcher, executor)
+        started = time.perf_counter()
+        await loop.run_in_executor(executor, model.run, model.dummy_inputs())
+        row_seconds = time.perf_counter() - started
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    stats = ModelStatistics()
+    batcher = DynamicBatcher(
+        model.run,
+        name=name,
+        batchable=model.batchable,
+        executor=executor,
+        metrics=metrics,
+        max_batch_size=config.max_batch_size,
+        max_queue_delay=config.max_queue_delay,
+        max_queue_size=config.max_queue_size,
+        preferred_batch_sizes=parse_batch_sizes(config.preferred_batch_sizes),
+        instances=config.instances,
+        stats=stats,
+        row_seconds=row_seconds,
+    )
+    await batcher.start()
+    metrics.model_info.labels(name, version, model.provider).set(1)
+    log.info(
+        "loaded model %r version %s from %s on %s (%d classes, %d instance(s))",
+        name,
+        version,
+        path,
+        model.provider,
+        len(model.card.labels) if model.card else 0,
+        config.instances,
+    )
+    return LoadedModel(name, version, model, batcher, executor, stats)
 
-    async def stop(self) -> None:
-        """Stop every batcher and release the sessions."""
-        for loaded in self._models.values():
-            await loaded.batcher.stop()
-            loaded.executor.shutdown(wait=True)
-        self._models.clear()
+
+async def retire(loaded: LoadedModel, metrics: ServerMetrics, grace: float) -> None:
+    """Wait (up to ``grace``) for in-flight requests, then stop and release it."""
+    if not await loaded.wait_idle(grace):
+        log.warning(
+            "model %r version %s: %d requests still in flight after %.1fs; stopping anyway",
+            loaded.name,
+            loaded.version,
+            loaded.inflight,
+            grace,
+        )
+    await loaded.batcher.stop()
+    loaded.executor.shutdown(wait=False)
+    with contextlib.suppress(KeyError):
+        metrics.model_info.remove(loaded.name, loaded.version, loaded.model.provider)
+    log.info("unloaded model %r version %s", loaded.name, loaded.version)

@@ -1,10 +1,17 @@
 """onnxruntime sessions: providers chosen by config, reported, never silent.
 
 :class:`OnnxModel` wraps one loaded ``model.onnx``: its tensors as the
-protocol describes them, its model card if it has one, and ``run``. The
-execution provider actually in use is read back from the session, so a GPU
-that was asked for and not obtained is an error (``device="cuda"``) or a
-logged fallback (``device="auto"``), never a silent one.
+protocol describes them, its model card if it has one, and ``run``.
+
+Providers (``TLSERVE_DEVICE``): ``cpu``; ``cuda`` (CUDA, with I/O binding so
+each batch's uint8 input is copied to the GPU once and the cast and
+normalisation run there); ``tensorrt`` (TensorRT, then CUDA, then CPU for
+what TensorRT cannot run); ``auto`` (CUDA when this onnxruntime has it, else
+CPU). The provider actually in use is read back from the session. When a GPU
+provider was asked for and is not usable, ``TLSERVE_GPU_FALLBACK`` decides:
+``fail`` (the load fails, so the server is not ready, with the reason) or
+``cpu`` (serve on CPU, logged at WARNING, counted in
+``tlserve_provider_fallbacks_total`` and visible as the model's provider).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -20,9 +27,18 @@ import onnxruntime as ort
 from tlserve.client.codec import dtype_of
 from tlserve.client.metadata import ModelCard
 
-__all__ = ["OnnxModel", "ProviderError", "TensorSpec", "providers_for"]
+if TYPE_CHECKING:
+    from tlserve.server.config import ServerConfig
+    from tlserve.server.metrics import ServerMetrics
+
+__all__ = ["OnnxModel", "ProviderError", "TensorSpec", "load_model", "providers_for"]
 
 log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+_GPU_PROVIDERS = (CUDA, TENSORRT)
 
 # onnxruntime's type strings -> Open Inference Protocol datatypes.
 _ORT_TYPES = {
@@ -54,19 +70,24 @@ class TensorSpec:
     shape: tuple[int, ...]
 
 
-def providers_for(device: str) -> list[str]:
-    """The provider list to ask onnxruntime for, most preferred first."""
-    available = ort.get_available_providers()
+def providers_for(device: str, available: list[str] | None = None) -> list[str]:
+    """The provider list to ask onnxruntime for, most preferred first.
+
+    ProviderError when ``device`` names a GPU provider this onnxruntime lacks.
+    """
+    available = ort.get_available_providers() if available is None else available
     if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cuda":
+        return [CPU]
+    if device == "auto":
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    wanted = [TENSORRT, CUDA, CPU] if device == "tensorrt" else [CUDA, CPU]
+    if wanted[0] not in available:
         raise ProviderError(
-            "TLSERVE_DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider "
-            f"(available: {', '.join(available)}); install tlserve[serve-gpu] or use device=auto"
+            f"TLSERVE_DEVICE={device} but this onnxruntime has no {wanted[0]} "
+            f"(available: {', '.join(available)}); install tlserve[serve-gpu] on a machine "
+            "with a GPU, or set TLSERVE_GPU_FALLBACK=cpu to serve on CPU instead"
         )
-    return ["CPUExecutionProvider"]
+    return [p for p in wanted if p in available]
 
 
 def _spec(arg: Any) -> TensorSpec:
@@ -78,39 +99,77 @@ def _spec(arg: Any) -> TensorSpec:
 
 
 class OnnxModel:
-    """One ONNX model file loaded into an onnxruntime session."""
+    """One ONNX model file loaded into an onnxruntime session.
 
-    def __init__(self, path: Path, *, device: str = "auto", intra_op_threads: int = 0) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        requested = providers_for(device)
+    ``provider`` is the provider in use; ``fallback`` says why it is not the
+    one asked for (empty when it is).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        device: str = "auto",
+        gpu_fallback: str = "fail",
+        intra_op_threads: int = 0,
+    ) -> None:
         self.path = path
-        self.session = ort.InferenceSession(str(path), options, providers=requested)
-        active = self.session.get_providers()
-        self.provider: str = active[0]
-        if requested[0] != self.provider:
-            if device == "cuda":
-                raise ProviderError(
-                    f"{path}: asked for {requested[0]} but onnxruntime gave {self.provider} "
-                    "(is the GPU visible and are CUDA/cuDNN libraries installed?)"
-                )
-            log.warning(
-                "%s: %s was not usable, falling back to %s", path, requested[0], self.provider
+        self.requested = device
+        self.fallback = ""
+        try:
+            providers = providers_for(device)
+        except ProviderError as exc:
+            if gpu_fallback != "cpu":
+                raise
+            self.fallback = str(exc)
+            providers = [CPU]
+        self.session = ort.InferenceSession(
+            str(path), _session_options(intra_op_threads), providers=providers
+        )
+        self.provider: str = self.session.get_providers()[0]
+        if providers[0] != self.provider and not self.fallback:
+            # onnxruntime drops a provider it cannot initialise (no driver,
+            # missing CUDA/cuDNN libraries) and only logs it: catch that here.
+            reason = (
+                f"{path}: asked for {providers[0]} but onnxruntime gave {self.provider} "
+                "(is the GPU visible and are the CUDA/cuDNN libraries installed?)"
             )
+            if device != "auto" and gpu_fallback != "cpu":
+                raise ProviderError(reason)
+            self.fallback = reason
+        if self.fallback:
+            log.warning("GPU FALLBACK: %s; serving %s on %s", self.fallback, path, self.provider)
         self.inputs = tuple(_spec(arg) for arg in self.session.get_inputs())
         self.outputs = tuple(_spec(arg) for arg in self.session.get_outputs())
+        self._output_names = [spec.name for spec in self.outputs]
         props = self.session.get_modelmeta().custom_metadata_map
         self.card: ModelCard | None = ModelCard.from_props(props)
         # Batchable: every input's first dimension is free.
         self.batchable = all(spec.shape and spec.shape[0] == -1 for spec in self.inputs)
+        self.io_binding = self.provider in _GPU_PROVIDERS
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on a batch; returns every output by name."""
-        names = [spec.name for spec in self.outputs]
-        results = self.session.run(names, feeds)
-        return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
+        if self.io_binding:
+            return self._run_bound(feeds)
+        results = self.session.run(self._output_names, feeds)
+        return {
+            name: np.asarray(value) for name, value in zip(self._output_names, results, strict=True)
+        }
+
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """GPU run: inputs copied to the device once, outputs straight back to host."""
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+            binding.bind_ortvalue_input(name, value)
+        for name in self._output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        results = binding.copy_outputs_to_cpu()
+        return {
+            name: np.asarray(value) for name, value in zip(self._output_names, results, strict=True)
+        }
 
     def dummy_inputs(self, batch: int = 1) -> dict[str, np.ndarray]:
         """Zeros shaped like the model's inputs (free dims as 1): for warm-up."""
@@ -121,3 +180,29 @@ class OnnxModel:
                 shape[0] = batch
             feeds[spec.name] = np.zeros(shape, dtype=dtype_of(spec.datatype))
         return feeds
+
+
+def _session_options(intra_op_threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    # onnxruntime's pool threads spin after each run waiting for more work; in a
+    # server they would burn the cores the event loop and preprocessing need
+    # (on 2 cores: a visible loss in throughput and tail latency).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def load_model(path: Path, config: ServerConfig, metrics: ServerMetrics | None = None) -> OnnxModel:
+    """Load ``path`` with the config's provider policy; count a fallback in ``metrics``."""
+    model = OnnxModel(
+        path,
+        device=config.device,
+        gpu_fallback=config.gpu_fallback,
+        intra_op_threads=config.intra_op_threads,
+    )
+    if model.fallback and metrics is not None:
+        name = path.parent.parent.name
+        metrics.provider_fallbacks.labels(name, config.device, model.provider).inc()
+    return model

@@ -1,20 +1,15 @@
 """gRPC servicers: decode the proto, call the core, encode the reply.
 
-Domain errors become status codes in one place, :func:`_handled`; anything
-unexpected is logged and becomes INTERNAL with no internals leaked.
+Status codes, counting and the retry hint are :mod:`tlserve.server.handling`'s
+(one place); stream messages are answered in order by
+:mod:`tlserve.server.streams`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
-import time
-from collections.abc import Awaitable, Callable
-from importlib.metadata import PackageNotFoundError, version
-from typing import Any, TypeVar
-
-import grpc
+from collections.abc import AsyncIterator
+from typing import Any
 
 from tlserve.client.codec import decode_request_inputs, encode_response_outputs
 from tlserve.client.errors import InvalidInput, TlserveError
@@ -22,93 +17,62 @@ from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.protos import tlserve_v1_pb2 as v1
 from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
-from tlserve.server.core import InferenceCore
+from tlserve.server.core import InferenceCore, ScoredLabel
+from tlserve.server.describe import EXTENSIONS, index_entries, model_config, model_statistics
+from tlserve.server.handling import (
+    RETRY_AFTER_KEY,
+    counted,
+    deadline_of,
+    handled,
+    server_version,
+)
+from tlserve.server.repository import LoadedModel, scan_repository
+from tlserve.server.streams import answer_in_order
 
-__all__ = ["ImageServicer", "InferenceServicer", "server_version"]
-
-log = logging.getLogger(__name__)
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Servicer = TypeVar("Servicer", "InferenceServicer", "ImageServicer")
-Handler = Callable[[Servicer, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
-
-
-def server_version() -> str:
-    try:
-        return version("tlserve")
-    except PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
-
-
-def _handled(
-    api: str | None = None,
-) -> Callable[[Handler[Servicer, Req, Resp]], Handler[Servicer, Req, Resp]]:
-    """Map domain errors to status codes; with ``api``, count and time the call."""
-
-    def wrap(method: Handler[Servicer, Req, Resp]) -> Handler[Servicer, Req, Resp]:
-        @functools.wraps(method)
-        async def handler(
-            self: Servicer, request: Req, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> Resp:
-            started = time.perf_counter()
-            outcome = "OK"
-            try:
-                return await method(self, request, context)
-            except TlserveError as exc:
-                outcome = exc.code.name
-                await context.abort(exc.code, str(exc))
-            except asyncio.CancelledError:
-                outcome = "CANCELLED"
-                raise
-            except Exception:
-                outcome = "INTERNAL"
-                log.exception("%s failed", api or method.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see server logs")
-            finally:
-                if api is not None:
-                    model = self.core.metric_label(getattr(request, "model_name", ""))
-                    self.core.metrics.requests.labels(model, api, outcome).inc()
-                    self.core.metrics.request_duration.labels(model, api).observe(
-                        time.perf_counter() - started
-                    )
-            raise AssertionError("unreachable: context.abort raises")
-
-        return handler
-
-    return wrap
-
-
-def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
-    remaining = context.time_remaining()
-    if remaining is None:
-        return None
-    return asyncio.get_running_loop().time() + remaining
+__all__ = ["RETRY_AFTER_KEY", "ImageServicer", "InferenceServicer", "server_version"]
 
 
 def _param(value: str) -> pb.InferParameter:
     return pb.InferParameter(string_param=value)
 
 
+def _tensors(specs: Any) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
+        for s in specs
+    ]
+
+
+def _check_repository_request(request: Any) -> None:
+    # unload_dependents: tritonclient always sends it; tlserve has no ensembles,
+    # so a model has no dependents. Config or file overrides are not supported.
+    unsupported = sorted(set(request.parameters) - {"unload_dependents"})
+    if unsupported:
+        raise InvalidInput(
+            f"load/unload parameters {unsupported} are not supported: tlserve "
+            "loads model versions from the repository as they are on disk"
+        )
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The Open Inference Protocol (KServe v2) over gRPC."""
+    """The Open Inference Protocol (KServe v2) over gRPC, with Triton's extensions."""
 
     def __init__(self, core: InferenceCore) -> None:
         self.core = core
 
-    @_handled()
+    @handled()
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Any
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    @_handled()
+    @handled()
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Any
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.core.ready)
 
-    @_handled()
+    @handled()
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Any
     ) -> pb.ModelReadyResponse:
@@ -118,21 +82,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=not self.core.draining)
 
-    @_handled()
+    @handled()
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
+        registry = self.core.registry
         providers = sorted(
-            {self.core.registry.get(n).model.provider for n in self.core.registry.names()}
+            {m.model.provider for n in registry.names() for m in registry.versions(n)}
         )
         return pb.ServerMetadataResponse(
             name="tlserve",
             version=server_version(),
-            extensions=[],
+            extensions=EXTENSIONS,
             parameters={"execution_providers": _param(",".join(providers))},
         )
 
-    @_handled()
+    @handled()
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
@@ -141,32 +106,71 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         params = {"execution_provider": _param(model.provider)}
         if model.card is not None:
             params.update({k: _param(v) for k, v in model.card.to_props().items()})
+        versions = (
+            [request.version]
+            if request.version
+            else [m.version for m in self.core.registry.versions(loaded.name)]
+        )
         return pb.ModelMetadataResponse(
             name=loaded.name,
-            versions=[loaded.version],
+            versions=versions,
             platform="onnxruntime_onnx",
-            inputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name=s.name, datatype=s.datatype, shape=s.shape
-                )
-                for s in model.inputs
-            ],
-            outputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name=s.name, datatype=s.datatype, shape=s.shape
-                )
-                for s in model.outputs
-            ],
+            inputs=_tensors(model.inputs),
+            outputs=_tensors(model.outputs),
             parameters=params,
         )
 
-    @_handled("ModelInfer")
+    @handled()
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Any
+    ) -> pb.ModelConfigResponse:
+        loaded = self.core.registry.get(request.name, request.version)
+        return pb.ModelConfigResponse(config=model_config(loaded, self.core.registry.config))
+
+    @handled()
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        versions = self.core.statistics(request.name, request.version)
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in versions])
+
+    @handled()
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        registry = self.core.registry
+        on_disk = await asyncio.to_thread(scan_repository, registry.config.model_repository)
+        rows = [r for r in registry.index(on_disk) if r.state == "READY" or not request.ready]
+        return pb.RepositoryIndexResponse(models=index_entries(rows))
+
+    @handled()
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        _check_repository_request(request)
+        await self.core.registry.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @handled()
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        _check_repository_request(request)
+        await self.core.registry.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    @handled("ModelInfer")
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Any
     ) -> pb.ModelInferResponse:
+        return await self._infer(request, deadline_of(context))
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None
+    ) -> pb.ModelInferResponse:
         inputs = decode_request_inputs(request)
         loaded, outputs = await self.core.infer(
-            request.model_name, request.model_version, inputs, deadline=_deadline(context)
+            request.model_name, request.model_version, inputs, deadline=deadline
         )
         if request.outputs:
             wanted = [o.name for o in request.outputs]
@@ -182,31 +186,93 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         encode_response_outputs(response, outputs)
         return response
 
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        deadline = deadline_of(context)
+
+        async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            work = self._infer(request, deadline)
+            answer = await counted(self.core, "ModelStreamInfer", request.model_name, work)
+            return pb.ModelStreamInferResponse(infer_response=answer)
+
+        def failed(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(
+                error_message=message,
+                infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+            )
+
+        async for response in answer_in_order(request_iterator, handle, failed):
+            yield response
+
+
+def _classify_response(
+    loaded: LoadedModel, results: list[list[ScoredLabel]], request_id: str
+) -> v1.ClassifyResponse:
+    return v1.ClassifyResponse(
+        model_name=loaded.name,
+        model_version=loaded.version,
+        id=request_id,
+        results=[
+            v1.Classification(
+                labels=[v1.ScoredLabel(label=s.label, index=s.index, score=s.score) for s in row]
+            )
+            for row in results
+        ],
+    )
+
 
 class ImageServicer(v1_grpc.ImageServiceServicer):
-    """tlserve.v1: encoded images in, labels out."""
+    """tlserve.v1: encoded images in, labels or embeddings out."""
 
     def __init__(self, core: InferenceCore) -> None:
         self.core = core
 
-    @_handled("Classify")
+    @handled("Classify")
     async def Classify(self, request: v1.ClassifyRequest, context: Any) -> v1.ClassifyResponse:
+        return await self._classify(request, deadline_of(context))
+
+    async def _classify(
+        self, request: v1.ClassifyRequest, deadline: float | None
+    ) -> v1.ClassifyResponse:
         loaded, results = await self.core.classify(
             request.model_name,
             request.model_version,
             list(request.images),
             top_k=request.top_k,
-            deadline=_deadline(context),
+            deadline=deadline,
         )
-        return v1.ClassifyResponse(
+        return _classify_response(loaded, results, request.id)
+
+    @handled("Embed")
+    async def Embed(self, request: v1.EmbedRequest, context: Any) -> v1.EmbedResponse:
+        loaded, rows = await self.core.embed(
+            request.model_name,
+            request.model_version,
+            list(request.images),
+            deadline=deadline_of(context),
+        )
+        return v1.EmbedResponse(
             model_name=loaded.name,
             model_version=loaded.version,
-            results=[
-                v1.Classification(
-                    labels=[
-                        v1.ScoredLabel(label=s.label, index=s.index, score=s.score) for s in row
-                    ]
-                )
-                for row in results
-            ],
+            embeddings=[v1.Embedding(values=row.tolist()) for row in rows.reshape(len(rows), -1)],
         )
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[v1.ClassifyRequest], context: Any
+    ) -> AsyncIterator[v1.ClassifyStreamResponse]:
+        deadline = deadline_of(context)
+
+        async def handle(request: v1.ClassifyRequest) -> v1.ClassifyStreamResponse:
+            work = self._classify(request, deadline)
+            answer = await counted(self.core, "ClassifyStream", request.model_name, work)
+            return v1.ClassifyStreamResponse(response=answer)
+
+        def failed(request: v1.ClassifyRequest, message: str) -> v1.ClassifyStreamResponse:
+            return v1.ClassifyStreamResponse(
+                error_message=message,
+                response=v1.ClassifyResponse(model_name=request.model_name, id=request.id),
+            )
+
+        async for response in answer_in_order(request_iterator, handle, failed):
+            yield response

@@ -28,7 +28,7 @@ from tlserve.client import (
     Unauthenticated,
     Unavailable,
 )
-from tlserve.client.errors import from_rpc_error
+from tlserve.client.errors import from_rpc_error, from_status_message
 from tlserve.client.metadata import SCHEMA_VERSION
 from tlserve.client.preprocess import MAX_IMAGE_PIXELS, decode_image, prepare_image
 
@@ -53,7 +53,8 @@ def test_every_exported_name_imports() -> None:
     namespace: dict[str, Any] = {}
     exec("from tlserve.client import *", namespace)
     assert set(tlserve.client.__all__) <= set(namespace)
-    for module in ("client", "codec", "errors", "metadata", "preprocess"):
+    modules = ("aio", "client", "codec", "errors", "metadata", "preprocess", "results", "transport")
+    for module in modules:
         submodule = __import__(f"tlserve.client.{module}", fromlist=["__all__"])
         for name in submodule.__all__:
             assert hasattr(submodule, name), f"tlserve.client.{module}.{name}"
@@ -136,6 +137,46 @@ def test_from_rpc_error_without_a_call_is_a_server_error() -> None:
     error = from_rpc_error(grpc.RpcError("transport broke"))
     assert type(error) is ServerError
     assert str(error) == "UNKNOWN: transport broke"
+
+
+class HintedCall(FakeCall):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        self._metadata = metadata
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:  # type: ignore[override]
+        return self._metadata
+
+
+@pytest.mark.parametrize(
+    ("metadata", "seconds"),
+    [
+        ((("retry-after-ms", "250"),), 0.25),
+        ((("other", "1"), ("retry-after-ms", "0")), 0.0),
+        ((("retry-after-ms", "soon"),), None),
+        ((), None),
+    ],
+)
+def test_overloaded_carries_the_retry_hint_in_seconds(
+    metadata: tuple[tuple[str, str], ...], seconds: float | None
+) -> None:
+    error = from_rpc_error(HintedCall(metadata))
+    assert isinstance(error, Overloaded) and error.retry_after == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "cls"),
+    [
+        ("INVALID_ARGUMENT: image 0: cannot decode image", InvalidInput),
+        ("NOT_FOUND: no model ghost", ModelNotFound),
+        ("RESOURCE_EXHAUSTED: queue full", Overloaded),
+        ("INTERNAL: boom", ServerError),
+        ("garbled", ServerError),
+    ],
+)
+def test_a_stream_error_message_becomes_its_typed_error(text: str, cls: type) -> None:
+    error = from_status_message(text)
+    assert type(error) is cls and str(error) == text
 
 
 # --- the model card

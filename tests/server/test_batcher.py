@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tlserve.client.errors import DeadlineExceeded, Overloaded, ServerError, Unavailable
-from tlserve.server.batcher import DynamicBatcher
+from tlserve.server.batcher import DynamicBatcher, QueueFull
 from tlserve.server.metrics import ServerMetrics
 
 Arrays = dict[str, np.ndarray]
@@ -335,3 +335,46 @@ async def test_requests_of_different_shapes_are_never_concatenated(rig: Rig) -> 
     for ident, task in tasks.items():
         assert_own_rows(await task, ident, width=widths[ident])
     assert sum(rig.model.sizes) == 5  # each request ran exactly once
+
+
+async def test_a_preferred_size_runs_at_once_instead_of_waiting_out_the_delay(rig: Rig) -> None:
+    # A delay far longer than the test's timeout: only a preferred size ends a wait.
+    batcher = await rig.start(max_batch_size=8, max_queue_delay=60.0, preferred_batch_sizes=(2,))
+    for pair in ((1, 2), (3, 4)):
+        tasks = [asyncio.create_task(batcher.submit(request(i))) for i in pair]
+        for ident, task in zip(pair, tasks, strict=True):
+            assert_own_rows(await asyncio.wait_for(task, 10), ident)
+    alone = asyncio.create_task(batcher.submit(request(5)))  # 1 row: not preferred, waits
+    await asyncio.sleep(0.05)
+    assert not alone.done()
+    alone.cancel()
+    assert rig.model.sizes == [2, 2]
+
+
+async def test_instances_run_batches_at_the_same_time(rig: Rig) -> None:
+    rig.executor.shutdown()
+    rig.executor = ThreadPoolExecutor(2)
+    batcher = await rig.start(max_batch_size=1, instances=2)
+    rig.model.hold()
+    tasks = [asyncio.create_task(batcher.submit(request(i))) for i in (1, 2, 3)]
+    await wait_until(lambda: len(rig.model.batches) == 2)  # both held inside the model
+    assert batcher.queued_rows == 1
+    rig.model.open()
+    for ident, task in enumerate(tasks, start=1):
+        assert_own_rows(await task, ident)
+    assert rig.model.sizes == [1, 1, 1]
+
+
+async def test_the_retry_hint_grows_with_the_queue_and_the_row_time(rig: Rig) -> None:
+    batcher = await rig.start(max_batch_size=1, max_queue_size=4, row_seconds=0.01)
+    first = await busy_with_first_request(rig, batcher)
+    queued = [asyncio.create_task(batcher.submit(request(i))) for i in range(1, 5)]
+    await wait_until(lambda: batcher.queued_rows == 4)
+    with pytest.raises(QueueFull) as caught:
+        await batcher.submit(request(9))
+    assert isinstance(caught.value, Overloaded)
+    assert caught.value.retry_after_ms == 50  # (4 queued + 1) rows x 10 ms
+    assert batcher.retry_after_ms() == 40
+    rig.model.open()
+    await asyncio.gather(first, *queued)
+    assert batcher.retry_after_ms() >= 1

@@ -159,3 +159,48 @@ def test_a_port_out_of_range_is_refused(key: str, port: int) -> None:
 @pytest.mark.parametrize("port", [0, 1, 65535])
 def test_ports_at_the_edges_are_accepted(port: int) -> None:
     assert ServerConfig.load({"grpc_port": port}, environ=REPO).grpc_port == port
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("version_policy", "newest", "expected 'latest:N', 'specific:V1,V2' or 'all'"),
+        ("version_policy", "latest:0", "positive integers"),
+        ("version_policy", "latest:1,2", "latest:N takes one positive integer"),
+        ("version_policy", "specific:", "expected 'latest:N'"),
+        ("version_policy", "specific:1,x", "positive integers"),
+        ("preferred_batch_sizes", "4,-8", "positive integers"),
+        ("instances", 0, "TLSERVE_INSTANCES must be at least 1"),
+        ("model_control", "none", "TLSERVE_MODEL_CONTROL must be one of"),
+        ("poll_interval", 0.0, "TLSERVE_POLL_INTERVAL must be positive"),
+    ],
+)
+def test_bad_batching_and_lifecycle_settings_are_refused(
+    key: str, value: object, fragment: str
+) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        ServerConfig(model_repository=Path("/m"), **{key: value})  # type: ignore[arg-type]
+
+
+def test_version_policies_select_versions() -> None:
+    from tlserve.server.policy import parse_batch_sizes, parse_version_policy
+
+    on_disk = [3, 1, 7, 5]
+    assert parse_version_policy("latest").select(on_disk) == [7]
+    assert parse_version_policy("latest:2").select(on_disk) == [5, 7]
+    assert parse_version_policy("latest:9").select(on_disk) == [1, 3, 5, 7]
+    assert parse_version_policy("specific:3,4").select(on_disk) == [3]
+    assert parse_version_policy("all").select(on_disk) == [1, 3, 5, 7]
+    assert str(parse_version_policy("specific:4,3")) == "specific:3,4"
+    assert parse_batch_sizes(" 8, 4 ") == (4, 8) and parse_batch_sizes("") == ()
+    config = ServerConfig.load(
+        environ={"TLSERVE_MODEL_REPOSITORY": "/m", "TLSERVE_INSTANCES": "3",
+                 "TLSERVE_VERSION_POLICY": "latest:2", "TLSERVE_MODEL_CONTROL": "explicit",
+                 "TLSERVE_PREFERRED_BATCH_SIZES": "4,8", "TLSERVE_POLL_INTERVAL": "2.5"}
+    )  # fmt: skip
+    assert (config.instances, config.version_policy, config.model_control) == (
+        3,
+        "latest:2",
+        "explicit",
+    )
+    assert (config.preferred_batch_sizes, config.poll_interval) == ("4,8", 2.5)

@@ -221,3 +221,66 @@ def test_reflection_lists_the_services(server: ServerThread) -> None:
         "tlserve.v1.ImageService",
         "grpc.health.v1.Health",
     } <= names
+
+
+def test_embed_returns_the_backbone_features_per_image(server: ServerThread) -> None:
+    from tlserve.protos import tlserve_v1_pb2 as v1
+    from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = v1_grpc.ImageServiceStub(channel)
+        reply = stub.Embed(
+            v1.EmbedRequest(
+                model_name="tiny", images=[png_bytes((255, 0, 0)), png_bytes((0, 0, 51))]
+            ),
+            timeout=5,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Embed(v1.EmbedRequest(model_name="tiny"), timeout=5)
+    assert (reply.model_name, reply.model_version) == ("tiny", "1")
+    embeddings = np.array([list(e.values) for e in reply.embeddings])
+    np.testing.assert_allclose(embeddings, [[1.0, 0.0, 0.0], [0.0, 0.0, 0.2]], atol=1e-6)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_classify_stream_answers_in_order_and_survives_a_bad_request(server: ServerThread) -> None:
+    from tlserve.protos import tlserve_v1_pb2 as v1
+    from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
+
+    colours = [(250, 0, 0), (0, 250, 0), None, (0, 0, 250)] * 5
+    requests = [
+        v1.ClassifyRequest(
+            model_name="tiny",
+            id=str(i),
+            top_k=1,
+            images=[png_bytes(c) if c else b"not an image"],
+        )
+        for i, c in enumerate(colours)
+    ]
+    with grpc.insecure_channel(server.target) as channel:
+        answers = list(v1_grpc.ImageServiceStub(channel).ClassifyStream(iter(requests), timeout=10))
+    assert [a.response.id for a in answers] == [str(i) for i in range(len(colours))]
+    for answer, colour in zip(answers, colours, strict=True):
+        if colour is None:
+            assert answer.error_message.startswith("INVALID_ARGUMENT: image 0: cannot decode")
+        else:
+            assert not answer.error_message
+            expected = ("red", "green", "blue")[colour.index(250)]
+            assert answer.response.results[0].labels[0].label == expected
+
+
+def test_model_stream_infer_through_our_stub(server: ServerThread) -> None:
+    from tlserve.client.codec import encode_request_inputs
+
+    def request(i: int, rows: int) -> pb.ModelInferRequest:
+        message = pb.ModelInferRequest(model_name="tiny", id=str(i))
+        encode_request_inputs(message, {"images": _images(rows, seed=i)})
+        return message
+
+    requests = [request(0, 1), request(1, 2), pb.ModelInferRequest(model_name="ghost", id="2")]
+    channel, stub = _stub(server)
+    with channel:
+        answers = list(stub.ModelStreamInfer(iter(requests), timeout=10))
+    assert [a.infer_response.id for a in answers] == ["0", "1", "2"]
+    assert [a.infer_response.outputs[0].shape[0] for a in answers[:2]] == [1, 2]
+    assert answers[2].error_message.startswith("NOT_FOUND: no model named 'ghost'")

@@ -1,0 +1,94 @@
+"""The benchmark's models, each in its own one-model repository.
+
+- ``lite0``: the demo's EfficientNet-Lite0 + linear head when ``make demo``
+  left one (build/demo/models/fashion/1/model.onnx), else trained here on the
+  shipped Fashion-MNIST sample through ``tlserve.training.train`` (a minute or two).
+- ``fast``: a tiny convolutional net written with onnx.helper (64 px input,
+  well under a millisecond per image), where serving overhead dominates.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from tlserve.client.metadata import ModelCard, Preprocessing
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = ROOT / "build" / "demo" / "models" / "fashion" / "1" / "model.onnx"
+
+
+def lite0_model(out: Path) -> Path:
+    """``<out>/lite0/lite0/1/model.onnx``: the real lite0 backbone with a linear head."""
+    path = out / "lite0" / "lite0" / "1" / "model.onnx"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if DEMO_MODEL.is_file():
+        shutil.copyfile(DEMO_MODEL, path)
+        return path
+    from tlserve.training import train
+
+    staging = out / "lite0-train"
+    train(ROOT / "examples" / "fashion-mnist", model_repository=staging, name="lite0")
+    shutil.copyfile(sorted((staging / "lite0").glob("*/model.onnx"))[-1], path)
+    return path
+
+
+def fast_model(out: Path, size: int = 64, classes: int = 10) -> Path:
+    """``<out>/fast/fast/1/model.onnx``: uint8 NHWC -> conv -> relu -> pool -> softmax."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = out / "fast" / "fast" / "1" / "model.onnx"
+    if path.is_file():
+        return path
+    rng = np.random.default_rng(0)
+    conv = rng.normal(0, 0.1, (16, 3, 3, 3)).astype(np.float32)
+    dense = rng.normal(0, 0.1, (16, classes)).astype(np.float32)
+
+    def tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
+        return helper.make_tensor(name, TensorProto.FLOAT, array.shape, array.flatten().tolist())
+
+    nodes = [
+        helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["f"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Div", ["nchw", "scale"], ["x"]),
+        helper.make_node("Conv", ["x", "conv"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["embeddings"]),
+        helper.make_node("MatMul", ["embeddings", "dense"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fast",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", size, size, 3])],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes]),
+            helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", 16]),
+        ],
+        initializer=[
+            tensor("scale", np.array(255.0, np.float32)),
+            tensor("conv", conv),
+            tensor("dense", dense),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    card = ModelCard(
+        labels=tuple(f"class-{i}" for i in range(classes)),
+        preprocessing=Preprocessing(
+            height=size, width=size, crop_pct=1.0, interpolation="bilinear"
+        ),
+        backbone="bench-fast-conv",
+        strategy="random",
+    )
+    helper.set_model_props(model, card.to_props())
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

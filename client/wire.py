@@ -1,0 +1,80 @@
+"""Conversions between the client's Python values and tlserve's messages."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tlserve.client.errors import ServerError, from_status_message
+from tlserve.client.metadata import Preprocessing
+from tlserve.client.preprocess import prepare_decoded, prepare_image
+from tlserve.client.results import ImageInput, Prediction, StreamResult, TensorMetadata, to_pil
+from tlserve.protos import grpc_service_pb2 as pb
+from tlserve.protos import tlserve_v1_pb2 as v1
+
+_HEALTH = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+async def async_iter(
+    items: Iterable[ImageInput] | AsyncIterable[ImageInput],
+) -> AsyncIterator[ImageInput]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+def model_row(image: ImageInput, spec: Preprocessing) -> np.ndarray:
+    if isinstance(image, bytes | str | Path):
+        return prepare_image(image, spec)
+    return prepare_decoded(to_pil(image), spec)
+
+
+def top_k(row: np.ndarray, labels: Sequence[str], k: int) -> list[Prediction]:
+    # Ties broken as the server breaks them: stable, lower index first.
+    best = np.argsort(-row, kind="stable")[:k]
+    return [Prediction(labels[i], int(i), float(row[i])) for i in best]
+
+
+def predictions(result: v1.Classification) -> list[Prediction]:
+    return [Prediction(s.label, s.index, s.score) for s in result.labels]
+
+
+def stream_result(index: int, reply: v1.ClassifyStreamResponse) -> StreamResult:
+    if reply.error_message:
+        return StreamResult(index, [], from_status_message(reply.error_message))
+    results = reply.response.results
+    if len(results) != 1:
+        return StreamResult(index, [], ServerError(f"expected 1 result, got {len(results)}"))
+    return StreamResult(index, predictions(results[0]))
+
+
+def tensors(
+    items: Sequence[pb.ModelMetadataResponse.TensorMetadata],
+) -> tuple[TensorMetadata, ...]:
+    return tuple(TensorMetadata(t.name, t.datatype, tuple(t.shape)) for t in items)
+
+
+def health_request(service: str) -> bytes:
+    # grpc.health.v1.HealthCheckRequest by hand: the bare install has no grpc_health.
+    name = service.encode()
+    return b"\n" + _varint(len(name)) + name if name else b""
+
+
+def health_status(data: bytes) -> str:
+    # HealthCheckResponse: field 1 (status, varint); absent means 0 (UNKNOWN).
+    status = data[1] if len(data) >= 2 and data[0] == 0x08 else 0
+    return _HEALTH.get(status, "UNKNOWN")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -1,0 +1,127 @@
+"""Loaded models and their statistics, as Triton's extension messages.
+
+Pure functions from the registry's objects to protos: the servicers call
+them and tests can too.
+"""
+
+from __future__ import annotations
+
+from tlserve.protos import grpc_service_pb2 as pb
+from tlserve.server.config import ServerConfig
+from tlserve.server.lifecycle import VersionState
+from tlserve.server.policy import parse_batch_sizes, parse_version_policy
+from tlserve.server.repository import LoadedModel
+from tlserve.server.runtime import TensorSpec
+from tlserve.server.statistics import Duration, ModelStatistics
+
+__all__ = ["EXTENSIONS", "index_entries", "model_config", "model_statistics"]
+
+# Triton's names for the protocol extensions tlserve implements.
+EXTENSIONS = (
+    "model_repository",
+    "statistics",
+    "model_configuration",
+)
+
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def _dims(spec: TensorSpec, batchable: bool) -> list[int]:
+    # Triton's convention: no batch dimension in dims when max_batch_size > 0.
+    return list(spec.shape[1:] if batchable else spec.shape)
+
+
+def _data_type(datatype: str) -> int:
+    return pb.DataType.Value("TYPE_" + datatype)
+
+
+def model_config(loaded: LoadedModel, config: ServerConfig) -> pb.ModelConfig:
+    """What Triton's ``ModelConfig`` would say about this version as tlserve serves it."""
+    model, batcher = loaded.model, loaded.batcher
+    batchable = model.batchable
+    result = pb.ModelConfig(
+        name=loaded.name,
+        platform="onnxruntime_onnx",
+        backend="onnxruntime",
+        max_batch_size=batcher.max_batch_size if batchable else 0,
+        default_model_filename="model.onnx",
+    )
+    for spec in model.inputs:
+        fmt = pb.ModelInput.FORMAT_NONE
+        if model.card is not None and spec is model.inputs[0]:
+            fmt = pb.ModelInput.FORMAT_NHWC  # the tlserve artifact: uint8 NHWC images
+        result.input.add(
+            name=spec.name,
+            data_type=_data_type(spec.datatype),
+            format=fmt,
+            dims=_dims(spec, batchable),
+        )
+    for spec in model.outputs:
+        result.output.add(
+            name=spec.name, data_type=_data_type(spec.datatype), dims=_dims(spec, batchable)
+        )
+    if batchable:
+        result.dynamic_batching.preferred_batch_size.extend(
+            parse_batch_sizes(config.preferred_batch_sizes)
+        )
+        result.dynamic_batching.max_queue_delay_microseconds = round(batcher.max_queue_delay * 1e6)
+    on_gpu = model.provider in _GPU_PROVIDERS
+    result.instance_group.add(
+        name=f"{loaded.name}_0",
+        count=batcher.instances,
+        kind=pb.ModelInstanceGroup.KIND_GPU if on_gpu else pb.ModelInstanceGroup.KIND_CPU,
+        gpus=[0] if on_gpu else [],
+    )
+    policy = parse_version_policy(config.version_policy)
+    if policy.kind == "latest":
+        result.version_policy.latest.num_versions = policy.latest
+    elif policy.kind == "specific":
+        result.version_policy.specific.versions.extend(policy.specific)
+    else:
+        result.version_policy.all.SetInParent()
+    return result
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def model_statistics(loaded: LoadedModel) -> pb.ModelStatistics:
+    """One version's counts and durations since it was loaded."""
+    s: ModelStatistics = loaded.stats
+    return pb.ModelStatistics(
+        name=loaded.name,
+        version=loaded.version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(s.success),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_input=_duration(s.compute_input),
+            compute_infer=_duration(s.compute_infer),
+            compute_output=_duration(s.compute_output),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
+            for size, b in sorted(s.batches.items())
+        ],
+    )
+
+
+def index_entries(
+    rows: list[VersionState],
+) -> list[pb.RepositoryIndexResponse.ModelIndex]:
+    """The repository index, one entry per model version."""
+    return [
+        pb.RepositoryIndexResponse.ModelIndex(
+            name=row.name, version=row.version, state=row.state, reason=row.reason
+        )
+        for row in rows
+    ]

@@ -1,28 +1,29 @@
 """The ``tlserve`` command: a thin shell over the Python API.
 
-Exit codes: 0 success, 1 the work failed (bad data, a failed call), 2 bad
-usage (argparse's own).
+Exit codes (``tlserve --help`` lists them): 0 success, 1 the work failed,
+2 bad usage (argparse's own), 3 try again later (unreachable, draining,
+overloaded, too slow), 4 refused credentials, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main"]
+from tlserve.cli.remote import EXIT_CODES, add_commands, exit_code_for
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-_CLASSIFY_BATCH = 16
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tlserve",
         description="Transfer learning to your own images, served over gRPC.",
+        epilog=EXIT_CODES + "\n`tlserve COMMAND --help` says more about each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -43,37 +44,45 @@ def _parser() -> argparse.ArgumentParser:
         help="pretrained backbone (default: %(default)s)",
     )
     train.add_argument("--seed", type=int, default=0)
+    _add_training_flags(train)
+
+    inspect = sub.add_parser(
+        "inspect", help="print a model version's metadata and evaluation report"
+    )
+    inspect.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
 
     serve = sub.add_parser("serve", help="serve every model in a repository over gRPC")
     serve.add_argument("--model-repository", type=Path, metavar="REPO")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--grpc-port", type=int, help="0 picks a free port (default 8001)")
     serve.add_argument("--metrics-port", type=int, help="0 picks a free port (default 8002)")
-    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), help="execution provider")
+    serve.add_argument(
+        "--device", choices=("auto", "cpu", "cuda", "tensorrt"), help="execution provider"
+    )
+    serve.add_argument(
+        "--gpu-fallback", choices=("fail", "cpu"), help="GPU asked for but unusable: fail or cpu"
+    )
     serve.add_argument("--max-batch-size", type=int)
     serve.add_argument("--max-queue-delay", type=float, help="seconds to wait to fill a batch")
     serve.add_argument("--max-queue-size", type=int, help="queued rows before RESOURCE_EXHAUSTED")
+    serve.add_argument("--preferred-batch-sizes", help='e.g. "4,8": run at once at these sizes')
+    serve.add_argument("--instances", type=int, help="concurrent executions per model")
+    serve.add_argument(
+        "--version-policy", help='"latest:N" (default latest:1), "specific:1,3", "all"'
+    )
+    serve.add_argument(
+        "--model-control", choices=("poll", "explicit"), help="watch the repository, or RPCs only"
+    )
+    serve.add_argument("--poll-interval", type=float, help="seconds between repository scans")
     serve.add_argument("--drain-delay", type=float, help="seconds to keep serving after SIGTERM")
     serve.add_argument("--grace", type=float, help="seconds in-flight calls get to finish")
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates (mTLS)")
+    serve.add_argument("--auth-token-file", help="file holding the bearer token callers must send")
 
-    classify = sub.add_parser("classify", help="classify image files through a running server")
-    classify.add_argument("paths", nargs="+", type=Path, metavar="FILE_OR_DIR")
-    classify.add_argument("--target", default="127.0.0.1:8001", metavar="HOST:PORT")
-    classify.add_argument("--model", required=True)
-    classify.add_argument("--top-k", type=int, default=3)
-    classify.add_argument("--json", action="store_true", help="one JSON object per image")
-    classify.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    add_commands(sub)  # classify, models, health: tlserve.cli.remote
     return parser
-
-
-def _walk(paths: Sequence[Path]) -> Iterator[Path]:
-    for path in paths:
-        if path.is_dir():
-            yield from sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-        else:
-            yield path
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -86,9 +95,112 @@ def _train(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         backbone=args.backbone,
         seed=args.seed,
+        options=_strategy_options(args),
+        backbone_weights=args.backbone_weights,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        balanced={"auto": None, "balanced": True, "none": False}[args.class_weights],
+        calibrate=not args.no_calibrate,
+        cache=not args.no_cache,
+        resume=args.resume,
     )
     print(result.summary())
     return 0
+
+
+def _add_training_flags(train: argparse.ArgumentParser) -> None:
+    """Flags of ``tlserve train`` beyond the basics (strategy options, run settings)."""
+    add = train.add_argument
+    add("--backbone-weights", type=Path, help="weights file for a timm:<model> backbone")
+    add("--layer", help="linear/trees: 'last' (default) or an earlier stage, e.g. -2")
+    add("--epochs", type=int, help="finetune/scratch: epochs")
+    add("--lr", help="finetune/scratch: learning rate of the head, or 'auto' (LR finder)")
+    add("--unfreeze", help="finetune: 'all' (default) or the number of last layer groups")
+    add("--label-smoothing", type=float)
+    add("--augment", choices=("none", "light", "flip"), help="finetune/scratch augmentation")
+    add("--bn", choices=("frozen", "train"), help="BatchNorm statistics while training")
+    add("--random-init", action="store_true", help="scratch: start from random weights")
+    add("--image-size", type=int, help="input size (smaller trains faster)")
+    add("--batch-size", type=int, default=32)
+    add("--workers", type=int, help="image decoding processes (default: CPUs - 1)")
+    add("--class-weights", choices=("auto", "balanced", "none"), default="auto")
+    add("--no-calibrate", action="store_true", help="skip temperature scaling")
+    add("--no-cache", action="store_true", help="do not keep embeddings in ~/.cache/tlserve")
+    add("--resume", action="store_true", help="finetune/scratch: continue from the last epoch")
+
+
+def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for key in ("layer", "epochs", "unfreeze", "label_smoothing", "augment", "bn"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if args.lr is not None:
+        options["lr"] = args.lr if args.lr == "auto" else float(args.lr)
+    if args.unfreeze not in (None, "all"):
+        options["unfreeze"] = int(args.unfreeze)
+    if args.random_init:
+        options["pretrained"] = False
+    return options
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Print the model card in MODEL_DIR/model.onnx and the summary of report.json."""
+    import json
+
+    from tlserve.client.metadata import ModelCard
+
+    model_dir = Path(args.model_dir)
+    model = model_dir / "model.onnx"
+    if not model.is_file():
+        print(f"tlserve inspect: no model.onnx in {model_dir}", file=sys.stderr)
+        return 1
+    try:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        props = dict(session.get_modelmeta().custom_metadata_map)
+    except ImportError:
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+    card = ModelCard.from_props(props)
+    if card is None:
+        print(f"{model}: no tlserve model card")
+        return 1
+    spec = card.preprocessing
+    print(f"model      {model}")
+    print(f"labels     {', '.join(card.labels)}")
+    print(f"input      {spec.height}x{spec.width} RGB uint8, {spec.interpolation}, "
+          f"crop {spec.crop_pct}, mean {spec.mean}, std {spec.std}")  # fmt: skip
+    print(f"backbone   {card.backbone}")
+    print(f"strategy   {card.strategy}")
+    print(f"created    {card.created} (tlserve {card.tlserve_version})")
+    print(f"data       {card.data_fingerprint}")
+    for key, value in sorted(card.metrics.items()):
+        print(f"metric     {key} = {value:.4f}")
+    for key, note in sorted(card.notes.items()):
+        print(f"note       {key} = {note}")
+    report = model_dir / "report.json"
+    if report.is_file():
+        data = json.loads(report.read_text())
+        test = data.get("evaluation", {}).get("test") or {}
+        if test:
+            print(f"held-out   accuracy {test['accuracy']:.4f}, "
+                  f"macro-F1 {test.get('macro_f1', 0.0):.4f} on {test['n']} images")  # fmt: skip
+            for name, row in (test.get("per_class") or {}).items():
+                recall, precision = row.get("recall"), row.get("precision")
+                print(f"  {name:<20} recall {_fmt(recall)}  precision {_fmt(precision)}")
+        calibration = data.get("calibration") or {}
+        if calibration:
+            print(f"calibration T={calibration['temperature']:.3f}, ECE "
+                  f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}")  # fmt: skip
+        print(f"wall time  {data.get('wall_seconds', 0):.0f} s; report: {model_dir / 'report.md'}")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "  n/a" if value is None else f"{value:.3f}"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -96,37 +208,12 @@ def _serve(args: argparse.Namespace) -> int:
     from tlserve.server.config import ServerConfig
 
     overrides = {k: getattr(args, k) for k in (
-        "model_repository", "host", "grpc_port", "metrics_port", "device", "max_batch_size",
-        "max_queue_delay", "max_queue_size", "drain_delay", "grace",
+        "model_repository", "host", "grpc_port", "metrics_port", "device", "gpu_fallback",
+        "max_batch_size", "max_queue_delay", "max_queue_size", "preferred_batch_sizes",
+        "instances", "version_policy", "model_control", "poll_interval", "drain_delay", "grace",
+        "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
     )}  # fmt: skip
     serve(ServerConfig.load(overrides))
-    return 0
-
-
-def _classify(args: argparse.Namespace) -> int:
-    from tlserve.client import Client
-
-    files = list(_walk(args.paths))
-    if not files:
-        print("no image files found", file=sys.stderr)
-        return 1
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        print(f"no such file: {missing[0]}", file=sys.stderr)
-        return 1
-    with Client(args.target) as client:
-        for start in range(0, len(files), _CLASSIFY_BATCH):
-            chunk = files[start : start + _CLASSIFY_BATCH]
-            results = client.classify(
-                chunk, model=args.model, top_k=args.top_k, timeout=args.timeout
-            )
-            for path, labels in zip(chunk, results, strict=True):
-                if args.json:
-                    row = {"file": str(path), "labels": [vars(p) for p in labels]}
-                    print(json.dumps(row))
-                else:
-                    best = "  ".join(f"{p.label} {p.score:.3f}" for p in labels)
-                    print(f"{path}\t{best}")
     return 0
 
 
@@ -140,10 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from tlserve.client.errors import TlserveError
 
-    commands = {"train": _train, "serve": _serve, "classify": _classify}
+    commands = {"train": _train, "serve": _serve, "inspect": _inspect}
     try:
-        return commands[args.command](args)
-    except (TlserveError, ValueError, FileNotFoundError) as exc:
+        handler = getattr(args, "handler", None) or commands[args.command]
+        return int(handler(args))
+    except TlserveError as exc:
+        print(f"tlserve {args.command}: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"tlserve {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

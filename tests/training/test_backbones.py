@@ -96,3 +96,32 @@ def test_timm_form_loads_a_weights_file(tmp_path: Path) -> None:
 def test_bad_backbone_names(name: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         create_backbone(name)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_lite1_and_lite2_weights_from_their_packages(variant: int) -> None:
+    name = f"tf_efficientnet_lite{variant}"
+    model, spec = create_imagenet_classifier(name)
+    assert (spec.height, spec.crop_pct) == ((240, 0.882) if variant == 1 else (260, 0.890))
+    image = prepare_image(encode_png(skimage_data.coffee()), spec).copy()  # type: ignore[no-untyped-call]
+    with torch.inference_mode():
+        logits = ImageEmbedder(model, spec)(torch.from_numpy(image[None]))
+    assert int(logits.argmax()) == ESPRESSO
+    backbone = create_backbone(name)
+    assert backbone.feature_dim == 1280 and backbone.imagenet_head is not None
+
+
+def test_torchvision_architecture_with_a_weights_file(tmp_path: Path) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    backbone = create_backbone("tv:resnet18@96", weights=path)
+    assert backbone.feature_dim == 512 and backbone.preprocessing.height == 96
+    assert torch.equal(backbone.module.conv1.weight, source.conv1.weight)  # type: ignore[union-attr]
+    with torch.inference_mode():
+        assert backbone.module(torch.zeros(2, 3, 96, 96)).shape == (2, 512)
+    with pytest.raises(ValueError, match="no classification model"):
+        create_backbone("tv:not_a_model")

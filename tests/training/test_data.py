@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.training.shapes import write_shapes
-from tlserve.training.data import DataError, load_dataset
+from tlserve.training.data import DataError, load_dataset, split_samples
 
 
 def test_train_and_test_folders(shapes_folder: Path) -> None:
@@ -109,3 +109,13 @@ def test_test_folder_without_train(tmp_path: Path) -> None:
 def test_bad_test_fraction(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="test_fraction"):
         load_dataset(tmp_path, test_fraction=1.0)
+
+
+def test_split_samples_is_stratified_and_spares_tiny_classes(tmp_path: Path) -> None:
+    write_shapes(tmp_path, 10)
+    samples = load_dataset(tmp_path, test_fraction=0.1).train  # 9 per class
+    samples = [s for s in samples if s[1] != 2 or s[0].name < "003"]  # triangles: 3 left
+    train, val = split_samples(samples, 0.25, seed=1)
+    assert sorted(train + val) == sorted(samples) and not set(train) & set(val)
+    assert sorted(label for _, label in val) == [0, 0, 1, 1]  # round(9 * 0.25) each
+    assert split_samples(samples, 0.25, seed=1) == (train, val)

@@ -69,5 +69,5 @@ def test_a_class_without_training_features_is_named() -> None:
 def test_registry() -> None:
     assert STRATEGIES["linear"] is LinearProbe
     assert isinstance(create_strategy("linear", folds=3), LinearProbe)
-    with pytest.raises(ValueError, match="unknown strategy 'magic': available are linear"):
+    with pytest.raises(ValueError, match=r"unknown strategy 'magic': available are auto, fine"):
         create_strategy("magic")

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from tlserve.training.data import DataError
+from tlserve.training.layers import Layer, format_layer, parse_layer
 from tlserve.training.strategies.base import FitContext, FittedHead
 
 __all__ = [
@@ -55,15 +56,21 @@ class LinearFit:
 
 @dataclass
 class LinearProbe:
-    """Strategy ``linear``: logistic regression on frozen embeddings."""
+    """Strategy ``linear``: logistic regression on frozen embeddings.
+
+    ``layer`` (``None``: the last, else e.g. ``-2``) picks the features
+    (:mod:`~tlserve.training.layers`).
+    """
 
     name: ClassVar[str] = "linear"
     c_grid: Sequence[float] = DEFAULT_C_GRID
     folds: int = 5
     max_iter: int = 1000
+    layer: Layer | str = None
 
     def fit(self, context: FitContext) -> FittedHead:
-        train = context.features("train")
+        layer = parse_layer(self.layer)
+        train = context.features("train", layer)
         fit = fit_logistic_regression(
             train.embeddings,
             train.labels,
@@ -72,11 +79,36 @@ class LinearProbe:
             folds=self.folds,
             seed=context.seed,
             max_iter=self.max_iter,
+            balanced=context.balanced,
         )
-        params: dict[str, float | int | str] = {"C": fit.c, "folds": fit.folds}
+        params: dict[str, float | int | str] = {
+            "C": fit.c,
+            "folds": fit.folds,
+            "layer": format_layer(layer),
+        }
         if fit.cv_accuracy is not None:
             params["cv_accuracy"] = round(fit.cv_accuracy, 6)
-        return FittedHead(head=fit.linear, embedder=context.embedder, params=params)
+        oof = out_of_fold_logits(
+            train.embeddings,
+            train.labels,
+            c=fit.c,
+            folds=fit.folds,
+            seed=context.seed,
+            max_iter=self.max_iter,
+            balanced=context.balanced,
+        )
+        return FittedHead(
+            head=fit.linear,
+            embedder=context.embedder_for(layer),
+            layer=layer,
+            params=params,
+            extra={
+                "calibration": (oof, train.labels),
+                "calibration_source": "out-of-fold training logits",
+            }
+            if oof is not None
+            else {},
+        )
 
 
 def fit_logistic_regression(
@@ -88,19 +120,29 @@ def fit_logistic_regression(
     folds: int = 5,
     seed: int = 0,
     max_iter: int = 1000,
+    balanced: bool = False,
 ) -> LinearFit:
     """Pick ``C`` by stratified CV, refit on everything, fold into ``nn.Linear``.
 
     With fewer than two images in some class there is nothing to cross-validate:
     ``C=1.0`` is used and ``cv_accuracy`` is None. Raises :class:`DataError`
-    when a class has no (readable) training image.
+    when a class has no (readable) training image. ``balanced`` weights each
+    class inversely to its frequency (for imbalanced data).
     """
     counts = np.bincount(labels, minlength=len(classes))
     missing = [classes[int(i)] for i in np.flatnonzero(counts == 0)]
     if missing:
         raise DataError(f"no readable training images for class(es): {', '.join(missing)}")
     pipeline = Pipeline(
-        [("scale", StandardScaler()), ("lr", LogisticRegression(max_iter=max_iter))]
+        [
+            ("scale", StandardScaler()),
+            (
+                "lr",
+                LogisticRegression(
+                    max_iter=max_iter, class_weight="balanced" if balanced else None
+                ),
+            ),
+        ]
     )
     n_splits = min(folds, int(counts.min()))
     with warnings.catch_warnings():
@@ -139,6 +181,49 @@ def fit_logistic_regression(
         log.warning("logistic regression stopped at max_iter=%d before converging", max_iter)
     linear = fold_into_linear(scaler, regression, len(classes))
     return LinearFit(linear, c, cv_accuracy, n_splits, n_iter)
+
+
+def out_of_fold_logits(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    c: float,
+    folds: int,
+    seed: int = 0,
+    max_iter: int = 1000,
+    balanced: bool = False,
+) -> np.ndarray | None:
+    """Cross-validated logits ``[N, C]`` of the chosen model, to fit the temperature on.
+
+    Every training image is scored by a model that did not see it: many more
+    held-out logits than a small validation split gives (None without CV).
+    """
+    if folds < 2:
+        return None
+    pipeline = Pipeline(
+        [
+            ("scale", StandardScaler()),
+            (
+                "lr",
+                LogisticRegression(
+                    C=c, max_iter=max_iter, class_weight="balanced" if balanced else None
+                ),
+            ),
+        ]
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        scores = cross_val_predict(
+            pipeline,
+            features,
+            labels,
+            cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed),
+            method="decision_function",
+        )
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim == 1:
+        scores = np.stack([-scores / 2, scores / 2], axis=1)
+    return scores
 
 
 def fold_into_linear(

@@ -1,0 +1,143 @@
+"""Calibration folded into the graph, the report files, `tlserve inspect`, the cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from tests.training.shapes import TINY_BACKBONE, write_shapes
+from tlserve.training import train
+from tlserve.training.backbones import Backbone
+from tlserve.training.data import load_dataset
+from tlserve.training.evaluate import evaluate
+from tlserve.training.heads import choose_temperature, fit_temperature, softmax
+from tlserve.training.strategies import FitContext
+
+
+def test_temperature_is_recovered_and_lowers_ece() -> None:
+    rng = np.random.default_rng(0)
+    calibrated = rng.normal(0, 2, (4000, 4))
+    p = softmax(calibrated)
+    labels = np.array([rng.choice(4, p=row) for row in p])  # drawn from its own probabilities
+    overconfident = calibrated * 3.0  # a model three times too sure of itself
+    temperature = fit_temperature(overconfident, labels)
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    before = evaluate(softmax(overconfident), labels, "abcd").expected_calibration_error
+    after = evaluate(softmax(overconfident / temperature), labels, "abcd")
+    assert after.expected_calibration_error < before / 3
+    assert 0.0 <= after.macro_f1 <= 1.0 and set(after.per_class["a"]) >= {"precision", "recall"}
+    # The guarded choice applies T where it helps on held-out halves, not where it does not.
+    chosen, figures = choose_temperature(overconfident, labels)
+    assert chosen == pytest.approx(temperature) and figures["cv_ece_fitted"] < figures["cv_ece_t1"]
+    kept, _ = choose_temperature(calibrated, labels)
+    assert kept == pytest.approx(1.0, abs=0.1)
+
+
+def test_report_calibration_in_graph_and_inspect(shapes_folder: Path, tmp_path: Path) -> None:
+    result = train(
+        shapes_folder,
+        model_repository=tmp_path / "models",
+        name="shapes",
+        backbone=TINY_BACKBONE,
+        workers=0,
+    )
+    report = json.loads((result.version_dir / "report.json").read_text())
+    calibration = report["calibration"]
+    assert calibration["temperature"] == pytest.approx(result.temperature)
+    assert "out-of-fold" in calibration["fitted_on"]  # linear keeps every image for training
+    assert calibration["fitted_temperature"] > 0 and "cv_ece_t1" in calibration
+    # The exported probabilities are softmax(logits / T): their confidence moved with T.
+    session = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["tlserve.notes"])["temperature"] == f"{result.temperature:.6g}"
+    test = report["evaluation"]["test"]
+    assert test["expected_calibration_error"] == pytest.approx(calibration["ece_after"])
+    for png in ("confusion.png", "calibration.png"):
+        with Image.open(result.version_dir / png) as image:
+            image.verify()
+    assert "![confusion](confusion.png)" in (result.version_dir / "report.md").read_text()
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "tlserve.cli.main", "inspect", str(result.version_dir)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "strategy   linear" in shown.stdout and "calibration T=" in shown.stdout
+    assert f"accuracy {result.test_accuracy:.4f}" in shown.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "tlserve.cli.main", "inspect", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert missing.returncode == 1 and "no model.onnx" in missing.stderr
+
+
+def test_features_are_cached_on_disk(
+    shapes_folder: Path, tiny_backbone: Backbone, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dataset = load_dataset(shapes_folder)
+
+    def context() -> FitContext:
+        return FitContext(
+            classes=dataset.classes,
+            backbone=tiny_backbone,
+            splits=dataset.splits(),
+            workers=0,
+            cache_dir=tmp_path / "features",
+        )
+
+    first = context().features("train")
+    assert len(list((tmp_path / "features").glob("*.npz"))) == 1
+    with caplog.at_level("INFO"):
+        again = context().features("train")
+    assert any("features from cache" in r.message for r in caplog.records)
+    assert not any(r.message.startswith("embedded") for r in caplog.records)
+    np.testing.assert_array_equal(first.embeddings, again.embeddings)
+    assert again.paths == first.paths
+    # A changed image is a different key: embedded afresh, not served stale.
+    changed = dataset.train[0][0]
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        context().features("train")
+    assert any(r.message.startswith("embedded") for r in caplog.records)
+
+
+def test_imbalanced_mixed_mode_data_is_weighted_and_read(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_shapes(root / "train", 4, seed=1)
+    write_shapes(tmp_path / "extra", 12, seed=5)
+    for path in sorted((tmp_path / "extra" / "circle").iterdir()):
+        path.rename(root / "train" / "circle" / f"x{path.name}")
+    # Mixed modes: greyscale, palette and RGBA images beside RGB ones.
+    square = sorted((root / "train" / "square").iterdir())
+    for path, mode in zip(square, ("L", "P", "RGBA"), strict=False):
+        with Image.open(path) as image:
+            image.convert(mode).save(path)
+    result = train(
+        root, model_repository=tmp_path / "m", name="imb", backbone=TINY_BACKBONE, workers=0
+    )
+    assert result.card.notes["balanced"] == "True"  # 13 circles vs 3 squares in train
+    assert not result.skipped
+
+
+def test_cli_train_flags_reach_the_strategy(shapes_folder: Path, tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "tlserve.cli.main", "train", str(shapes_folder),
+         "--model-repository", str(tmp_path / "m"), "--name", "ft", "--backbone", TINY_BACKBONE,
+         "--strategy", "finetune", "--epochs", "1", "--lr", "0.003", "--image-size", "48",
+         "--unfreeze", "2", "--augment", "none", "--class-weights", "none", "--seed", "1",
+         "--workers", "0"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    card = json.loads((tmp_path / "m" / "ft" / "1" / "report.json").read_text())["card"]
+    assert card["strategy"] == "finetune" and card["preprocessing"]["height"] == 48
+    assert card["notes"]["epochs"] == "1" and card["notes"]["lr"] == "0.003"
+    assert card["notes"]["seed"] == "1" and card["notes"]["balanced"] == "False"

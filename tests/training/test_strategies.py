@@ -1,0 +1,213 @@
+"""trees, earlier-layer features, finetune, scratch, auto: each trains, exports and verifies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from tests.training.shapes import TINY_BACKBONE
+from tlserve.client.preprocess import prepare_image
+from tlserve.training import train
+from tlserve.training.backbones import Backbone
+from tlserve.training.data import load_dataset
+from tlserve.training.layers import PooledFeatures, layer_channels, parse_layer
+from tlserve.training.strategies import STRATEGIES, FitContext, create_strategy
+from tlserve.training.strategies.auto import Measurements, choose
+from tlserve.training.strategies.finetune import FineTune, Scratch
+
+
+def _onnx_accuracy(model_path: Path, root: Path) -> float:
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    spec = json.loads(meta["tlserve.preprocessing"])
+    dataset = load_dataset(root)
+    from tlserve.client.metadata import Preprocessing
+
+    prep = Preprocessing.from_dict(spec)
+    images = np.stack([prepare_image(path, prep) for path, _ in dataset.test])
+    (probabilities,) = session.run(["probabilities"], {"images": images})
+    labels = np.array([label for _, label in dataset.test])
+    return float((probabilities.argmax(axis=1) == labels).mean())
+
+
+@pytest.mark.parametrize(("strategy", "layer"), [("trees", "last"), ("trees", -2), ("linear", -2)])
+def test_frozen_strategies_export_one_verified_model(
+    shapes_folder: Path, tmp_path: Path, strategy: str, layer: str | int
+) -> None:
+    result = train(
+        shapes_folder,
+        model_repository=tmp_path / "models",
+        name="shapes",
+        strategy=strategy,
+        backbone=TINY_BACKBONE,
+        workers=0,
+        cache=False,
+        options={"layer": layer},
+    )
+    assert result.strategy == strategy and result.params["layer"] == str(layer)
+    assert result.test_accuracy is not None and result.test_accuracy >= 0.6  # chance 0.33
+    # The served graph computes what was evaluated: onnxruntime on the test folder agrees.
+    assert _onnx_accuracy(result.model_path, shapes_folder) == pytest.approx(result.test_accuracy)
+    report = json.loads((result.version_dir / "report.json").read_text())
+    assert report["export_check"]["probabilities_max_abs_diff"] <= 1e-4
+    session = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
+    width = {o.name: o.shape[1] for o in session.get_outputs()}["embeddings"]
+    # -2: test_convnext's third stage (48 channels), not its 64-dim embedding.
+    assert width == (48 if layer == -2 else 64)
+
+
+def test_pooled_features_of_an_earlier_stage(tiny_backbone: Backbone) -> None:
+    module = tiny_backbone.module
+    assert parse_layer("last") is None and parse_layer("-2") == -2
+    with pytest.raises(ValueError, match="negative"):
+        parse_layer("2")
+    both = PooledFeatures(module, (None, -2))
+    with torch.inference_mode():
+        out = both(torch.zeros(2, 3, 64, 64))
+        last = module(torch.zeros(2, 3, 64, 64))
+    assert out.shape == (2, layer_channels(module, None) + layer_channels(module, -2))
+    torch.testing.assert_close(out[:, : last.shape[1]], last)
+
+
+def _context(root: Path, backbone: Backbone, tmp_path: Path) -> FitContext:
+    dataset = load_dataset(root)
+    return FitContext(
+        classes=dataset.classes,
+        backbone=backbone,
+        splits=dataset.splits(),
+        batch_size=8,
+        workers=0,
+        checkpoint_dir=tmp_path / "ckpt",
+    )
+
+
+def test_finetune_changes_the_backbone_not_the_original_and_resumes(
+    shapes_folder: Path, tiny_backbone: Backbone, tmp_path: Path
+) -> None:
+    before = {k: v.clone() for k, v in tiny_backbone.module.state_dict().items()}
+    first = FineTune(epochs=1, lr=3e-3, augment="none").fit(
+        _context(shapes_folder, tiny_backbone, tmp_path)
+    )
+    assert first.trained_backbone and len(first.history) == 1
+    after = tiny_backbone.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # cached features stay valid
+    trained = first.embedder.backbone.state_dict()
+    assert any(not torch.equal(before[k], trained[k]) for k in before if "weight" in k)
+    # An interrupted 2-epoch run picks up after epoch 1 from the checkpoint.
+    context = _context(shapes_folder, tiny_backbone, tmp_path)
+    context.resume = True
+    resumed = FineTune(epochs=2, lr=3e-3, augment="none").fit(context)
+    assert resumed.params["resumed_from_epoch"] == 1
+    assert [row["epoch"] for row in resumed.history] == [1.0, 2.0]
+
+
+def test_finetune_lr_auto_and_partial_unfreeze(
+    shapes_folder: Path, tiny_backbone: Backbone, tmp_path: Path
+) -> None:
+    strategy = FineTune(epochs=1, lr="auto", unfreeze=2, augment="flip", bn="train")
+    fitted = strategy.fit(_context(shapes_folder, tiny_backbone, tmp_path))
+    assert 1e-7 < float(fitted.params["lr"]) < 1.0
+    assert len(fitted.extra["lr_curve"]) > 5
+    total = sum(p.numel() for p in tiny_backbone.module.parameters())
+    assert 0 < int(fitted.params["trainable_parameters"]) < total
+
+
+def test_scratch_from_random_weights_skips_corrupt_images(
+    shapes_folder: Path, tiny_backbone: Backbone, tmp_path: Path
+) -> None:
+    corrupt = shapes_folder / "train" / "circle" / "002.png"
+    corrupt.write_bytes(b"not a png")
+    fitted = Scratch(epochs=1, pretrained=False).fit(
+        _context(shapes_folder, tiny_backbone, tmp_path)
+    )
+    assert fitted.trained_backbone and fitted.history[0]["train_loss"] > 0
+    assert [s.path for s in fitted.extra["skipped"]] == [corrupt]
+
+
+def test_finetune_end_to_end_report_curves_and_calibration(
+    shapes_folder: Path, tmp_path: Path
+) -> None:
+    result = train(
+        shapes_folder,
+        model_repository=tmp_path / "models",
+        name="ft",
+        strategy="finetune",
+        backbone=TINY_BACKBONE,
+        workers=0,
+        cache=False,
+        options={"epochs": 2, "lr": 3e-3},
+    )
+    files = {p.name for p in result.version_dir.iterdir()}
+    assert {"model.onnx", "report.json", "report.md", "confusion.png", "curves.png"} <= files
+    for png in ("confusion.png", "curves.png", "calibration.png"):
+        with Image.open(result.version_dir / png) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+    markdown = (result.version_dir / "report.md").read_text()
+    assert "![curves](curves.png)" in markdown and "macro-F1" in markdown
+    report = json.loads((result.version_dir / "report.json").read_text())
+    assert len(report["history"]) == 2
+    assert report["calibration"]["temperature"] == pytest.approx(result.temperature)
+    assert "validation images held out of train/" in report["calibration"]["fitted_on"]
+    assert int(result.params["val_images"]) == 6  # 15% of 12 per class, 3 classes
+    assert result.card.notes["temperature"] == f"{result.temperature:.6g}"
+    assert _onnx_accuracy(result.model_path, shapes_folder) == pytest.approx(result.test_accuracy)
+
+
+def test_auto_measures_chooses_and_records_why(shapes_folder: Path, tmp_path: Path) -> None:
+    result = train(
+        shapes_folder,
+        model_repository=tmp_path / "models",
+        name="auto",
+        strategy="auto",
+        backbone=TINY_BACKBONE,
+        workers=0,
+        cache=False,
+    )
+    assert result.strategy == "linear"  # 12 images per class: small data
+    assert "small data" in result.reason and "CV probe accuracy" in result.reason
+    assert result.card.notes["selected_by"] == "auto"
+    assert "auto_probe_last" in result.params and "auto_probe_earlier" in result.params
+    assert result.reason in (result.version_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("per_class", "last", "earlier", "confidence", "expected"),
+    [
+        (50, 0.90, 0.80, 0.5, ("linear", False)),
+        (50, 0.80, 0.90, 0.5, ("linear", True)),
+        (50, 0.90, 0.90, 0.05, ("linear", True)),
+        (1000, 0.90, 0.80, 0.5, ("finetune", False)),
+        (1000, 0.80, 0.90, 0.5, ("scratch", False)),
+    ],
+)
+def test_auto_maps_measurements_onto_the_four_scenarios(
+    per_class: int, last: float, earlier: float, confidence: float, expected: tuple[str, bool]
+) -> None:
+    m = Measurements(per_class, per_class, confidence, 0.5, last, earlier, "-2")
+    strategy, use_earlier, reason = choose(m, large_per_class=300, margin=0.01, min_confidence=0.15)
+    assert (strategy, use_earlier) == expected
+    assert f"{last:.3f}" in reason
+
+
+def test_registry_has_every_strategy() -> None:
+    assert set(STRATEGIES) == {"linear", "trees", "finetune", "scratch", "auto"}
+    auto = create_strategy("auto", epochs=2, layer=-3)
+    assert auto.options == {"epochs": 2}  # type: ignore[attr-defined]
+
+
+def test_auto_trial_trains_scratch_when_the_data_looks_different(
+    shapes_folder: Path, tiny_backbone: Backbone, tmp_path: Path
+) -> None:
+    # margin=-1: every probe counts as "different" and any trial result beats it.
+    auto = create_strategy("auto", epochs=1, lr=3e-3)
+    auto.margin, auto.trial_min_per_class = -1.0, 5  # type: ignore[attr-defined]
+    fitted = auto.fit(_context(shapes_folder, tiny_backbone, tmp_path))
+    assert fitted.extra["strategy"] == "scratch" and fitted.trained_backbone
+    assert "Trial: scratch reached" in fitted.extra["reason"]
+    assert "auto_trial_val_accuracy" in fitted.params and "auto_probe_earlier" in fitted.params

@@ -1,0 +1,88 @@
+"""An on-disk cache of embeddings, so trying another head costs no forward pass.
+
+Keyed by everything the embeddings depend on: the images (path, label, size,
+modification time), the embedder's weights (a hash of its state dict), the
+layers, and the preprocessing. The default directory is
+``$TLSERVE_CACHE_DIR`` or ``~/.cache/tlserve/features``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tlserve.training.data import Sample
+from tlserve.training.features import Features, SkippedFile
+
+__all__ = ["default_cache_dir", "feature_key", "load_features", "save_features"]
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    configured = os.environ.get("TLSERVE_CACHE_DIR")
+    if configured:
+        return Path(configured) / "features"
+    return Path.home() / ".cache" / "tlserve" / "features"
+
+
+def feature_key(samples: Sequence[Sample], module: torch.nn.Module, what: str) -> str:
+    """A hex digest of the samples' files, the module's weights and ``what`` (layers, spec)."""
+    digest = hashlib.sha256(what.encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for path, label in samples:
+        try:
+            stat = path.stat()
+            digest.update(f"{path}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\t{label}\tmissing\n".encode())
+    return digest.hexdigest()
+
+
+def load_features(directory: Path, key: str) -> Features | None:
+    path = directory / f"{key}.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            features = Features(
+                embeddings=data["embeddings"],
+                labels=data["labels"],
+                paths=tuple(Path(p) for p in data["paths"].tolist()),
+                skipped=tuple(
+                    SkippedFile(Path(p), str(r))
+                    for p, r in zip(data["skipped_paths"], data["skipped_reasons"], strict=True)
+                ),
+            )
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning("ignoring unreadable feature cache %s: %s", path, exc)
+        return None
+    log.info("features from cache %s (%d images)", path.name, len(features.labels))
+    return features
+
+
+def save_features(directory: Path, key: str, features: Features) -> None:
+    """Write atomically (temp file + rename); a failure to cache is only a warning."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".npz", delete=False) as tmp:
+            np.savez(
+                tmp,
+                embeddings=features.embeddings,
+                labels=features.labels,
+                paths=np.array([str(p) for p in features.paths], dtype=str),
+                skipped_paths=np.array([str(s.path) for s in features.skipped], dtype=str),
+                skipped_reasons=np.array([s.reason for s in features.skipped], dtype=str),
+            )
+        os.replace(tmp.name, directory / f"{key}.npz")
+    except OSError as exc:
+        log.warning("could not cache features in %s: %s", directory, exc)

@@ -49,7 +49,7 @@ def _start_server(repo: Path, log_file: Path) -> tuple[subprocess.Popen[bytes], 
         )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        match = re.search(r"gRPC on (\S+:\d+), metrics on (\S+)", log_file.read_text())
+        match = re.search(r"gRPC on (\S+:\d+)\b.*?metrics on (\S+)", log_file.read_text())
         if match:
             return process, match.group(1), match.group(2)
         if process.poll() is not None:

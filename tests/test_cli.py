@@ -166,3 +166,16 @@ def test_sigterm_drains_then_stops_cleanly(
     assert process.wait(timeout=15) == 0
     assert process.stderr is not None
     assert "stopped" in process.stderr.read()
+
+
+def test_the_demo_finds_the_server_it_starts(model_repo: Path, tmp_path: Path) -> None:
+    from tlserve.cli.demo import _start_server
+
+    process, target, metrics_url = _start_server(model_repo, tmp_path / "server.log")
+    try:
+        with Client(target) as client:
+            client.wait_until_ready(timeout=30)
+        assert metrics_url.startswith("http://") and metrics_url.endswith("/metrics")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0

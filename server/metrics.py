@@ -91,7 +91,7 @@ class ServerMetrics:
             ["model", "version", "provider"],
             registry=r,
         )
-        # Security, limits, providers and decoding (issue 4 part B).
+        # Where requests go once admitted, and what the edges refuse or fall back on.
         self.inferences = Counter(
             "tlserve_inferences",
             "Requests that reached a model, by version and outcome (ok or a failure reason).",
@@ -107,7 +107,7 @@ class ServerMetrics:
         self.models_loaded = Gauge(
             "tlserve_models_loaded", "Model versions loaded and serving.", registry=r
         )
-        # Model lifecycle (issue 4 part A): loads, swaps and unloads by outcome.
+        # Model lifecycle: loads, swaps and unloads by outcome.
         self.model_loads = Counter(
             "tlserve_model_loads",
             "Model version loads (outcome ok or failed) and unloads (outcome unloaded).",

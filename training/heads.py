@@ -1,10 +1,11 @@
-"""Heads: what maps embeddings to class scores, and temperature calibration.
+"""Heads: what maps embeddings to class scores, with a temperature.
 
 A head is either a torch module (embeddings → logits: the linear probe, the
 fine-tuned classifier) or a :class:`TreeHead` (scikit-learn gradient-boosted
 trees, exported with skl2onnx and joined to the backbone graph). Both take a
 temperature: probabilities are ``softmax(logits / T)``, with ``log p`` as the
-trees' logits, and ``T`` is folded into the exported graph.
+trees' logits, and ``T`` (chosen in :mod:`~tlserve.training.calibration`) is
+folded into the exported graph.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ __all__ = [
     "Head",
     "TemperatureScaled",
     "TreeHead",
-    "choose_temperature",
-    "fit_temperature",
     "head_logits",
     "softmax",
     "with_temperature",
@@ -104,57 +103,3 @@ def with_temperature(head: Head, temperature: float) -> Head:
     if isinstance(head, TreeHead):
         return TreeHead(head.estimator, head.n_classes, temperature * head.temperature)
     return TemperatureScaled(head, temperature)
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The ``T`` minimising the negative log-likelihood of ``softmax(logits / T)``.
-
-    A 1-D search over ``log T`` in [-3, 3] (golden section on a convex curve):
-    deterministic and needs no optimiser state.
-    """
-    logits = logits.astype(np.float64)
-
-    def nll(log_t: float) -> float:
-        scaled = logits / np.exp(log_t)
-        scaled -= scaled.max(axis=1, keepdims=True)
-        log_z = np.log(np.exp(scaled).sum(axis=1))
-        return float(np.mean(log_z - scaled[np.arange(len(labels)), labels]))
-
-    low, high = -3.0, 3.0
-    ratio = (np.sqrt(5.0) - 1.0) / 2.0
-    for _ in range(60):
-        a, b = high - ratio * (high - low), low + ratio * (high - low)
-        if nll(a) < nll(b):
-            high = b
-        else:
-            low = a
-    return float(np.exp((low + high) / 2.0))
-
-
-def choose_temperature(
-    logits: np.ndarray, labels: np.ndarray, *, seed: int = 0
-) -> tuple[float, dict[str, float]]:
-    """Fit ``T`` and keep it only if it lowers ECE on data it was not fitted on.
-
-    The logits are split in two stratified-at-random halves; ``T`` fitted on
-    each half is scored (expected calibration error) on the other, against
-    ``T = 1``. With a few hundred images ECE is noisy and an already
-    well-calibrated head (a cross-validated logistic regression often is) can
-    get worse; then ``T = 1`` is kept. Returns ``T`` and the figures.
-    """
-    from tlserve.training.evaluate import expected_calibration_error
-
-    order = np.random.default_rng(seed).permutation(len(labels))
-    halves = (order[: len(order) // 2], order[len(order) // 2 :])
-    before, after = [], []
-    for fit_on, score_on in (halves, halves[::-1]):
-        t = fit_temperature(logits[fit_on], labels[fit_on])
-        before.append(expected_calibration_error(softmax(logits[score_on]), labels[score_on]))
-        after.append(expected_calibration_error(softmax(logits[score_on] / t), labels[score_on]))
-    fitted = fit_temperature(logits, labels)
-    figures = {
-        "fitted_temperature": fitted,
-        "cv_ece_t1": float(np.mean(before)),
-        "cv_ece_fitted": float(np.mean(after)),
-    }
-    return (fitted if figures["cv_ece_fitted"] < figures["cv_ece_t1"] else 1.0), figures

@@ -158,18 +158,22 @@ def _markdown(report: Mapping[str, Any], evaluation: Any, files: Sequence[str]) 
             "",
             "## Calibration",
             "",
-            f"Temperature T = {calibration['temperature']:.3f}, fitted on "
+            f"Temperature T = {calibration['temperature']:.3f}, chosen on "
             f"{calibration['fitted_on']} and folded into the exported graph. "
             f"Expected calibration error on held-out data: "
             f"{calibration['ece_before']:.4f} before, {calibration['ece_after']:.4f} after.",
         ]
-        if "fitted_temperature" in calibration:
-            lines.append(
-                f"(T fitted: {calibration['fitted_temperature']:.3f}; on held-out halves of the "
-                f"calibration logits its ECE was {calibration['cv_ece_fitted']:.4f} vs "
-                f"{calibration['cv_ece_t1']:.4f} at T = 1, so T = "
-                f"{calibration['temperature']:.3f} was kept.)"
-            )
+        if calibration.get("interval"):
+            low, high = calibration["interval"]
+            lines += [
+                "",
+                f"Maximum-likelihood T {calibration['fitted_temperature']:.3f}, 95% bootstrap "
+                f"interval [{low:.3f}, {high:.3f}]; on held-out halves of the calibration "
+                f"logits ECE was {calibration['cv_ece_t1']:.4f} at T = 1 and "
+                f"{calibration['cv_ece_fitted']:.4f} with T fitted on the other half.",
+            ]
+        if calibration.get("reason"):
+            lines += ["", f"{calibration['reason']}."]
     if report.get("params"):
         lines += ["", "## Parameters", ""]
         lines += [f"- {k}: {v}" for k, v in report["params"].items()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -21,12 +22,13 @@ import torch
 from tlserve.client.metadata import ModelCard
 from tlserve.training.backbones import Backbone, create_backbone
 from tlserve.training.cache import default_cache_dir
+from tlserve.training.calibration import calibrate_on, calibration_report
 from tlserve.training.data import Dataset, load_dataset
 from tlserve.training.distributed import broadcast_path, init_distributed
 from tlserve.training.evaluate import Evaluation, evaluate
 from tlserve.training.export import export_onnx
 from tlserve.training.features import Features, SkippedFile, extract_features, load_images
-from tlserve.training.heads import choose_temperature, head_logits, softmax, with_temperature
+from tlserve.training.heads import head_logits, softmax, with_temperature
 from tlserve.training.loops import rank_and_world
 from tlserve.training.publish import MODEL_FILENAME, publish, validate_model_name
 from tlserve.training.report import REPORT_FILENAME, report_files
@@ -38,7 +40,6 @@ __all__ = ["REPORT_FILENAME", "TrainResult", "train"]
 log = logging.getLogger(__name__)
 
 _EXPORT_SAMPLE_IMAGES = 8
-_MIN_CALIBRATION_IMAGES = 10
 
 
 def train(
@@ -115,26 +116,13 @@ def train(
     reason = str(fitted.extra.get("reason", ""))
 
     logits = {split: _logits(context, fitted, split) for split in ("val", "test")}
-    temperature = 1.0
     val = logits["val"]
-    calibration_sets = [s for s in (fitted.extra.get("calibration"), val) if s is not None]
-    n_calibration = sum(len(labels) for _, labels in calibration_sets)
-    temperature_figures: dict[str, float] = {}
-    if calibrate and n_calibration >= _MIN_CALIBRATION_IMAGES:
-        temperature, temperature_figures = choose_temperature(
-            np.vstack([s[0] for s in calibration_sets]),
-            np.concatenate([s[1] for s in calibration_sets]),
-            seed=seed,
-        )
-        log.info(
-            "temperature %.3f (fitted %.3f on %d held-out logits; cross-validated ECE "
-            "%.4f at T=1, %.4f fitted)",
-            temperature,
-            temperature_figures["fitted_temperature"],
-            n_calibration,
-            temperature_figures["cv_ece_t1"],
-            temperature_figures["cv_ece_fitted"],
-        )
+    calibration = (
+        calibrate_on(_calibration_sets(fitted.extra, val), seed=seed) if calibrate else None
+    )
+    temperature = calibration.temperature if calibration else 1.0
+    if calibration:
+        log.info("calibration on %d held-out logits: %s", calibration.n, calibration.reason)
     head = with_temperature(fitted.head, temperature) if temperature != 1.0 else fitted.head
     held_out: dict[str, Evaluation] = {}
     for split, found in logits.items():
@@ -200,12 +188,7 @@ def train(
                     "counts": dataset.counts(),
                 },
                 "evaluation": {k: v.to_dict() for k, v in held_out.items()},
-                "calibration": {
-                    **_calibration(
-                        temperature, before, test or val_eval, fitted.extra, val
-                    ),
-                    **temperature_figures,
-                },
+                "calibration": calibration_report(calibration, before, test or val_eval),
                 "history": fitted.history,
                 "lr_curve": fitted.extra.get("lr_curve") or [],
                 "skipped": [{"path": str(s.path), "reason": s.reason} for s in skipped],
@@ -238,6 +221,8 @@ def train(
     if context.checkpoint_dir is not None and rank == 0:
         for leftover in context.checkpoint_dir.glob("last.pt*"):
             leftover.unlink()  # published: nothing left to resume
+        with contextlib.suppress(OSError):  # not there, or not empty: leave it
+            context.checkpoint_dir.rmdir()
     log.info(
         "trained %s v%d (%s on %s) in %.1f s: test accuracy %s, %d files skipped",
         name,
@@ -277,29 +262,17 @@ def _ece(evaluation: Evaluation | None) -> float | None:
     return evaluation.expected_calibration_error if evaluation else None
 
 
-def _calibration(
-    temperature: float,
-    before: Evaluation | None,
-    after: Evaluation | None,
-    extra: Mapping[str, Any],
-    val: tuple[np.ndarray, np.ndarray] | None,
-) -> dict[str, Any]:
-    if before is None or after is None:
-        return {}
-    sources = []
+def _calibration_sets(
+    extra: Mapping[str, Any], val: tuple[np.ndarray, np.ndarray] | None
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Held-out logits to fit T on: the strategy's own (out-of-fold, carved) and val/'s."""
+    sets = []
     own = extra.get("calibration")
     if own is not None:
-        sources.append(f"{len(own[1])} {extra.get('calibration_source', 'held-out logits')}")
+        sets.append((str(extra.get("calibration_source", "held-out logits")), *own))
     if val is not None:
-        sources.append(f"{len(val[1])} validation images")
-    return {
-        "temperature": temperature,
-        "fitted_on": " + ".join(sources) or "nothing (T = 1)",
-        "ece_before": before.expected_calibration_error,
-        "ece_after": after.expected_calibration_error,
-        "reliability_before": before.reliability,
-        "reliability_after": after.reliability,
-    }
+        sets.append(("validation images", *val))
+    return sets
 
 
 def _logits(

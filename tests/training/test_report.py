@@ -15,9 +15,10 @@ from PIL import Image
 from tests.training.shapes import TINY_BACKBONE, write_shapes
 from tlserve.training import train
 from tlserve.training.backbones import Backbone
+from tlserve.training.calibration import choose_temperature, fit_temperature
 from tlserve.training.data import load_dataset
 from tlserve.training.evaluate import evaluate
-from tlserve.training.heads import choose_temperature, fit_temperature, softmax
+from tlserve.training.heads import softmax
 from tlserve.training.strategies import FitContext
 
 
@@ -33,11 +34,27 @@ def test_temperature_is_recovered_and_lowers_ece() -> None:
     after = evaluate(softmax(overconfident / temperature), labels, "abcd")
     assert after.expected_calibration_error < before / 3
     assert 0.0 <= after.macro_f1 <= 1.0 and set(after.per_class["a"]) >= {"precision", "recall"}
-    # The guarded choice applies T where it helps on held-out halves, not where it does not.
-    chosen, figures = choose_temperature(overconfident, labels)
-    assert chosen == pytest.approx(temperature) and figures["cv_ece_fitted"] < figures["cv_ece_t1"]
-    kept, _ = choose_temperature(calibrated, labels)
-    assert kept == pytest.approx(1.0, abs=0.1)
+    # With 4000 images the data is sure of T: the chosen T is the interval's end nearest 1,
+    # close to the fitted one, and the interval holds the true 3.
+    chosen = choose_temperature(overconfident, labels)
+    low, high = chosen.interval
+    assert low <= 3.0 <= high and chosen.temperature == pytest.approx(low)
+    assert chosen.temperature == pytest.approx(temperature, rel=0.1)
+    assert chosen.cv_ece_fitted < chosen.cv_ece_t1 and chosen.n == 4000
+    assert choose_temperature(calibrated, labels).temperature == 1.0
+
+
+def test_small_calibration_sets_move_t_only_as_far_as_they_are_sure() -> None:
+    rng = np.random.default_rng(1)
+    calibrated = rng.normal(0, 2, (150, 10))
+    labels = np.array([rng.choice(10, p=row) for row in softmax(calibrated)])
+    # 150 images drawn from a 1.5x overconfident model: T is shrunk towards 1, not past it.
+    chosen = choose_temperature(calibrated * 1.5, labels)
+    assert chosen.interval[0] < chosen.fitted_temperature < chosen.interval[1]
+    assert 1.0 <= chosen.temperature <= chosen.fitted_temperature
+    # An already calibrated model: whatever T fits this sample, 1 stays plausible and is kept.
+    kept = choose_temperature(calibrated, labels)
+    assert kept.temperature == 1.0 and "T = 1 kept" in kept.reason
 
 
 def test_report_calibration_in_graph_and_inspect(shapes_folder: Path, tmp_path: Path) -> None:
@@ -53,6 +70,8 @@ def test_report_calibration_in_graph_and_inspect(shapes_folder: Path, tmp_path: 
     assert calibration["temperature"] == pytest.approx(result.temperature)
     assert "out-of-fold" in calibration["fitted_on"]  # linear keeps every image for training
     assert calibration["fitted_temperature"] > 0 and "cv_ece_t1" in calibration
+    low, high = calibration["interval"]
+    assert low <= calibration["fitted_temperature"] <= high and calibration["reason"]
     # The exported probabilities are softmax(logits / T): their confidence moved with T.
     session = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map

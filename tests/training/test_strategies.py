@@ -15,6 +15,7 @@ from tests.training.shapes import TINY_BACKBONE
 from tlserve.client.preprocess import prepare_image
 from tlserve.training import train
 from tlserve.training.backbones import Backbone
+from tlserve.training.cache import default_cache_dir
 from tlserve.training.data import load_dataset
 from tlserve.training.layers import PooledFeatures, layer_channels, parse_layer
 from tlserve.training.strategies import STRATEGIES, FitContext, create_strategy
@@ -155,8 +156,11 @@ def test_finetune_end_to_end_report_curves_and_calibration(
     assert report["calibration"]["temperature"] == pytest.approx(result.temperature)
     assert "validation images held out of train/" in report["calibration"]["fitted_on"]
     assert int(result.params["val_images"]) == 6  # 15% of 12 per class, 3 classes
+    assert result.temperature == 1.0 and "fewer than the 10 needed" in markdown
     assert result.card.notes["temperature"] == f"{result.temperature:.6g}"
     assert _onnx_accuracy(result.model_path, shapes_folder) == pytest.approx(result.test_accuracy)
+    # Published: its resume checkpoint is gone, folder and all.
+    assert not list((default_cache_dir().parent / "checkpoints").glob("ft-*"))
 
 
 def test_auto_measures_chooses_and_records_why(shapes_folder: Path, tmp_path: Path) -> None:

@@ -195,6 +195,8 @@ def _inspect(args: argparse.Namespace) -> int:
         if calibration:
             print(f"calibration T={calibration['temperature']:.3f}, ECE "
                   f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}")  # fmt: skip
+            if calibration.get("reason"):
+                print(f"  {calibration['reason']}")
         print(f"wall time  {data.get('wall_seconds', 0):.0f} s; report: {model_dir / 'report.md'}")
     return 0
 

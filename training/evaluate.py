@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Evaluation", "evaluate", "expected_calibration_error"]
+__all__ = ["CALIBRATION_BINS", "Evaluation", "evaluate", "expected_calibration_error"]
 
-_CALIBRATION_BINS = 10
+CALIBRATION_BINS = 10
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: Sequence[st
 
 
 def _reliability(confidence: np.ndarray, correct: np.ndarray) -> list[list[float]]:
-    bins = np.minimum((confidence * _CALIBRATION_BINS).astype(np.int64), _CALIBRATION_BINS - 1)
+    bins = np.minimum((confidence * CALIBRATION_BINS).astype(np.int64), CALIBRATION_BINS - 1)
     return [
         [
             float(confidence[bins == b].mean()),
@@ -95,7 +95,7 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray) ->
 
 def _ece(confidence: np.ndarray, correct: np.ndarray) -> float:
     """Expected calibration error: |accuracy - confidence| averaged over confidence bins."""
-    bins = np.minimum((confidence * _CALIBRATION_BINS).astype(np.int64), _CALIBRATION_BINS - 1)
+    bins = np.minimum((confidence * CALIBRATION_BINS).astype(np.int64), CALIBRATION_BINS - 1)
     error = 0.0
     for b in np.unique(bins):
         members = bins == b

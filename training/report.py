@@ -163,6 +163,12 @@ def _markdown(report: Mapping[str, Any], evaluation: Any, files: Sequence[str]) 
             f"Expected calibration error on held-out data: "
             f"{calibration['ece_before']:.4f} before, {calibration['ece_after']:.4f} after.",
         ]
+        if calibration.get("ece_change_interval"):
+            low, high = calibration["ece_change_interval"]
+            lines[-1] += (
+                " The 95% bootstrap interval of that change on these held-out images is "
+                f"[{low:+.4f}, {high:+.4f}]."
+            )
         if calibration.get("interval"):
             low, high = calibration["interval"]
             lines += [

@@ -188,7 +188,9 @@ def train(
                     "counts": dataset.counts(),
                 },
                 "evaluation": {k: v.to_dict() for k, v in held_out.items()},
-                "calibration": calibration_report(calibration, before, test or val_eval),
+                "calibration": calibration_report(
+                    calibration, before, test or val_eval, uncalibrated, seed=seed
+                ),
                 "history": fitted.history,
                 "lr_curve": fitted.extra.get("lr_curve") or [],
                 "skipped": [{"path": str(s.path), "reason": s.reason} for s in skipped],

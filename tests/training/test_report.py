@@ -15,7 +15,11 @@ from PIL import Image
 from tests.training.shapes import TINY_BACKBONE, write_shapes
 from tlserve.training import train
 from tlserve.training.backbones import Backbone
-from tlserve.training.calibration import choose_temperature, fit_temperature
+from tlserve.training.calibration import (
+    choose_temperature,
+    ece_change_interval,
+    fit_temperature,
+)
 from tlserve.training.data import load_dataset
 from tlserve.training.evaluate import evaluate
 from tlserve.training.heads import softmax
@@ -34,26 +38,27 @@ def test_temperature_is_recovered_and_lowers_ece() -> None:
     after = evaluate(softmax(overconfident / temperature), labels, "abcd")
     assert after.expected_calibration_error < before / 3
     assert 0.0 <= after.macro_f1 <= 1.0 and set(after.per_class["a"]) >= {"precision", "recall"}
-    # With 4000 images the data is sure of T: the chosen T is the interval's end nearest 1,
-    # close to the fitted one, and the interval holds the true 3.
+    # With 4000 images the data is sure of T: the fitted T is applied, its interval holds 3.
     chosen = choose_temperature(overconfident, labels)
     low, high = chosen.interval
-    assert low <= 3.0 <= high and chosen.temperature == pytest.approx(low)
-    assert chosen.temperature == pytest.approx(temperature, rel=0.1)
+    assert low <= 3.0 <= high and chosen.temperature == pytest.approx(temperature)
     assert chosen.cv_ece_fitted < chosen.cv_ece_t1 and chosen.n == 4000
+    # ... and the held-out ECE change is surely negative.
+    low, high = ece_change_interval(overconfident, labels, chosen.temperature)
+    assert low < high < 0
     assert choose_temperature(calibrated, labels).temperature == 1.0
 
 
-def test_small_calibration_sets_move_t_only_as_far_as_they_are_sure() -> None:
+def test_small_calibration_sets_need_an_interval_that_excludes_1() -> None:
     rng = np.random.default_rng(1)
     calibrated = rng.normal(0, 2, (150, 10))
     labels = np.array([rng.choice(10, p=row) for row in softmax(calibrated)])
-    # 150 images drawn from a 1.5x overconfident model: T is shrunk towards 1, not past it.
+    # 150 images from a 1.5x overconfident model: enough to be sure T > 1.
     chosen = choose_temperature(calibrated * 1.5, labels)
-    assert chosen.interval[0] < chosen.fitted_temperature < chosen.interval[1]
-    assert 1.0 <= chosen.temperature <= chosen.fitted_temperature
-    # An already calibrated model: whatever T fits this sample, 1 stays plausible and is kept.
-    kept = choose_temperature(calibrated, labels)
+    assert 1.0 < chosen.interval[0] < chosen.temperature < chosen.interval[1]
+    # Barely overconfident (1.05x) on 150 images: 1 stays plausible and is kept.
+    kept = choose_temperature(calibrated * 1.05, labels)
+    assert kept.interval[0] < 1.0 < kept.interval[1]
     assert kept.temperature == 1.0 and "T = 1 kept" in kept.reason
 
 
@@ -89,6 +94,7 @@ def test_report_calibration_in_graph_and_inspect(shapes_folder: Path, tmp_path: 
     )  # fmt: skip
     assert shown.returncode == 0, shown.stderr
     assert "strategy   linear" in shown.stdout and "calibration T=" in shown.stdout
+    assert calibration["reason"] in shown.stdout
     assert f"accuracy {result.test_accuracy:.4f}" in shown.stdout
     missing = subprocess.run(
         [sys.executable, "-m", "tlserve.cli.main", "inspect", str(tmp_path)],

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint typecheck proto wheel bench bench-train bench-serve k8s image clean
+.PHONY: setup demo test lint typecheck proto wheel bench bench-train bench-serve bench-calibration k8s image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,9 @@ bench-train: setup
 
 bench-serve: setup
 	$(PY) bench/serve.py
+
+bench-calibration: setup
+	$(PY) bench/calibration.py
 
 # The wheel the Docker images install (Dockerfile, stage "build").
 wheel: setup

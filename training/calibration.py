@@ -41,7 +41,8 @@ _LOG_T_RANGE = 3.0  # T in [e^-3, e^3]
 _GRID_STEP = 0.01  # log T resolution of the bootstrap, 1% in T
 _BOOTSTRAP = 1000
 _INTERVAL = 0.95
-_MAX_BOOTSTRAP_CELLS = 500_000  # logits entries the bootstrap grid works on at once
+_MAX_BOOTSTRAP_CELLS = 500_000  # logits entries one grid step works on
+_MAX_BOOTSTRAP_ROWS = 10_000  # bounds the [grid, rows] and [replicates, rows] matrices
 
 
 @dataclass(frozen=True)
@@ -230,8 +231,9 @@ def bootstrap_interval(
     are subsampled to bound the work, which only widens the interval.
     """
     n, classes = logits.shape
-    if n * classes > _MAX_BOOTSTRAP_CELLS:
-        keep = rng.choice(n, _MAX_BOOTSTRAP_CELLS // classes, replace=False)
+    rows_kept = min(_MAX_BOOTSTRAP_ROWS, _MAX_BOOTSTRAP_CELLS // classes)
+    if n > rows_kept:
+        keep = rng.choice(n, rows_kept, replace=False)
         logits, labels, n = logits[keep], labels[keep], len(keep)
     grid = np.arange(-_LOG_T_RANGE, _LOG_T_RANGE + _GRID_STEP / 2, _GRID_STEP)
     losses = np.empty((len(grid), n))

@@ -167,7 +167,12 @@ def _markdown(report: Mapping[str, Any], evaluation: Any, files: Sequence[str]) 
             low, high = calibration["ece_change_interval"]
             lines[-1] += (
                 " The 95% bootstrap interval of that change on these held-out images is "
-                f"[{low:+.4f}, {high:+.4f}]."
+                f"[{low:+.4f}, {high:+.4f}]"
+                + (
+                    ": within what sampling alone moves ECE on this many images."
+                    if low <= 0.0 <= high
+                    else "."
+                )
             )
         if calibration.get("interval"):
             low, high = calibration["interval"]

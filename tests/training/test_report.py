@@ -16,6 +16,8 @@ from tests.training.shapes import TINY_BACKBONE, write_shapes
 from tlserve.training import train
 from tlserve.training.backbones import Backbone
 from tlserve.training.calibration import (
+    calibrate_on,
+    calibration_report,
     choose_temperature,
     ece_change_interval,
     fit_temperature,
@@ -23,6 +25,7 @@ from tlserve.training.calibration import (
 from tlserve.training.data import load_dataset
 from tlserve.training.evaluate import evaluate
 from tlserve.training.heads import softmax
+from tlserve.training.report import report_files
 from tlserve.training.strategies import FitContext
 
 
@@ -166,3 +169,35 @@ def test_cli_train_flags_reach_the_strategy(shapes_folder: Path, tmp_path: Path)
     assert card["strategy"] == "finetune" and card["preprocessing"]["height"] == 48
     assert card["notes"]["epochs"] == "1" and card["notes"]["lr"] == "0.003"
     assert card["notes"]["seed"] == "1" and card["notes"]["balanced"] == "False"
+
+
+def test_report_says_whether_the_ece_change_is_more_than_noise() -> None:
+    rng = np.random.default_rng(2)
+    calibrated = rng.normal(0, 2, (300, 3))
+    labels = np.array([rng.choice(3, p=row) for row in softmax(calibrated)])
+    overconfident = calibrated * 2.0
+    chosen = calibrate_on([("validation images", overconfident, labels)])
+    assert chosen is not None and chosen.temperature > 1.0
+
+    def markdown(logits: np.ndarray, labels: np.ndarray) -> str:
+        before = evaluate(softmax(logits), labels, "abc")
+        after = evaluate(softmax(logits / chosen.temperature), labels, "abc")
+        report = {
+            "name": "m",
+            "card": {"strategy": "linear", "backbone": "b", "labels": list("abc"),
+                     "created": "now", "tlserve_version": "0"},
+            "wall_seconds": 1.0,
+            "data": {"root": "d", "held_out": "test/", "counts": {}},
+            "skipped": [],
+            "evaluation": {"test": after.to_dict()},
+            "calibration": calibration_report(chosen, before, after, (logits, labels)),
+        }  # fmt: skip
+        return report_files(report, "abc")["report.md"].decode()
+
+    # Scored on images as overconfident as the calibration set: a clear gain.
+    clear = markdown(overconfident, labels)
+    assert f"Temperature T = {chosen.temperature:.3f}" in clear
+    assert "interval of that change" in clear and "within what sampling" not in clear
+    # On 60 nearly calibrated images, T's effect is within noise, and the report says so.
+    noisy = markdown(calibrated[:60] * 1.1, labels[:60])
+    assert "within what sampling alone moves ECE" in noisy

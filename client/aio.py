@@ -19,6 +19,7 @@ from tlserve.client import wire
 from tlserve.client.codec import decode_response_outputs, encode_request_inputs
 from tlserve.client.errors import (
     DeadlineExceeded,
+    InvalidInput,
     ModelNotFound,
     TlserveError,
     Unavailable,
@@ -93,7 +94,8 @@ class AsyncClient:
             request_serializer=wire.health_request,
             response_deserializer=wire.health_status,
         )
-        self._cards: dict[tuple[str, str], ModelCard] = {}
+        # (model, version asked for) -> the card and the exact version it describes
+        self._cards: dict[tuple[str, str], tuple[ModelCard, str]] = {}
         self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
@@ -172,25 +174,44 @@ class AsyncClient:
     ) -> list[list[Prediction]]:
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        card = self._cards.get((model, version))
-        if card is None:
-            card = (await self.model_metadata(model, version=version, timeout=timeout)).card
-            if card is None:
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+        for attempt in (1, 2):
+            card, described = await self._card(model, version, remaining())
+            rows = await asyncio.to_thread(wire.model_rows, batch, card.preprocessing)
+            try:
+                response = await self._model_infer(
+                    model, {"images": rows}, ("probabilities",), version, remaining()
+                )
+            except InvalidInput:
+                if version or attempt == 2:
+                    raise
+                # The newest version may take another input size: fetch its card, once.
+                del self._cards[(model, version)]
+                continue
+            if response.model_version != described:
+                # A newer version answered (hot swap): rank with its labels, keep its card.
+                card, described = await self._card(model, response.model_version, remaining())
+                self._cards[(model, version)] = (card, described)
+            probabilities = decode_response_outputs(response)["probabilities"]
+            k = max(1, min(top_k or _DEFAULT_TOP_K, probabilities.shape[1]))
+            return [wire.top_k(row, card.labels, k) for row in probabilities]
+        raise AssertionError("unreachable")
+
+    async def _card(self, model: str, version: str, timeout: float | None) -> tuple[ModelCard, str]:
+        """The model card of ``model`` at ``version`` (newest if ""), and that exact version."""
+        cached = self._cards.get((model, version))
+        if cached is None:
+            meta = await self.model_metadata(model, version=version, timeout=timeout)
+            if meta.card is None:
                 raise ModelNotFound(f"{model} has no tlserve model card: use preprocess='server'")
-            self._cards[(model, version)] = card
-        spec = card.preprocessing
-        rows = await asyncio.to_thread(lambda: np.stack([wire.model_row(i, spec) for i in batch]))
-        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        outputs = await self.infer(
-            model,
-            {"images": rows},
-            outputs=("probabilities",),
-            version=version,
-            timeout=remaining,
-        )
-        probabilities = outputs["probabilities"]
-        k = max(1, min(top_k or _DEFAULT_TOP_K, probabilities.shape[1]))
-        return [wire.top_k(row, card.labels, k) for row in probabilities]
+            # The server answers "" with its newest version, the largest number it lists.
+            numbered = [v for v in meta.versions if v.isdigit()]
+            exact = version or (max(numbered, key=int) if numbered else "")
+            cached = self._cards[(model, version)] = (meta.card, exact)
+        return cached
 
     async def embed(
         self,
@@ -219,12 +240,25 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Run the model on named arrays (sent as raw contents); named arrays back."""
+        response = await self._model_infer(model, inputs, outputs, version, timeout)
+        return decode_response_outputs(response)
+
+    async def _model_infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        version: str,
+        timeout: float | None,
+    ) -> pb.ModelInferResponse:
         request = pb.ModelInferRequest(model_name=model, model_version=version)
         encode_request_inputs(request, dict(inputs))
         for name in outputs:
             request.outputs.add(name=name)
-        response = await self._unary(self._inference.ModelInfer, request, timeout)
-        return decode_response_outputs(response)
+        response: pb.ModelInferResponse = await self._unary(
+            self._inference.ModelInfer, request, timeout
+        )
+        return response
 
     async def classify_stream(
         self,

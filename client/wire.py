@@ -34,6 +34,11 @@ def model_row(image: ImageInput, spec: Preprocessing) -> np.ndarray:
     return prepare_decoded(to_pil(image), spec)
 
 
+def model_rows(images: Sequence[ImageInput], spec: Preprocessing) -> np.ndarray:
+    """The model's uint8 input batch ``[N, H, W, 3]`` for ``images``."""
+    return np.stack([model_row(image, spec) for image in images])
+
+
 def top_k(row: np.ndarray, labels: Sequence[str], k: int) -> list[Prediction]:
     # Ties broken as the server breaks them: stable, lower index first.
     best = np.argsort(-row, kind="stable")[:k]

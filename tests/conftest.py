@@ -42,7 +42,9 @@ TINY_LABELS = ("red", "green", "blue")
 TINY_SIZE = 8
 
 
-def build_tiny_classifier(path: Path, *, labels: tuple[str, ...] = TINY_LABELS) -> None:
+def build_tiny_classifier(
+    path: Path, *, labels: tuple[str, ...] = TINY_LABELS, size: int = TINY_SIZE
+) -> None:
     """A real tlserve-shaped ONNX model: uint8 NHWC images -> probabilities, embeddings.
 
     The embedding is the mean colour; the class is the dominant channel.
@@ -61,11 +63,7 @@ def build_tiny_classifier(path: Path, *, labels: tuple[str, ...] = TINY_LABELS) 
     graph = helper.make_graph(
         nodes,
         "tiny",
-        [
-            helper.make_tensor_value_info(
-                "images", TensorProto.UINT8, ["batch", TINY_SIZE, TINY_SIZE, 3]
-            )
-        ],
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", size, size, 3])],
         [
             helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", n]),
             helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", 3]),
@@ -80,7 +78,7 @@ def build_tiny_classifier(path: Path, *, labels: tuple[str, ...] = TINY_LABELS) 
     card = ModelCard(
         labels=labels,
         preprocessing=Preprocessing(
-            height=TINY_SIZE, width=TINY_SIZE, crop_pct=1.0, interpolation="bilinear",
+            height=size, width=size, crop_pct=1.0, interpolation="bilinear",
             mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
         ),
         backbone="mean-colour",

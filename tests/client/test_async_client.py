@@ -8,13 +8,14 @@ import io
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY_LABELS, ServerThread, png_bytes
+from tests.conftest import TINY_LABELS, ServerThread, build_tiny_classifier, png_bytes
 from tlserve.client import (
     AsyncClient,
     Client,
@@ -176,6 +177,33 @@ def test_client_side_preprocessing_matches_the_server(server: ServerThread) -> N
 def test_client_side_preprocessing_of_an_unknown_model_is_not_found(server: ServerThread) -> None:
     with Client(server.target, timeout=10) as client, pytest.raises(ModelNotFound):
         client.classify(png_bytes(RED), model="ghost", preprocess="client")
+
+
+def test_client_side_preprocessing_follows_a_hot_swap(model_repo: Path) -> None:
+    """After a new version is swapped in, labels and input size are the new version's."""
+    running = ServerThread(model_repo, poll_interval=3600.0)
+
+    def publish(version: int, labels: tuple[str, ...], size: int) -> None:
+        staging = model_repo / "tiny" / f".tmp-{version}"
+        build_tiny_classifier(staging / "model.onnx", labels=labels, size=size)
+        staging.rename(model_repo / "tiny" / str(version))
+        running.call(running.running.core.registry.poll_once())
+
+    try:
+        with Client(running.target, timeout=30) as client:
+
+            def labels() -> tuple[str, str]:
+                here = client.classify(png_bytes(RED), model="tiny", preprocess="client")
+                there = client.classify(png_bytes(RED), model="tiny")
+                return here[0][0].label, there[0][0].label
+
+            assert labels() == ("red", "red")
+            publish(2, ("warm", "grass", "sky"), size=8)  # new labels, same input
+            assert labels() == ("warm", "warm")
+            publish(3, ("hot", "leaf", "sea"), size=12)  # new labels and input size
+            assert labels() == ("hot", "hot")
+    finally:
+        running.stop()
 
 
 def test_sync_client_from_many_threads_with_every_call(server: ServerThread) -> None:

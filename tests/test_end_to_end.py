@@ -27,6 +27,7 @@ def test_train_serve_classify(tmp_path: Path) -> None:
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     assert "held-out accuracy on test/" in trained.stdout
+    assert "calibration: T=" in trained.stdout and "T = " in trained.stdout  # and why
     model_file = repo / "shapes" / "1" / "model.onnx"
     assert str(model_file) in trained.stdout
 

@@ -43,6 +43,7 @@ class TrainResult:
     temperature: float = 1.0
     ece_before: float | None = None
     ece_after: float | None = None
+    calibration_reason: str = ""
 
     def summary(self) -> str:
         """A few lines for a person: accuracy, where the model went, what was skipped."""
@@ -62,7 +63,8 @@ class TrainResult:
             lines.insert(
                 1,
                 f"calibration: T={self.temperature:.3f}, held-out ECE "
-                f"{self.ece_before:.4f} -> {self.ece_after:.4f}",
+                f"{self.ece_before:.4f} -> {self.ece_after:.4f}"
+                + (f" ({self.calibration_reason})" if self.calibration_reason else ""),
             )
         if self.val_accuracy is not None:
             lines.insert(1, f"validation accuracy: {self.val_accuracy:.1%}")

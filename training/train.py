@@ -219,6 +219,7 @@ def train(
         temperature=temperature,
         ece_before=before.expected_calibration_error if before else None,
         ece_after=_ece(test or val_eval),
+        calibration_reason=calibration.reason if calibration else "",
     )
     if context.checkpoint_dir is not None and rank == 0:
         for leftover in context.checkpoint_dir.glob("last.pt*"):

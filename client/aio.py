@@ -37,6 +37,7 @@ from tlserve.client.results import (
 )
 from tlserve.client.transport import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TIMEOUT,
     Credentials,
     RetryPolicy,
     call_with_retries,
@@ -64,8 +65,9 @@ class AsyncClient:
             await client.wait_until_ready(timeout=30)
             [labels] = await client.classify("cat.jpg", model="pets")
 
-    ``timeout`` is the default deadline of each call, in seconds (``None``:
-    no deadline); ``retry`` says how ``Overloaded``/``Unavailable`` calls are
+    ``timeout`` is the default deadline of each call, in seconds (30;
+    ``None``: no deadline, a call may then wait as long as the server
+    does); ``retry`` says how ``Overloaded``/``Unavailable`` calls are
     retried within that deadline; ``credentials`` adds TLS, mTLS and a token.
     """
 
@@ -75,7 +77,7 @@ class AsyncClient:
         *,
         credentials: Credentials | None = None,
         retry: RetryPolicy | None = None,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -274,7 +276,8 @@ class AsyncClient:
         A server-side failure of one image is that result's ``error``; the
         stream goes on. An image that cannot be sent ends the stream after
         the answers already due, then raises. ``timeout`` bounds the whole
-        stream. Not retried.
+        stream (the client's default deadline does not: a stream may run for
+        hours). Not retried.
         """
         if self._closed:
             raise ValueError(f"the client for {self.target} is closed")
@@ -296,7 +299,7 @@ class AsyncClient:
 
         call = self._images.ClassifyStream(
             requests(),
-            timeout=self.timeout if timeout is None else timeout,
+            timeout=timeout,
             metadata=self._metadata,
         )
         index = 0

@@ -18,7 +18,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from tlserve.client.aio import AsyncClient
 from tlserve.client.results import ImageInput, StreamResult
-from tlserve.client.transport import DEFAULT_MAX_MESSAGE_BYTES, Credentials, RetryPolicy
+from tlserve.client.transport import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TIMEOUT,
+    Credentials,
+    RetryPolicy,
+)
 
 __all__ = ["Client"]
 
@@ -65,7 +70,7 @@ class Client:
         *,
         credentials: Credentials | None = None,
         retry: RetryPolicy | None = None,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:

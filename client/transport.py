@@ -22,6 +22,7 @@ from tlserve.client.errors import Overloaded, TlserveError, Unavailable
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_TIMEOUT",
     "Credentials",
     "RetryPolicy",
     "call_with_retries",
@@ -31,6 +32,8 @@ __all__ = [
 
 T = TypeVar("T")
 
+#: A call's deadline when none is given: a stuck call fails, it never hangs.
+DEFAULT_TIMEOUT = 30.0
 #: gRPC's 4 MiB default is too small for a batch of photos.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

@@ -106,10 +106,11 @@ def test_list_models_shows_each_version_and_state(server: ServerThread) -> None:
 def test_classify_stream_sync_from_a_blocking_generator(server: ServerThread) -> None:
     def camera() -> Iterator[bytes]:
         for colour in (RED, GREEN, BLUE, RED):
-            time.sleep(0.01)  # a source that blocks between frames
+            time.sleep(0.05)  # a source that blocks between frames
             yield png_bytes(colour)
 
-    with Client(server.target, timeout=30) as client:
+    # The client's default deadline (here 0.02 s) is for calls, not for a stream's life.
+    with Client(server.target, timeout=0.02) as client:
         results = list(client.classify_stream(camera(), model="tiny", top_k=1))
     assert [r.index for r in results] == [0, 1, 2, 3]
     assert [r.predictions[0].label for r in results] == ["red", "green", "blue", "red"]

@@ -34,6 +34,7 @@ def _assert_chained(error: TlserveError) -> None:
 
 def test_typed_errors_are_raised_from_the_rpc_error(server: ServerThread) -> None:
     with Client(server.target) as client:
+        assert client.timeout == 30.0  # no call waits forever unless asked to
         with pytest.raises(ModelNotFound) as not_found:
             client.model_metadata("ghost", timeout=5)
         _assert_chained(not_found.value)

@@ -23,7 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from tlserve.training.evaluate import CALIBRATION_BINS, Evaluation, expected_calibration_error
+from tlserve.training.evaluate import (
+    Evaluation,
+    binned_calibration_error,
+    expected_calibration_error,
+)
 from tlserve.training.heads import softmax
 
 __all__ = [
@@ -125,25 +129,15 @@ def ece_change_interval(
 ) -> tuple[float, float]:
     """95% paired-bootstrap interval of ``ECE(T) - ECE(1)`` on these images."""
     rng = np.random.default_rng(seed)
-    logits = logits.astype(np.float64)
-    scored = []
+    scored = []  # (confidence, correct) per row, at T = 1 and at T
     for t in (1.0, temperature):
-        probabilities = softmax(logits / t)
-        confidence = probabilities.max(axis=1)
-        bins = np.minimum((confidence * CALIBRATION_BINS).astype(np.int64), CALIBRATION_BINS - 1)
-        scored.append((bins, confidence, (probabilities.argmax(axis=1) == labels).astype(float)))
+        probabilities = softmax(logits.astype(np.float64) / t)
+        scored.append((probabilities.max(axis=1), probabilities.argmax(axis=1) == labels))
     changes = np.empty(_BOOTSTRAP)
-    n = len(labels)
     for replicate in range(_BOOTSTRAP):
-        pick = rng.integers(0, n, n)
-        ece = []
-        for bins, confidence, correct in scored:
-            b = bins[pick]
-            gap = np.bincount(b, correct[pick], CALIBRATION_BINS) - np.bincount(
-                b, confidence[pick], CALIBRATION_BINS
-            )
-            ece.append(np.abs(gap).sum() / n)
-        changes[replicate] = ece[1] - ece[0]
+        pick = rng.integers(0, len(labels), len(labels))
+        before, after = (binned_calibration_error(c[pick], k[pick]) for c, k in scored)
+        changes[replicate] = after - before
     tail = (1.0 - _INTERVAL) / 2.0
     low, high = np.quantile(changes, [tail, 1.0 - tail])
     return float(low), float(high)
@@ -156,13 +150,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     deterministic and needs no optimiser state.
     """
     logits = logits.astype(np.float64)
-    rows = np.arange(len(labels))
 
     def nll(log_t: float) -> float:
-        scaled = logits / np.exp(log_t)
-        scaled -= scaled.max(axis=1, keepdims=True)
-        log_z = np.log(np.exp(scaled).sum(axis=1))
-        return float(np.mean(log_z - scaled[rows, labels]))
+        return float(np.mean(_losses(logits, labels, log_t)))
 
     low, high = -_LOG_T_RANGE, _LOG_T_RANGE
     ratio = (np.sqrt(5.0) - 1.0) / 2.0
@@ -192,7 +182,7 @@ def choose_temperature(logits: np.ndarray, labels: np.ndarray, *, seed: int = 0)
         before.append(expected_calibration_error(softmax(logits[score_on]), labels[score_on]))
         after.append(expected_calibration_error(softmax(logits[score_on] / t), labels[score_on]))
     fitted = fit_temperature(logits, labels)
-    low, high = bootstrap_interval(logits, labels, rng)
+    low, high = _bootstrap_interval(logits, labels, rng)
     cv_t1, cv_fitted = float(np.mean(before)), float(np.mean(after))
     if cv_fitted >= cv_t1:
         temperature = 1.0
@@ -220,7 +210,7 @@ def choose_temperature(logits: np.ndarray, labels: np.ndarray, *, seed: int = 0)
     )
 
 
-def bootstrap_interval(
+def _bootstrap_interval(
     logits: np.ndarray, labels: np.ndarray, rng: np.random.Generator
 ) -> tuple[float, float]:
     """95% percentile-bootstrap interval of the maximum-likelihood ``T``.
@@ -236,14 +226,17 @@ def bootstrap_interval(
         keep = rng.choice(n, rows_kept, replace=False)
         logits, labels, n = logits[keep], labels[keep], len(keep)
     grid = np.arange(-_LOG_T_RANGE, _LOG_T_RANGE + _GRID_STEP / 2, _GRID_STEP)
-    losses = np.empty((len(grid), n))
-    rows = np.arange(n)
-    for index, log_t in enumerate(grid):
-        scaled = logits / np.exp(log_t)
-        scaled -= scaled.max(axis=1, keepdims=True)
-        losses[index] = np.log(np.exp(scaled).sum(axis=1)) - scaled[rows, labels]
+    losses = np.stack([_losses(logits, labels, log_t) for log_t in grid])
     weights = rng.multinomial(n, np.full(n, 1.0 / n), size=_BOOTSTRAP).astype(np.float64)
     best = grid[np.argmin(weights @ losses.T, axis=1)]
     tail = (1.0 - _INTERVAL) / 2.0
     low, high = np.quantile(best, [tail, 1.0 - tail])
     return float(np.exp(low)), float(np.exp(high))
+
+
+def _losses(logits: np.ndarray, labels: np.ndarray, log_t: float) -> np.ndarray:
+    """Each row's negative log-likelihood under ``softmax(logits / e^log_t)``."""
+    scaled = logits / np.exp(log_t)
+    scaled -= scaled.max(axis=1, keepdims=True)
+    losses: np.ndarray = np.log(np.exp(scaled).sum(axis=1)) - scaled[np.arange(len(labels)), labels]
+    return losses

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CALIBRATION_BINS", "Evaluation", "evaluate", "expected_calibration_error"]
+__all__ = ["Evaluation", "binned_calibration_error", "evaluate", "expected_calibration_error"]
 
-CALIBRATION_BINS = 10
+_CALIBRATION_BINS = 10
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: Sequence[st
         accuracy=float(correct.mean()),
         per_class_accuracy=per_class_accuracy,
         confusion=confusion.tolist(),
-        expected_calibration_error=_ece(confidence, correct),
+        expected_calibration_error=binned_calibration_error(confidence, correct),
         macro_f1=float(np.mean(f1s)),
         per_class=per_class,
         reliability=_reliability(confidence, correct),
@@ -77,7 +77,7 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: Sequence[st
 
 
 def _reliability(confidence: np.ndarray, correct: np.ndarray) -> list[list[float]]:
-    bins = np.minimum((confidence * CALIBRATION_BINS).astype(np.int64), CALIBRATION_BINS - 1)
+    bins = np.minimum((confidence * _CALIBRATION_BINS).astype(np.int64), _CALIBRATION_BINS - 1)
     return [
         [
             float(confidence[bins == b].mean()),
@@ -90,12 +90,17 @@ def _reliability(confidence: np.ndarray, correct: np.ndarray) -> list[list[float
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """ECE of ``probabilities`` ``[N, C]`` against ``labels`` (10 equal-width bins)."""
-    return _ece(probabilities.max(axis=1), probabilities.argmax(axis=1) == labels)
+    correct = probabilities.argmax(axis=1) == labels
+    return binned_calibration_error(probabilities.max(axis=1), correct)
 
 
-def _ece(confidence: np.ndarray, correct: np.ndarray) -> float:
-    """Expected calibration error: |accuracy - confidence| averaged over confidence bins."""
-    bins = np.minimum((confidence * CALIBRATION_BINS).astype(np.int64), CALIBRATION_BINS - 1)
+def binned_calibration_error(confidence: np.ndarray, correct: np.ndarray) -> float:
+    """ECE from each row's ``confidence`` and whether it was ``correct``.
+
+    |accuracy - confidence| in each of 10 equal-width confidence bins,
+    averaged with the bins' sizes as weights.
+    """
+    bins = np.minimum((confidence * _CALIBRATION_BINS).astype(np.int64), _CALIBRATION_BINS - 1)
     error = 0.0
     for b in np.unique(bins):
         members = bins == b

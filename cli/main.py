@@ -15,7 +15,10 @@ from pathlib import Path
 
 from tlserve.cli.remote import EXIT_CODES, add_commands, exit_code_for
 
-__all__ = ["main"]
+__all__ = ["STRATEGY_NAMES", "main"]
+
+# tlserve.training.STRATEGIES' names, spelled out so `tlserve --help` needs no torch.
+STRATEGY_NAMES = ("linear", "trees", "finetune", "scratch", "auto")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,11 +40,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     train.add_argument("--model-repository", type=Path, required=True, metavar="REPO")
     train.add_argument("--name", required=True, help="model name in the repository")
-    train.add_argument("--strategy", default="linear", help="training strategy (default: linear)")
+    train.add_argument(
+        "--strategy",
+        default="linear",
+        choices=STRATEGY_NAMES,
+        help="linear/trees: frozen features + a classifier; finetune: new head, then the "
+        "backbone at smaller learning rates; scratch: the whole network; auto: measure "
+        "the data and pick one (default: %(default)s)",
+    )
     train.add_argument(
         "--backbone",
         default="tf_efficientnet_lite0",
-        help="pretrained backbone (default: %(default)s)",
+        help="tf_efficientnet_lite0/1/2 (weights shipped), timm:<model> or tv:<model> "
+        "(torchvision; weights from --backbone-weights) (default: %(default)s)",
     )
     train.add_argument("--seed", type=int, default=0)
     _add_training_flags(train)
@@ -112,7 +123,7 @@ def _train(args: argparse.Namespace) -> int:
 def _add_training_flags(train: argparse.ArgumentParser) -> None:
     """Flags of ``tlserve train`` beyond the basics (strategy options, run settings)."""
     add = train.add_argument
-    add("--backbone-weights", type=Path, help="weights file for a timm:<model> backbone")
+    add("--backbone-weights", type=Path, help="weights file for a timm:/tv: backbone")
     add("--layer", help="linear/trees: 'last' (default) or an earlier stage, e.g. -2")
     add("--epochs", type=int, help="finetune/scratch: epochs")
     add("--lr", help="finetune/scratch: learning rate of the head, or 'auto' (LR finder)")

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.training.shapes import TINY_BACKBONE, write_shapes
+from tlserve.cli.main import STRATEGY_NAMES
 from tlserve.training import train
 from tlserve.training.backbones import Backbone
 from tlserve.training.calibration import (
@@ -26,7 +27,7 @@ from tlserve.training.data import load_dataset
 from tlserve.training.evaluate import evaluate
 from tlserve.training.heads import softmax
 from tlserve.training.report import report_files
-from tlserve.training.strategies import FitContext
+from tlserve.training.strategies import STRATEGIES, FitContext
 
 
 def test_temperature_is_recovered_and_lowers_ece() -> None:
@@ -169,6 +170,14 @@ def test_cli_train_flags_reach_the_strategy(shapes_folder: Path, tmp_path: Path)
     assert card["strategy"] == "finetune" and card["preprocessing"]["height"] == 48
     assert card["notes"]["epochs"] == "1" and card["notes"]["lr"] == "0.003"
     assert card["notes"]["seed"] == "1" and card["notes"]["balanced"] == "False"
+    # The CLI offers exactly the strategies there are, and refuses others as bad usage.
+    assert set(STRATEGY_NAMES) == set(STRATEGIES)
+    wrong = subprocess.run(
+        [sys.executable, "-m", "tlserve.cli.main", "train", str(shapes_folder),
+         "--model-repository", str(tmp_path / "m"), "--name", "x", "--strategy", "svm"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert wrong.returncode == 2 and "invalid choice: 'svm'" in wrong.stderr
 
 
 def test_report_says_whether_the_ece_change_is_more_than_noise() -> None:

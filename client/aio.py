@@ -19,12 +19,12 @@ from tlserve.client import wire
 from tlserve.client.codec import decode_response_outputs, encode_request_inputs
 from tlserve.client.errors import (
     DeadlineExceeded,
-    InvalidInput,
     ModelNotFound,
     TlserveError,
     Unavailable,
     from_rpc_error,
 )
+from tlserve.client.local import LocalClassifier
 from tlserve.client.metadata import ModelCard
 from tlserve.client.results import (
     ImageInput,
@@ -96,8 +96,7 @@ class AsyncClient:
             request_serializer=wire.health_request,
             response_deserializer=wire.health_status,
         )
-        # (model, version asked for) -> the card and the exact version it describes
-        self._cards: dict[tuple[str, str], tuple[ModelCard, str]] = {}
+        self._local = LocalClassifier(self.model_metadata, self._model_infer)
         self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
@@ -154,7 +153,10 @@ class AsyncClient:
         """
         batch = image_batch(images)
         if preprocess == "client":
-            return await self._classify_here(batch, model, top_k, version, timeout)
+            return await self._local.classify(
+                batch, model, top_k or _DEFAULT_TOP_K, version,
+                self.timeout if timeout is None else timeout,
+            )  # fmt: skip
         if preprocess != "server":
             raise ValueError(f"preprocess must be 'server' or 'client', got {preprocess!r}")
         request = v1.ClassifyRequest(
@@ -165,55 +167,6 @@ class AsyncClient:
         )
         response = await self._unary(self._images.Classify, request, timeout)
         return [wire.predictions(result) for result in response.results]
-
-    async def _classify_here(
-        self,
-        batch: list[ImageInput],
-        model: str,
-        top_k: int,
-        version: str,
-        timeout: float | None,
-    ) -> list[list[Prediction]]:
-        timeout = self.timeout if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-
-        def remaining() -> float | None:
-            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
-
-        for attempt in (1, 2):
-            card, described = await self._card(model, version, remaining())
-            rows = await asyncio.to_thread(wire.model_rows, batch, card.preprocessing)
-            try:
-                response = await self._model_infer(
-                    model, {"images": rows}, ("probabilities",), version, remaining()
-                )
-            except InvalidInput:
-                if version or attempt == 2:
-                    raise
-                # The newest version may take another input size: fetch its card, once.
-                del self._cards[(model, version)]
-                continue
-            if response.model_version != described:
-                # A newer version answered (hot swap): rank with its labels, keep its card.
-                card, described = await self._card(model, response.model_version, remaining())
-                self._cards[(model, version)] = (card, described)
-            probabilities = decode_response_outputs(response)["probabilities"]
-            k = max(1, min(top_k or _DEFAULT_TOP_K, probabilities.shape[1]))
-            return [wire.top_k(row, card.labels, k) for row in probabilities]
-        raise AssertionError("unreachable")
-
-    async def _card(self, model: str, version: str, timeout: float | None) -> tuple[ModelCard, str]:
-        """The model card of ``model`` at ``version`` (newest if ""), and that exact version."""
-        cached = self._cards.get((model, version))
-        if cached is None:
-            meta = await self.model_metadata(model, version=version, timeout=timeout)
-            if meta.card is None:
-                raise ModelNotFound(f"{model} has no tlserve model card: use preprocess='server'")
-            # The server answers "" with its newest version, the largest number it lists.
-            numbered = [v for v in meta.versions if v.isdigit()]
-            exact = version or (max(numbered, key=int) if numbered else "")
-            cached = self._cards[(model, version)] = (meta.card, exact)
-        return cached
 
     async def embed(
         self,

@@ -1,0 +1,97 @@
+"""``classify(preprocess="client")``: preprocessing and ranking on the caller's side.
+
+The model's own preprocessing comes from its model card (``ModelMetadata``),
+cached with the exact version it describes. Results are always ranked with
+the labels of the version that answered: after a hot swap the newest version
+may have other labels, or another input size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from tlserve.client import wire
+from tlserve.client.codec import decode_response_outputs
+from tlserve.client.errors import InvalidInput, ModelNotFound
+from tlserve.client.metadata import ModelCard
+from tlserve.client.results import ImageInput, ModelMetadata, Prediction
+from tlserve.protos import grpc_service_pb2 as pb
+
+__all__ = ["LocalClassifier"]
+
+
+class Metadata(Protocol):
+    """``AsyncClient.model_metadata``."""
+
+    def __call__(
+        self, model: str, *, version: str = "", timeout: float | None = None
+    ) -> Awaitable[ModelMetadata]: ...
+
+
+Infer = Callable[
+    [str, Mapping[str, np.ndarray], Sequence[str], str, float | None],
+    Awaitable[pb.ModelInferResponse],
+]
+
+
+class LocalClassifier:
+    """Decode and resize here, send uint8 rows through ``ModelInfer``, rank here."""
+
+    def __init__(self, metadata: Metadata, infer: Infer) -> None:
+        self._metadata = metadata
+        self._infer = infer
+        # (model, version asked for) -> the card and the exact version it describes
+        self._cards: dict[tuple[str, str], tuple[ModelCard, str]] = {}
+
+    async def classify(
+        self,
+        batch: Sequence[ImageInput],
+        model: str,
+        top_k: int,
+        version: str,
+        timeout: float | None,
+    ) -> list[list[Prediction]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+        for attempt in (1, 2):
+            card, described = await self._card(model, version, remaining())
+            rows = await asyncio.to_thread(wire.model_rows, batch, card.preprocessing)
+            try:
+                response = await self._infer(
+                    model, {"images": rows}, ("probabilities",), version, remaining()
+                )
+            except InvalidInput:
+                if version or attempt == 2:
+                    raise
+                # The newest version may take another input size: fetch its card, once.
+                del self._cards[(model, version)]
+                continue
+            if response.model_version != described:
+                # A newer version answered (hot swap): rank with its labels, keep its card.
+                card, described = await self._card(model, response.model_version, remaining())
+                self._cards[(model, version)] = (card, described)
+            probabilities = decode_response_outputs(response)["probabilities"]
+            k = max(1, min(top_k, probabilities.shape[1]))
+            return [wire.top_k(row, card.labels, k) for row in probabilities]
+        raise AssertionError("unreachable")
+
+    async def _card(self, model: str, version: str, timeout: float | None) -> tuple[ModelCard, str]:
+        """The model card of ``model`` at ``version`` (newest if ""), and that exact version."""
+        cached = self._cards.get((model, version))
+        if cached is None:
+            meta = await self._metadata(model, version=version, timeout=timeout)
+            if meta.card is None:
+                raise ModelNotFound(f"{model} has no tlserve model card: use preprocess='server'")
+            # The server answers "" with its newest version, the largest number it lists.
+            numbered = [v for v in meta.versions if v.isdigit()]
+            exact = version or (max(numbered, key=int) if numbered else "")
+            cached = self._cards[(model, version)] = (meta.card, exact)
+        return cached

@@ -30,9 +30,9 @@ lint: setup
 # same way through a tree of links.
 typecheck: setup
 	rm -rf build/typecheck && mkdir -p build/typecheck/tlserve
-	for d in client server training protos cli; do ln -s ../../../$$d build/typecheck/tlserve/$$d; done
+	for d in contract client server training protos cli; do ln -s ../../../$$d build/typecheck/tlserve/$$d; done
 	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
-		-p tlserve.client -p tlserve.server -p tlserve.training -p tlserve.cli
+		-p tlserve.contract -p tlserve.client -p tlserve.server -p tlserve.training -p tlserve.cli
 
 # Generated stubs are committed (the bare client install then needs no
 # grpcio-tools); regenerate after editing protos/*.proto.

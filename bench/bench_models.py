@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlserve.client.metadata import ModelCard, Preprocessing
+from tlserve.contract.card import ModelCard, Preprocessing
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "build" / "demo" / "models" / "fashion" / "1" / "model.onnx"

@@ -35,8 +35,8 @@ import numpy as np
 from bench_models import fast_model, lite0_model
 
 from tlserve.client import AsyncClient, Client
-from tlserve.client.metadata import ModelCard
-from tlserve.client.preprocess import prepare_image
+from tlserve.contract.card import ModelCard
+from tlserve.contract.images import prepare_image
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "bench"
@@ -254,7 +254,7 @@ def plot(all_results: dict[str, Any]) -> Path:
 
 def decode_speed(sides: tuple[int, ...] = (1000, 2000, 4000), repeat: int = 5) -> dict[str, Any]:
     """Classify's JPEG fast path (DCT-domain downscaling) vs the exact path, per image."""
-    from tlserve.client.metadata import Preprocessing
+    from tlserve.contract.card import Preprocessing
     from tlserve.server.decode import ImageDecoder
 
     spec = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

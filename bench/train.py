@@ -43,7 +43,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from tlserve.client.preprocess import prepare_image
+    from tlserve.contract.images import prepare_image
     from tlserve.training import create_backbone, load_dataset, train
     from tlserve.training.features import default_workers, extract_features
     from tlserve.training.modules import ImageEmbedder

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tlserve.cli.remote import EXIT_CODES, add_commands, exit_code_for
+from tlserve.cli.remote import EXIT_CODES, EXIT_PIPE, add_commands, exit_code_for
+from tlserve.contract.errors import TlserveError
 
 __all__ = ["STRATEGY_NAMES", "main"]
 
@@ -159,7 +161,7 @@ def _inspect(args: argparse.Namespace) -> int:
     """Print the model card in MODEL_DIR/model.onnx and the summary of report.json."""
     import json
 
-    from tlserve.client.metadata import ModelCard
+    from tlserve.contract.card import ModelCard
 
     model_dir = Path(args.model_dir)
     model = model_dir / "model.onnx"
@@ -238,8 +240,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from tlserve.client.errors import TlserveError
-
     commands = {"train": _train, "serve": _serve, "inspect": _inspect}
     try:
         handler = getattr(args, "handler", None) or commands[args.command]
@@ -247,11 +247,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TlserveError as exc:
         print(f"tlserve {args.command}: {exc}", file=sys.stderr)
         return exit_code_for(exc)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            return _closed_pipe()
         print(f"tlserve {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _closed_pipe() -> int:
+    """The reader of our output went away (``tlserve classify ... | head``): end quietly.
+
+    The exit code is the shell's for SIGPIPE, as ``yes | head`` gives.
+    """
+    # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_PIPE
 
 
 if __name__ == "__main__":

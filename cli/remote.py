@@ -22,30 +22,43 @@ from tlserve.client import (
     Unauthenticated,
     Unavailable,
 )
+from tlserve.contract.errors import ConfigError
 
-__all__ = ["EXIT_CODES", "add_commands", "exit_code_for"]
+__all__ = ["EXIT_CODES", "EXIT_PIPE", "add_commands", "exit_code_for"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 _CLASSIFY_BATCH = 16
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RETRY, EXIT_DENIED = 0, 1, 2, 3, 4
+EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away
 EXIT_CODES = """\
 exit codes:
   0    success (health: the server is ready)
   1    the work failed: an error answer, bad files, or (health) not ready
-  2    bad usage
+  2    bad usage: an unknown flag or a bad setting
   3    try again later: server unreachable, draining, overloaded or too slow
   4    refused: missing or wrong credentials (token, client certificate)
   130  interrupted
+  141  the reader of the output went away (e.g. `| head`)
 """
+
+
+# Each error of the tree (tlserve.contract.errors) by its nearest listed base.
+_EXIT_BY_ERROR: dict[type[TlserveError], int] = {
+    Unavailable: EXIT_RETRY,
+    Overloaded: EXIT_RETRY,
+    DeadlineExceeded: EXIT_RETRY,
+    Unauthenticated: EXIT_DENIED,
+    ConfigError: EXIT_USAGE,
+    TlserveError: EXIT_FAILED,
+}
 
 
 def exit_code_for(error: TlserveError) -> int:
     """The exit code of a command that failed with ``error``."""
-    if isinstance(error, Unavailable | Overloaded | DeadlineExceeded):
-        return EXIT_RETRY
-    if isinstance(error, Unauthenticated):
-        return EXIT_DENIED
+    for cls in type(error).__mro__:
+        if cls in _EXIT_BY_ERROR:
+            return _EXIT_BY_ERROR[cls]
     return EXIT_FAILED
 
 

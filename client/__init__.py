@@ -2,24 +2,14 @@
 
 Light on purpose: grpcio, protobuf, numpy and Pillow; never torch or
 onnxruntime. :class:`AsyncClient` is the asyncio client; :class:`Client` is
-the same client for blocking code.
+the same client for blocking code. Errors, the model card and predictions
+are the shared contract's (:mod:`tlserve.contract`), re-exported here.
 """
 
 from __future__ import annotations
 
 from tlserve.client.aio import AsyncClient
 from tlserve.client.client import Client
-from tlserve.client.errors import (
-    DeadlineExceeded,
-    InvalidInput,
-    ModelNotFound,
-    Overloaded,
-    ServerError,
-    TlserveError,
-    Unauthenticated,
-    Unavailable,
-)
-from tlserve.client.metadata import ModelCard, Preprocessing
 from tlserve.client.results import (
     ImageInput,
     ModelMetadata,
@@ -29,6 +19,19 @@ from tlserve.client.results import (
     TensorMetadata,
 )
 from tlserve.client.transport import Credentials, RetryPolicy
+from tlserve.contract.card import ModelCard, Preprocessing
+from tlserve.contract.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    NotAllowed,
+    Overloaded,
+    ServerError,
+    TlserveError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
 
 __all__ = [
     "AsyncClient",
@@ -41,6 +44,7 @@ __all__ = [
     "ModelMetadata",
     "ModelNotFound",
     "ModelStatus",
+    "NotAllowed",
     "Overloaded",
     "Prediction",
     "Preprocessing",
@@ -51,4 +55,5 @@ __all__ = [
     "TlserveError",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
 ]

@@ -16,16 +16,7 @@ import grpc
 import numpy as np
 
 from tlserve.client import wire
-from tlserve.client.codec import decode_response_outputs, encode_request_inputs
-from tlserve.client.errors import (
-    DeadlineExceeded,
-    ModelNotFound,
-    TlserveError,
-    Unavailable,
-    from_rpc_error,
-)
 from tlserve.client.local import LocalClassifier
-from tlserve.client.metadata import ModelCard
 from tlserve.client.results import (
     ImageInput,
     ModelMetadata,
@@ -36,7 +27,6 @@ from tlserve.client.results import (
     image_batch,
 )
 from tlserve.client.transport import (
-    DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TIMEOUT,
     Credentials,
     RetryPolicy,
@@ -44,6 +34,16 @@ from tlserve.client.transport import (
     channel_options,
     open_channel,
 )
+from tlserve.contract.card import ModelCard
+from tlserve.contract.codec import decode_response_outputs, encode_request_inputs
+from tlserve.contract.errors import (
+    DeadlineExceeded,
+    ModelNotFound,
+    TlserveError,
+    Unavailable,
+    from_rpc_error,
+)
+from tlserve.contract.rules import MAX_MESSAGE_BYTES
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.protos import tlserve_v1_pb2 as v1
@@ -78,7 +78,7 @@ class AsyncClient:
         credentials: Credentials | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target

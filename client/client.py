@@ -4,7 +4,7 @@ Every call is written once, in :mod:`tlserve.client.aio`; each method here
 submits that coroutine to the client's own loop thread and waits for it.
 One channel per client, safe to share between threads. ``timeout=`` is the
 gRPC deadline of the call; failures raise the typed errors of
-:mod:`tlserve.client.errors`, chained ``from`` the ``grpc.RpcError``.
+:mod:`tlserve.contract.errors`, chained ``from`` the ``grpc.RpcError``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from tlserve.client.aio import AsyncClient
 from tlserve.client.results import ImageInput, StreamResult
-from tlserve.client.transport import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_TIMEOUT,
-    Credentials,
-    RetryPolicy,
-)
+from tlserve.client.transport import DEFAULT_TIMEOUT, Credentials, RetryPolicy
+from tlserve.contract.rules import MAX_MESSAGE_BYTES
 
 __all__ = ["Client"]
 
@@ -71,7 +67,7 @@ class Client:
         credentials: Credentials | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target

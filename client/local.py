@@ -16,10 +16,12 @@ from typing import Protocol
 import numpy as np
 
 from tlserve.client import wire
-from tlserve.client.codec import decode_response_outputs
-from tlserve.client.errors import InvalidInput, ModelNotFound
-from tlserve.client.metadata import ModelCard
 from tlserve.client.results import ImageInput, ModelMetadata, Prediction
+from tlserve.contract.card import ModelCard
+from tlserve.contract.codec import decode_response_outputs
+from tlserve.contract.errors import InvalidInput
+from tlserve.contract.predictions import top_k as ranked
+from tlserve.contract.rules import INPUT_IMAGES, OUTPUT_PROBABILITIES
 from tlserve.protos import grpc_service_pb2 as pb
 
 __all__ = ["LocalClassifier"]
@@ -66,7 +68,7 @@ class LocalClassifier:
             rows = await asyncio.to_thread(wire.model_rows, batch, card.preprocessing)
             try:
                 response = await self._infer(
-                    model, {"images": rows}, ("probabilities",), version, remaining()
+                    model, {INPUT_IMAGES: rows}, (OUTPUT_PROBABILITIES,), version, remaining()
                 )
             except InvalidInput:
                 if version or attempt == 2:
@@ -78,9 +80,8 @@ class LocalClassifier:
                 # A newer version answered (hot swap): rank with its labels, keep its card.
                 card, described = await self._card(model, response.model_version, remaining())
                 self._cards[(model, version)] = (card, described)
-            probabilities = decode_response_outputs(response)["probabilities"]
-            k = max(1, min(top_k, probabilities.shape[1]))
-            return [wire.top_k(row, card.labels, k) for row in probabilities]
+            probabilities = decode_response_outputs(response)[OUTPUT_PROBABILITIES]
+            return [ranked(row, card.labels, top_k) for row in probabilities]
         raise AssertionError("unreachable")
 
     async def _card(self, model: str, version: str, timeout: float | None) -> tuple[ModelCard, str]:
@@ -89,7 +90,7 @@ class LocalClassifier:
         if cached is None:
             meta = await self._metadata(model, version=version, timeout=timeout)
             if meta.card is None:
-                raise ModelNotFound(f"{model} has no tlserve model card: use preprocess='server'")
+                raise InvalidInput(f"{model} has no tlserve model card: use preprocess='server'")
             # The server answers "" with its newest version, the largest number it lists.
             numbered = [v for v in meta.versions if v.isdigit()]
             exact = version or (max(numbered, key=int) if numbered else "")

@@ -11,8 +11,9 @@ from typing import TypeAlias
 import numpy as np
 from PIL import Image
 
-from tlserve.client.errors import InvalidInput, TlserveError
-from tlserve.client.metadata import ModelCard
+from tlserve.contract.card import ModelCard
+from tlserve.contract.errors import InvalidInput, TlserveError
+from tlserve.contract.predictions import Prediction
 
 __all__ = [
     "ImageInput",
@@ -29,15 +30,6 @@ __all__ = [
 #: An image to classify: a file path, encoded bytes, a PIL image or an
 #: ``[H, W, 3]`` (or ``[H, W]``, ``[H, W, 4]``) uint8 array.
 ImageInput: TypeAlias = str | Path | bytes | Image.Image | np.ndarray
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One label of a classification, best first."""
-
-    label: str
-    index: int
-    score: float
 
 
 @dataclass(frozen=True)

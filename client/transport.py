@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tlserve.client.errors import Overloaded, TlserveError, Unavailable
+from tlserve.contract.errors import Overloaded, TlserveError, Unavailable
+from tlserve.contract.rules import MAX_MESSAGE_BYTES
 
 __all__ = [
-    "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_TIMEOUT",
     "Credentials",
     "RetryPolicy",
@@ -34,8 +34,6 @@ T = TypeVar("T")
 
 #: A call's deadline when none is given: a stuck call fails, it never hangs.
 DEFAULT_TIMEOUT = 30.0
-#: gRPC's 4 MiB default is too small for a batch of photos.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -110,7 +108,7 @@ def _pem(value: bytes | str | Path | None) -> bytes | None:
 
 
 def channel_options(
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra: Sequence[tuple[str, Any]] = ()
+    max_message_bytes: int = MAX_MESSAGE_BYTES, extra: Sequence[tuple[str, Any]] = ()
 ) -> list[tuple[str, Any]]:
     """Message limits and keepalive that survive idle load balancers; ``extra`` wins."""
     return [

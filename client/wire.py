@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tlserve.client.errors import ServerError, from_status_message
-from tlserve.client.metadata import Preprocessing
-from tlserve.client.preprocess import prepare_decoded, prepare_image
 from tlserve.client.results import ImageInput, Prediction, StreamResult, TensorMetadata, to_pil
+from tlserve.contract.card import Preprocessing
+from tlserve.contract.errors import ServerError, from_status_message
+from tlserve.contract.images import prepare_decoded, prepare_image
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import tlserve_v1_pb2 as v1
 
@@ -37,12 +37,6 @@ def model_row(image: ImageInput, spec: Preprocessing) -> np.ndarray:
 def model_rows(images: Sequence[ImageInput], spec: Preprocessing) -> np.ndarray:
     """The model's uint8 input batch ``[N, H, W, 3]`` for ``images``."""
     return np.stack([model_row(image, spec) for image in images])
-
-
-def top_k(row: np.ndarray, labels: Sequence[str], k: int) -> list[Prediction]:
-    # Ties broken as the server breaks them: stable, lower index first.
-    best = np.argsort(-row, kind="stable")[:k]
-    return [Prediction(labels[i], int(i), float(row[i])) for i in best]
 
 
 def predictions(result: v1.Classification) -> list[Prediction]:

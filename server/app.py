@@ -32,6 +32,7 @@ from tlserve.protos import (
 )
 from tlserve.protos._pool import POOL
 from tlserve.server.config import ServerConfig
+from tlserve.server.control import ModelControl
 from tlserve.server.core import InferenceCore
 from tlserve.server.gpu import register_gpu_metrics
 from tlserve.server.lifecycle import ModelRegistry
@@ -86,7 +87,7 @@ class RunningServer:
         """Drain and stop: NOT_SERVING, serve for ``drain_delay``, then ``grace``."""
         drain = self.config.drain_delay if drain_delay is None else drain_delay
         grace = self.config.grace if grace is None else grace
-        self.core.draining = True
+        self.core.drain()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("draining: health NOT_SERVING, still serving for %.1fs", drain)
         await asyncio.sleep(drain)
@@ -129,7 +130,7 @@ async def start_server(
         ],
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(core), server
+        InferenceServicer(core, ModelControl(core)), server
     )
     tlserve_v1_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(core), server)
     health = health_aio.HealthServicer()

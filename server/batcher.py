@@ -1,6 +1,6 @@
 """Dynamic batching: one queue per model version, futures for the callers.
 
-Requests join a bounded queue (full -> :class:`QueueFull`, an ``Overloaded``
+Requests join a bounded queue (full -> :class:`~tlserve.contract.errors.Overloaded`
 with a retry hint, at once; never an unbounded wait). ``instances`` worker
 tasks each take what is queued, up to ``max_batch_size`` rows, run it in a
 thread (onnxruntime releases the GIL, and one session may run concurrently)
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -28,28 +27,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tlserve.client.errors import DeadlineExceeded, Overloaded, ServerError, Unavailable
+from tlserve.contract.errors import DeadlineExceeded, Overloaded, ServerError, Unavailable
 from tlserve.server.metrics import ServerMetrics
 from tlserve.server.statistics import ModelStatistics
 
-__all__ = ["DynamicBatcher", "QueueFull"]
+__all__ = ["DynamicBatcher"]
 
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 RunFn = Callable[[Arrays], Arrays]
 
-# Bounds of the retry hint, in milliseconds.
-_MIN_RETRY_MS, _MAX_RETRY_MS = 1, 30_000
+# Bounds of the retry hint, in seconds.
+_MIN_RETRY_S, _MAX_RETRY_S = 0.001, 30.0
 _EWMA = 0.2  # weight of the newest batch in the per-row compute estimate
-
-
-class QueueFull(Overloaded):
-    """The queue is full; ``retry_after_ms`` estimates when there will be room."""
-
-    def __init__(self, message: str, retry_after_ms: int) -> None:
-        super().__init__(message)
-        self.retry_after_ms = retry_after_ms
 
 
 @dataclass
@@ -132,10 +123,10 @@ class DynamicBatcher:
     def queued_rows(self) -> int:
         return self._queued_rows
 
-    def retry_after_ms(self, rows: int = 0) -> int:
-        """How long until the queue (plus ``rows``) drains, at the recent per-row speed."""
+    def retry_after(self, rows: int = 0) -> float:
+        """Seconds until the queue (plus ``rows``) drains, at the recent per-row speed."""
         seconds = (self._queued_rows + rows) * self.row_seconds / self.instances
-        return min(_MAX_RETRY_MS, max(_MIN_RETRY_MS, math.ceil(seconds * 1000)))
+        return min(_MAX_RETRY_S, max(_MIN_RETRY_S, seconds))
 
     async def submit(self, inputs: Arrays, *, deadline: float | None = None) -> Arrays:
         """Queue a request of N rows and wait for its N rows of outputs.
@@ -155,11 +146,11 @@ class DynamicBatcher:
         )
         return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
 
-    def _overloaded(self, rows: int) -> QueueFull:
-        return QueueFull(
+    def _overloaded(self, rows: int) -> Overloaded:
+        return Overloaded(
             f"model {self.name!r} has {self._queued_rows} rows queued; {rows} more would pass "
             f"the limit of {self.max_queue_size}. Retry later.",
-            self.retry_after_ms(rows),
+            retry_after=self.retry_after(rows),
         )
 
     def _running(self) -> bool:

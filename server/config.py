@@ -8,19 +8,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tlserve.contract.errors import ConfigError
+from tlserve.contract.rules import MAX_IMAGE_PIXELS, MAX_MESSAGE_BYTES
+from tlserve.server.policy import (
+    MODEL_CONTROLS,
+    VersionPolicy,
+    parse_batch_sizes,
+    parse_version_policy,
+)
 
 __all__ = ["DEVICES", "GPU_FALLBACKS", "ConfigError", "ServerConfig"]
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+LATEST_ONE = VersionPolicy("latest")
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "preferred_batch_sizes": parse_batch_sizes,
+    "version_policy": parse_version_policy,
+}
 GPU_FALLBACKS = ("fail", "cpu")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -44,14 +54,14 @@ class ServerConfig:
     # Images queued per model before new requests get RESOURCE_EXHAUSTED.
     max_queue_size: int = 256
     # Batch sizes the batcher runs at once, without waiting out max_queue_delay
-    # ("4,8"); empty: none preferred. See server/batcher.py.
-    preferred_batch_sizes: str = ""
+    # ("4,8" in flags and env); empty: none preferred. See server/batcher.py.
+    preferred_batch_sizes: tuple[int, ...] = ()
     # Concurrent executions per model: N batches of one onnxruntime session run
     # at once, each on its own thread (one copy of the weights).
     instances: int = 1
     # Model lifecycle (server/lifecycle.py). Which versions of each model are
-    # served: "latest:N" or "specific:1,3" (or "all").
-    version_policy: str = "latest:1"
+    # served: "latest:N" or "specific:1,3" (or "all") in flags and env.
+    version_policy: VersionPolicy = LATEST_ONE
     # "poll": rescan the repository every poll_interval seconds and load, swap
     # or unload to match it; "explicit": only the repository RPCs change models.
     model_control: str = "poll"
@@ -60,7 +70,7 @@ class ServerConfig:
     # drain_delay (so load balancers notice), then in-flight work gets grace.
     drain_delay: float = 5.0
     grace: float = 10.0
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     intra_op_threads: int = 0
     preprocess_threads: int = 4
     log_level: str = "INFO"
@@ -74,11 +84,18 @@ class ServerConfig:
     auth_token_file: str = ""
     max_images_per_request: int = 256
     # Decoded size limit per image (width x height), checked from the header
-    # before anything is decoded; capped by tlserve.client.preprocess.MAX_IMAGE_PIXELS.
-    max_image_pixels: int = 64_000_000
-    extra: Mapping[str, str] = field(default_factory=dict)
+    # before anything is decoded; capped by tlserve.contract.images.MAX_IMAGE_PIXELS.
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
+        # Flags and env give text; it is parsed here, once, and used typed everywhere.
+        for key, parse in _PARSERS.items():
+            value = getattr(self, key)
+            if isinstance(value, str):
+                try:
+                    object.__setattr__(self, key, parse(value))
+                except ValueError as exc:
+                    raise ConfigError(f"{_env_name(key)}: {exc}") from exc
         if self.device not in DEVICES:
             raise ConfigError(f"TLSERVE_DEVICE must be one of {DEVICES}, got {self.device!r}")
         if self.gpu_fallback not in GPU_FALLBACKS:
@@ -114,8 +131,6 @@ class ServerConfig:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name == "extra":
-                continue
             raw = environ.get(_env_name(f.name))
             if raw is not None and raw != "":
                 values[f.name] = _parse(f.name, f.type, raw)
@@ -131,9 +146,7 @@ class ServerConfig:
 
 
 def _check_serving(config: ServerConfig) -> None:
-    """Batching and lifecycle settings: parsed once here, so a bad one fails at start-up."""
-    from tlserve.server.policy import MODEL_CONTROLS, parse_batch_sizes, parse_version_policy
-
+    """Batching and lifecycle settings: a bad one fails at start-up."""
     if config.instances < 1:
         raise ConfigError(f"TLSERVE_INSTANCES must be at least 1, got {config.instances}")
     if config.model_control not in MODEL_CONTROLS:
@@ -142,14 +155,6 @@ def _check_serving(config: ServerConfig) -> None:
         )
     if config.poll_interval <= 0:
         raise ConfigError(f"TLSERVE_POLL_INTERVAL must be positive, got {config.poll_interval}")
-    for key, parse in (
-        ("preferred_batch_sizes", parse_batch_sizes),
-        ("version_policy", parse_version_policy),
-    ):
-        try:
-            parse(getattr(config, key))
-        except ValueError as exc:
-            raise ConfigError(f"{_env_name(key)}: {exc}") from exc
 
 
 def _env_name(key: str) -> str:

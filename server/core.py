@@ -13,31 +13,26 @@ import asyncio
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
 import numpy as np
 
-from tlserve.client.codec import datatype_of
-from tlserve.client.errors import InvalidInput, TlserveError
-from tlserve.client.metadata import Preprocessing
+from tlserve.contract.card import Preprocessing
+from tlserve.contract.codec import datatype_of
+from tlserve.contract.errors import InvalidInput, TlserveError
+from tlserve.contract.predictions import Prediction
+from tlserve.contract.predictions import top_k as ranked
+from tlserve.contract.rules import OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES
 from tlserve.server.decode import ImageDecoder
 from tlserve.server.lifecycle import ModelRegistry
 from tlserve.server.metrics import ServerMetrics
 from tlserve.server.repository import LoadedModel
 from tlserve.server.runtime import OnnxModel
 
-__all__ = ["DEFAULT_TOP_K", "InferenceCore", "ScoredLabel", "validate_inputs"]
+__all__ = ["DEFAULT_TOP_K", "InferenceCore", "validate_inputs"]
 
 DEFAULT_TOP_K = 5
 
 Arrays = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class ScoredLabel:
-    label: str
-    index: int
-    score: float
 
 
 def validate_inputs(name: str, model: OnnxModel, inputs: Arrays) -> None:
@@ -85,11 +80,16 @@ class InferenceCore:
         self._preprocess = preprocess_executor
         self.max_images = registry.config.max_images_per_request
         self.decoder = ImageDecoder(max_pixels=registry.config.max_image_pixels)
-        self.draining = False
+        self._draining = False
 
     @property
     def ready(self) -> bool:
-        return self.registry.ready and not self.draining
+        """Every model loaded and not draining: what health and ServerReady report."""
+        return self.registry.ready and not self._draining
+
+    def drain(self) -> None:
+        """Report not-ready from now on (requests are still answered until the server stops)."""
+        self._draining = True
 
     def metric_label(self, name: str) -> str:
         """The model label for metrics: unknown names collapse into one value."""
@@ -110,20 +110,20 @@ class InferenceCore:
         *,
         top_k: int = DEFAULT_TOP_K,
         deadline: float | None = None,
-    ) -> tuple[LoadedModel, list[list[ScoredLabel]]]:
+    ) -> tuple[LoadedModel, list[list[Prediction]]]:
         """Decode and resize the images as the model was trained, then classify."""
         with self.registry.acquire(name, version) as loaded:
-            probabilities = await self._images_to(loaded, images, "probabilities", deadline)
+            probabilities = await self._images_to(loaded, images, OUTPUT_PROBABILITIES, deadline)
             labels = loaded.model.card.labels if loaded.model.card else ()
-            k = max(1, min(top_k or DEFAULT_TOP_K, probabilities.shape[1]))
-            return loaded, [_top_k(row, labels, k) for row in probabilities]
+            k = top_k or DEFAULT_TOP_K
+            return loaded, [ranked(row, labels, k) for row in probabilities]
 
     async def embed(
         self, name: str, version: str, images: Sequence[bytes], *, deadline: float | None = None
     ) -> tuple[LoadedModel, np.ndarray]:
         """Decode and resize the images, then return the model's ``embeddings`` rows."""
         with self.registry.acquire(name, version) as loaded:
-            return loaded, await self._images_to(loaded, images, "embeddings", deadline)
+            return loaded, await self._images_to(loaded, images, OUTPUT_EMBEDDINGS, deadline)
 
     async def _images_to(
         self, loaded: LoadedModel, images: Sequence[bytes], output: str, deadline: float | None
@@ -189,10 +189,3 @@ class InferenceCore:
             raise type(exc)(f"image {index}: {exc}") from exc
         self.metrics.images_decoded.labels(path).inc()
         return row
-
-
-def _top_k(row: np.ndarray, labels: Sequence[str], k: int) -> list[ScoredLabel]:
-    best = np.argsort(-row, kind="stable")[:k]
-    return [
-        ScoredLabel(labels[i] if i < len(labels) else str(i), int(i), float(row[i])) for i in best
-    ]

@@ -1,12 +1,12 @@
 """Classify's image decoding: a fast path for large JPEGs, the exact path for the rest.
 
-Training prepares images with :func:`tlserve.client.preprocess.prepare_image`
+Training prepares images with :func:`tlserve.contract.images.prepare_image`
 (full decode, then resize the shorter side with the model's interpolation,
 then centre-crop). For a large JPEG most of that work is wasted: a 4000 px
 photo is decoded in full only to be shrunk to 256 px. libjpeg-turbo (through
 ``simplejpeg``) can decode at 1/2, 1/4 or 1/8 scale in the DCT domain, which
 is several times faster; the result is then resized and cropped by the same
-:func:`~tlserve.client.preprocess.resize_and_crop` as training.
+:func:`~tlserve.contract.images.resize_and_crop` as training.
 
 The fast path decodes at the smallest scale whose shorter side is still at
 least ``oversample`` times the resize target, so the final resize always
@@ -34,9 +34,10 @@ from types import ModuleType
 import numpy as np
 from PIL import Image
 
-from tlserve.client.errors import InvalidInput
-from tlserve.client.metadata import Preprocessing
-from tlserve.client.preprocess import MAX_IMAGE_PIXELS, prepare_image
+from tlserve.contract.card import Preprocessing
+from tlserve.contract.errors import InvalidInput
+from tlserve.contract.images import prepare_image, resize_and_crop, short_side
+from tlserve.contract.rules import MAX_IMAGE_PIXELS
 
 
 def _load_simplejpeg() -> ModuleType | None:
@@ -57,11 +58,6 @@ FAST_JPEG = "jpeg_fast"
 EXACT = "exact"
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-}
 _EXIF_ORIENTATION = 0x0112
 _HEADER_ERRORS = (OSError, ValueError, SyntaxError)
 
@@ -115,8 +111,7 @@ class ImageDecoder:
 
     def _target(self, spec: Preprocessing) -> int:
         """Shorter side the fast path must keep: oversample x the resize size."""
-        scale_size = math.floor(max(spec.height, spec.width) / spec.crop_pct)
-        return math.ceil(self.oversample * scale_size)
+        return math.ceil(self.oversample * short_side(spec))
 
     def _decode_fast(self, data: bytes, header: _Header, spec: Preprocessing) -> np.ndarray | None:
         target = self._target(spec)
@@ -148,19 +143,10 @@ def _resize_and_crop_scaled(image: Image.Image, header: _Header, spec: Preproces
     aspect ratio drifts by up to a pixel; resizing from the exact source box
     that the full image maps to keeps the crop aligned with training's.
     """
-    width, height = header.width, header.height
-    scale_size = math.floor(max(spec.height, spec.width) / spec.crop_pct)
-    if width <= height:
-        new_w, new_h = scale_size, int(scale_size * height / width)
-    else:
-        new_w, new_h = int(scale_size * width / height), scale_size
-    sx, sy = _dct_scale(width, image.width), _dct_scale(height, image.height)
-    box = (0.0, 0.0, width * sx, height * sy)
-    image = image.resize((new_w, new_h), _RESAMPLE[spec.interpolation], box=box)
-    left = round((new_w - spec.width) / 2.0)
-    top = round((new_h - spec.height) / 2.0)
-    image = image.crop((left, top, left + spec.width, top + spec.height))
-    return np.asarray(image, dtype=np.uint8)
+    sx = _dct_scale(header.width, image.width)
+    sy = _dct_scale(header.height, image.height)
+    box = (0.0, 0.0, header.width * sx, header.height * sy)
+    return resize_and_crop(image, spec, full_size=(header.width, header.height), box=box)
 
 
 def _read_header(data: bytes) -> _Header | None:

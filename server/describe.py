@@ -6,10 +6,10 @@ them and tests can too.
 
 from __future__ import annotations
 
+from tlserve.contract.rules import GPU_PROVIDERS, MODEL_FILE
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.server.config import ServerConfig
 from tlserve.server.lifecycle import VersionState
-from tlserve.server.policy import parse_batch_sizes, parse_version_policy
 from tlserve.server.repository import LoadedModel
 from tlserve.server.runtime import TensorSpec
 from tlserve.server.statistics import Duration, ModelStatistics
@@ -22,8 +22,6 @@ EXTENSIONS = (
     "statistics",
     "model_configuration",
 )
-
-_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def _dims(spec: TensorSpec, batchable: bool) -> list[int]:
@@ -44,7 +42,7 @@ def model_config(loaded: LoadedModel, config: ServerConfig) -> pb.ModelConfig:
         platform="onnxruntime_onnx",
         backend="onnxruntime",
         max_batch_size=batcher.max_batch_size if batchable else 0,
-        default_model_filename="model.onnx",
+        default_model_filename=MODEL_FILE,
     )
     for spec in model.inputs:
         fmt = pb.ModelInput.FORMAT_NONE
@@ -61,18 +59,16 @@ def model_config(loaded: LoadedModel, config: ServerConfig) -> pb.ModelConfig:
             name=spec.name, data_type=_data_type(spec.datatype), dims=_dims(spec, batchable)
         )
     if batchable:
-        result.dynamic_batching.preferred_batch_size.extend(
-            parse_batch_sizes(config.preferred_batch_sizes)
-        )
+        result.dynamic_batching.preferred_batch_size.extend(config.preferred_batch_sizes)
         result.dynamic_batching.max_queue_delay_microseconds = round(batcher.max_queue_delay * 1e6)
-    on_gpu = model.provider in _GPU_PROVIDERS
+    on_gpu = model.provider in GPU_PROVIDERS
     result.instance_group.add(
         name=f"{loaded.name}_0",
         count=batcher.instances,
         kind=pb.ModelInstanceGroup.KIND_GPU if on_gpu else pb.ModelInstanceGroup.KIND_CPU,
         gpus=[0] if on_gpu else [],
     )
-    policy = parse_version_policy(config.version_policy)
+    policy = config.version_policy
     if policy.kind == "latest":
         result.version_policy.latest.num_versions = policy.latest
     elif policy.kind == "specific":

@@ -2,8 +2,8 @@
 
 :func:`handled` turns domain errors into ``context.abort`` with their status
 (anything unexpected is logged and becomes INTERNAL, no internals leaked) and
-puts the retry hint of a full queue in trailing metadata as ``retry-after-ms``
-(integer milliseconds). :func:`counted` does the same bookkeeping for one
+puts an ``Overloaded``'s retry hint in trailing metadata
+(:func:`~tlserve.contract.errors.retry_trailer`). :func:`counted` does the same bookkeeping for one
 message of a stream, whose errors travel in the message instead.
 """
 
@@ -14,20 +14,16 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from tlserve.client.errors import TlserveError
-from tlserve.server.batcher import QueueFull
+from tlserve.contract.errors import TlserveError, retry_trailer
 from tlserve.server.core import InferenceCore
 
-__all__ = ["RETRY_AFTER_KEY", "counted", "deadline_of", "handled", "record", "server_version"]
+__all__ = ["counted", "deadline_of", "handled", "record"]
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER_KEY = "retry-after-ms"
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -39,13 +35,6 @@ class _HasCore(Protocol):
 
 Servicer = TypeVar("Servicer", bound=_HasCore)
 Handler = Callable[[Servicer, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
-
-
-def server_version() -> str:
-    try:
-        return version("tlserve")
-    except PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
 
 
 def record(core: InferenceCore, api: str, model_name: str, outcome: str, started: float) -> None:
@@ -85,10 +74,7 @@ def handled(
                 return await method(self, request, context)
             except TlserveError as exc:
                 outcome = exc.code.name
-                trailers: tuple[tuple[str, str], ...] = ()
-                if isinstance(exc, QueueFull):
-                    trailers = ((RETRY_AFTER_KEY, str(exc.retry_after_ms)),)
-                await context.abort(exc.code, str(exc), trailing_metadata=trailers)
+                await context.abort(exc.code, str(exc), trailing_metadata=retry_trailer(exc))
             except asyncio.CancelledError:
                 outcome = "CANCELLED"
                 raise

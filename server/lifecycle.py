@@ -23,15 +23,12 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import grpc
-
-from tlserve.client.errors import ModelNotFound, TlserveError, Unavailable
+from tlserve.contract.errors import ModelNotFound, NotAllowed, Unavailable
+from tlserve.contract.rules import check_model_name
 from tlserve.server.config import ServerConfig
 from tlserve.server.metrics import ServerMetrics
-from tlserve.server.policy import parse_version_policy
 from tlserve.server.repository import (
     LoadedModel,
-    check_model_name,
     load_version,
     retire,
     scan_repository,
@@ -40,12 +37,6 @@ from tlserve.server.repository import (
 __all__ = ["ModelRegistry", "NotAllowed", "VersionState"]
 
 log = logging.getLogger(__name__)
-
-
-class NotAllowed(TlserveError):
-    """The request is valid but the server's mode forbids it."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 @dataclass(frozen=True)
@@ -64,7 +55,7 @@ class ModelRegistry:
     def __init__(self, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.config = config
         self._metrics = metrics
-        self.policy = parse_version_policy(config.version_policy)
+        self.policy = config.version_policy
         # name -> version -> loaded, oldest version first; replaced, never mutated.
         self._serving: dict[str, dict[str, LoadedModel]] = {}
         self._loading: set[tuple[str, str]] = set()

@@ -13,47 +13,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlserve.client.errors import InvalidInput
+from tlserve.contract.rules import MODEL_FILE, valid_model_name
 from tlserve.server.batcher import DynamicBatcher
 from tlserve.server.config import ServerConfig
 from tlserve.server.metrics import ServerMetrics
-from tlserve.server.policy import parse_batch_sizes
 from tlserve.server.runtime import OnnxModel, load_model
 from tlserve.server.statistics import ModelStatistics
 
 __all__ = [
     "LoadedModel",
-    "check_model_name",
     "load_version",
     "retire",
     "scan_repository",
-    "valid_model_name",
 ]
 
 log = logging.getLogger(__name__)
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
-def valid_model_name(name: str) -> bool:
-    """Letters, digits, ``_ . -``; no path separators, no leading dot, no ``..``."""
-    return bool(_NAME.fullmatch(name)) and ".." not in name
-
-
-def check_model_name(name: str) -> None:
-    """InvalidInput unless ``name`` is a plain model name (no path tricks)."""
-    if not valid_model_name(name):
-        raise InvalidInput(
-            f"{name!r} is not a valid model name: 1-128 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit, without '..'"
-        )
 
 
 def scan_repository(root: Path) -> dict[str, list[int]]:
@@ -70,12 +50,12 @@ def scan_repository(root: Path) -> dict[str, list[int]]:
         versions = sorted(
             int(v.name)
             for v in model_dir.iterdir()
-            if v.name.isdigit() and (v / "model.onnx").is_file()
+            if v.name.isdigit() and (v / MODEL_FILE).is_file()
         )
         if versions:
             found[model_dir.name] = versions
         else:
-            log.debug("skipping %s: no <version>/model.onnx inside", model_dir)
+            log.debug("skipping %s: no <version>/%s inside", model_dir, MODEL_FILE)
     return found
 
 
@@ -126,7 +106,7 @@ async def load_version(
     config: ServerConfig, metrics: ServerMetrics, name: str, version: str
 ) -> LoadedModel:
     """Load one version, warm it up and start its batcher; nothing else changes."""
-    path = config.model_repository / name / version / "model.onnx"
+    path = config.model_repository / name / version / MODEL_FILE
     loop = asyncio.get_running_loop()
     # `instances` threads: that many batches of the one session run at once.
     executor = ThreadPoolExecutor(
@@ -152,7 +132,7 @@ async def load_version(
         max_batch_size=config.max_batch_size,
         max_queue_delay=config.max_queue_delay,
         max_queue_size=config.max_queue_size,
-        preferred_batch_sizes=parse_batch_sizes(config.preferred_batch_sizes),
+        preferred_batch_sizes=config.preferred_batch_sizes,
         instances=config.instances,
         stats=stats,
         row_seconds=row_seconds,

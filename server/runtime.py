@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from tlserve.client.codec import dtype_of
-from tlserve.client.metadata import ModelCard
+from tlserve.contract.card import ModelCard
+from tlserve.contract.codec import dtype_of
+from tlserve.contract.errors import ProviderError
+from tlserve.contract.rules import CPU_PROVIDER, CUDA_PROVIDER, GPU_PROVIDERS, TENSORRT_PROVIDER
 
 if TYPE_CHECKING:
     from tlserve.server.config import ServerConfig
@@ -35,10 +37,7 @@ __all__ = ["OnnxModel", "ProviderError", "TensorSpec", "load_model", "providers_
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
-_GPU_PROVIDERS = (CUDA, TENSORRT)
+CPU, CUDA, TENSORRT = CPU_PROVIDER, CUDA_PROVIDER, TENSORRT_PROVIDER
 
 # onnxruntime's type strings -> Open Inference Protocol datatypes.
 _ORT_TYPES = {
@@ -55,10 +54,6 @@ _ORT_TYPES = {
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
 }
-
-
-class ProviderError(RuntimeError):
-    """The execution provider that the configuration demands is not usable."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +141,7 @@ class OnnxModel:
         self.card: ModelCard | None = ModelCard.from_props(props)
         # Batchable: every input's first dimension is free.
         self.batchable = all(spec.shape and spec.shape[0] == -1 for spec in self.inputs)
-        self.io_binding = self.provider in _GPU_PROVIDERS
+        self.io_binding = self.provider in GPU_PROVIDERS
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on a batch; returns every output by name."""

@@ -7,29 +7,25 @@ Status codes, counting and the retry hint are :mod:`tlserve.server.handling`'s
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tlserve.client.codec import decode_request_inputs, encode_response_outputs
-from tlserve.client.errors import InvalidInput, TlserveError
+from tlserve.contract.codec import decode_request_inputs, encode_response_outputs
+from tlserve.contract.errors import InvalidInput
+from tlserve.contract.predictions import Prediction
+from tlserve.contract.rules import tlserve_version
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.protos import tlserve_v1_pb2 as v1
 from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
-from tlserve.server.core import InferenceCore, ScoredLabel
-from tlserve.server.describe import EXTENSIONS, index_entries, model_config, model_statistics
-from tlserve.server.handling import (
-    RETRY_AFTER_KEY,
-    counted,
-    deadline_of,
-    handled,
-    server_version,
-)
-from tlserve.server.repository import LoadedModel, scan_repository
+from tlserve.server.control import ModelControl
+from tlserve.server.core import InferenceCore
+from tlserve.server.describe import EXTENSIONS, index_entries, model_statistics
+from tlserve.server.handling import counted, deadline_of, handled
+from tlserve.server.repository import LoadedModel
 from tlserve.server.streams import answer_in_order
 
-__all__ = ["RETRY_AFTER_KEY", "ImageServicer", "InferenceServicer", "server_version"]
+__all__ = ["ImageServicer", "InferenceServicer"]
 
 
 def _param(value: str) -> pb.InferParameter:
@@ -57,8 +53,9 @@ def _check_repository_request(request: Any) -> None:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The Open Inference Protocol (KServe v2) over gRPC, with Triton's extensions."""
 
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: InferenceCore, control: ModelControl) -> None:
         self.core = core
+        self.control = control
 
     @handled()
     async def ServerLive(
@@ -76,44 +73,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Any
     ) -> pb.ModelReadyResponse:
-        try:
-            self.core.registry.get(request.name, request.version)
-        except TlserveError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=not self.core.draining)
+        return pb.ModelReadyResponse(ready=self.control.model_ready(request.name, request.version))
 
     @handled()
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
-        registry = self.core.registry
-        providers = sorted(
-            {m.model.provider for n in registry.names() for m in registry.versions(n)}
-        )
         return pb.ServerMetadataResponse(
             name="tlserve",
-            version=server_version(),
+            version=tlserve_version(),
             extensions=EXTENSIONS,
-            parameters={"execution_providers": _param(",".join(providers))},
+            parameters={"execution_providers": _param(",".join(self.control.providers()))},
         )
 
     @handled()
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
-        loaded = self.core.registry.get(request.name, request.version)
-        model = loaded.model
+        described = self.control.describe(request.name, request.version)
+        model = described.loaded.model
         params = {"execution_provider": _param(model.provider)}
         if model.card is not None:
             params.update({k: _param(v) for k, v in model.card.to_props().items()})
-        versions = (
-            [request.version]
-            if request.version
-            else [m.version for m in self.core.registry.versions(loaded.name)]
-        )
         return pb.ModelMetadataResponse(
-            name=loaded.name,
-            versions=versions,
+            name=described.loaded.name,
+            versions=described.versions,
             platform="onnxruntime_onnx",
             inputs=_tensors(model.inputs),
             outputs=_tensors(model.outputs),
@@ -124,8 +108,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Any
     ) -> pb.ModelConfigResponse:
-        loaded = self.core.registry.get(request.name, request.version)
-        return pb.ModelConfigResponse(config=model_config(loaded, self.core.registry.config))
+        return pb.ModelConfigResponse(config=self.control.config(request.name, request.version))
 
     @handled()
     async def ModelStatistics(
@@ -138,9 +121,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
-        registry = self.core.registry
-        on_disk = await asyncio.to_thread(scan_repository, registry.config.model_repository)
-        rows = [r for r in registry.index(on_disk) if r.state == "READY" or not request.ready]
+        rows = await self.control.index(ready_only=request.ready)
         return pb.RepositoryIndexResponse(models=index_entries(rows))
 
     @handled()
@@ -148,7 +129,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
         _check_repository_request(request)
-        await self.core.registry.load(request.model_name)
+        await self.control.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @handled()
@@ -156,7 +137,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
         _check_repository_request(request)
-        await self.core.registry.unload(request.model_name)
+        await self.control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     @handled("ModelInfer")
@@ -207,7 +188,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _classify_response(
-    loaded: LoadedModel, results: list[list[ScoredLabel]], request_id: str
+    loaded: LoadedModel, results: list[list[Prediction]], request_id: str
 ) -> v1.ClassifyResponse:
     return v1.ClassifyResponse(
         model_name=loaded.name,

@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from tlserve.client.errors import TlserveError
+from tlserve.contract.errors import TlserveError
 
 __all__ = ["STREAM_WINDOW", "answer_in_order", "status_message"]
 

@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from tlserve.client.metadata import ModelCard, Preprocessing
+from tlserve.contract.card import ModelCard, Preprocessing
 
 _CACHE_DIR = pytest.StashKey[str]()
 

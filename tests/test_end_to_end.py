@@ -12,7 +12,7 @@ import onnxruntime as ort
 from tests.conftest import ServerThread
 from tests.training.shapes import SHAPES, TINY_BACKBONE, write_shapes
 from tlserve.client import Client
-from tlserve.client.preprocess import prepare_image
+from tlserve.contract.images import prepare_image
 
 
 def test_train_serve_classify(tmp_path: Path) -> None:

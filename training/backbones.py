@@ -35,7 +35,7 @@ from typing import Any
 import timm
 import torch
 
-from tlserve.client.metadata import INTERPOLATIONS, Preprocessing
+from tlserve.contract.card import INTERPOLATIONS, Preprocessing, as_triple
 from tlserve.training.efficientnet_lite import (
     lite_weights_file,
     remap_lukemelas_keys,
@@ -174,8 +174,8 @@ def _create_timm(spec: str, weights: Path | None) -> tuple[torch.nn.Module, Prep
         width=int(width),
         crop_pct=float(cfg.get("crop_pct", 0.875)),
         interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
-        mean=_triple(cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=_triple(cfg.get("std", (0.229, 0.224, 0.225))),
+        mean=as_triple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=as_triple(cfg.get("std", (0.229, 0.224, 0.225))),
     )
     return module, preprocessing
 
@@ -210,11 +210,6 @@ def _last_linear(module: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.n
     if found is None:
         raise ValueError(f"{type(module).__name__} has no nn.Linear classifier to remove")
     return found
-
-
-def _triple(values: tuple[float, ...] | list[float]) -> tuple[float, float, float]:
-    a, b, c = (float(v) for v in values)
-    return (a, b, c)
 
 
 def _lite_builder(variant: int) -> Callable[[], torch.nn.Module]:

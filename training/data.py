@@ -25,6 +25,8 @@ from typing import Literal
 
 import numpy as np
 
+from tlserve.contract.errors import DataError
+
 __all__ = ["IMAGE_SUFFIXES", "DataError", "Dataset", "Sample", "load_dataset", "split_samples"]
 
 log = logging.getLogger(__name__)
@@ -34,10 +36,6 @@ SPLITS = ("train", "val", "test")
 
 Sample = tuple[Path, int]
 """One labelled image: its path and the index of its class in ``Dataset.classes``."""
-
-
-class DataError(ValueError):
-    """The data directory cannot be used; the message says what to fix."""
 
 
 @dataclass(frozen=True)

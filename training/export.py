@@ -30,32 +30,34 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from tlserve.client.metadata import ModelCard
+from tlserve.contract.card import ModelCard
+from tlserve.contract.errors import ExportError
+from tlserve.contract.rules import (
+    INPUT_IMAGES,
+    OUTPUT_EMBEDDINGS,
+    OUTPUT_PROBABILITIES,
+)
 from tlserve.training.backbones import Backbone
 from tlserve.training.heads import Head, TreeHead, head_logits, softmax
 from tlserve.training.modules import ImageClassifier, ImageEmbedder
-from tlserve.training.publish import publish, validate_model_name
+from tlserve.training.publish import publish
 
 __all__ = [
     "EMBEDDING_ATOL",
     "EMBEDDING_RTOL",
-    "INPUT_NAME",
     "OPSET",
     "OUTPUT_NAMES",
     "PROBABILITY_ATOL",
     "ExportCheck",
-    "ExportError",
     "compare_outputs",
     "export_onnx",
     "publish",
-    "validate_model_name",
 ]
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("probabilities", "embeddings")
+OUTPUT_NAMES = (OUTPUT_PROBABILITIES, OUTPUT_EMBEDDINGS)
 BATCH_AXIS = "batch"
 
 # Tolerances between onnxruntime (CPU) and PyTorch on the same uint8 images.
@@ -64,10 +66,6 @@ BATCH_AXIS = "batch"
 PROBABILITY_ATOL = 1e-4
 EMBEDDING_RTOL = 1e-3
 EMBEDDING_ATOL = 1e-4
-
-
-class ExportError(RuntimeError):
-    """The exported model failed verification; nothing was published."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +124,7 @@ def export_onnx(
     if isinstance(head, TreeHead):
         from tlserve.training.tree_graph import join_tree_head
 
-        traced = _to_onnx(embedder, sample_images, ("embeddings",))
+        traced = _to_onnx(embedder, sample_images, (OUTPUT_EMBEDDINGS,))
         proto = join_tree_head(traced, head, opset=OPSET, batch_axis=BATCH_AXIS)
     else:
         proto = _to_onnx(ImageClassifier(embedder, head).eval(), sample_images, OUTPUT_NAMES)
@@ -201,7 +199,7 @@ def _to_onnx(
             model,
             (example,),
             dynamo=True,
-            input_names=[INPUT_NAME],
+            input_names=[INPUT_IMAGES],
             output_names=list(output_names),
             dynamic_shapes=({0: torch.export.Dim(BATCH_AXIS)},),
             opset_version=OPSET,
@@ -219,7 +217,7 @@ def _verify(reference: Reference, path: Path, sample_images: np.ndarray) -> Expo
     batches = [sample_images[:1], sample_images] if len(sample_images) > 1 else [sample_images]
     worst = ExportCheck(0, 0.0, 0.0, -np.inf)
     for batch in batches:
-        onnx_probabilities, onnx_embeddings = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        onnx_probabilities, onnx_embeddings = session.run(list(OUTPUT_NAMES), {INPUT_IMAGES: batch})
         check = compare_outputs((onnx_probabilities, onnx_embeddings), reference(batch))
         worst = ExportCheck(
             images=max(worst.images, check.images),

@@ -1,6 +1,6 @@
 """Compute embeddings for a list of images with a frozen backbone.
 
-Images are decoded and resized by :func:`tlserve.client.preprocess.prepare_image`
+Images are decoded and resized by :func:`tlserve.contract.images.prepare_image`
 (the function the server and client use too) in DataLoader worker processes,
 batched as uint8 ``[N, H, W, 3]``, and embedded by :class:`ImageEmbedder`, the
 module that is exported. A file that cannot be read is skipped and reported,
@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
-from tlserve.client.errors import InvalidInput
-from tlserve.client.metadata import Preprocessing
-from tlserve.client.preprocess import prepare_image
+from tlserve.contract.card import Preprocessing
+from tlserve.contract.errors import InvalidInput
+from tlserve.contract.images import prepare_image
 from tlserve.training.data import Sample
 from tlserve.training.modules import ImageEmbedder
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tlserve.client.metadata import Preprocessing
+from tlserve.contract.card import Preprocessing
 from tlserve.training.backbones import Backbone
 
 __all__ = ["ImageClassifier", "ImageEmbedder"]
@@ -20,7 +20,7 @@ class ImageEmbedder(torch.nn.Module):
     """uint8 ``[N, H, W, 3]`` RGB images → float32 embeddings ``[N, D]``.
 
     ``preprocessing`` is kept: it says how the uint8 input must be prepared
-    (:func:`~tlserve.client.preprocess.prepare_image`) and holds the mean/std
+    (:func:`~tlserve.contract.images.prepare_image`) and holds the mean/std
     applied here.
     """
 

@@ -17,33 +17,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["MODEL_FILENAME", "next_version", "publish", "validate_model_name"]
+from tlserve.contract.errors import InvalidInput
+from tlserve.contract.rules import MODEL_FILE, check_model_name, valid_model_name
+
+__all__ = ["next_version", "publish"]
 
 log = logging.getLogger(__name__)
 
-MODEL_FILENAME = "model.onnx"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _ATTEMPTS = 20
-
-
-def validate_model_name(name: str) -> str:
-    """Return ``name`` if it is a safe model name, else raise ``ValueError``.
-
-    Letters, digits, ``-``, ``_`` and ``.``, starting with a letter or digit,
-    at most 128 characters: no separators, no ``..``, nothing hidden.
-    """
-    if not _NAME.fullmatch(name) or ".." in name:
-        raise ValueError(
-            f"invalid model name {name!r}: use letters, digits, '-', '_' and '.', "
-            "starting with a letter or digit (at most 128 characters)"
-        )
-    return name
 
 
 def next_version(model_dir: Path) -> int:
@@ -68,17 +54,18 @@ def publish(
     ``extra_files`` (file name → content, e.g. ``report.json``) are written
     beside ``model.onnx``. Concurrent publishers each get their own version.
     """
-    validate_model_name(name)
+    check_model_name(name)
     extras = dict(extra_files or {})
     for filename in extras:
-        if filename == MODEL_FILENAME or not _NAME.fullmatch(filename) or ".." in filename:
-            raise ValueError(f"invalid extra file name {filename!r}")
+        # Extra files follow the model-name rule: no separators, nothing hidden.
+        if filename == MODEL_FILE or not valid_model_name(filename):
+            raise InvalidInput(f"invalid extra file name {filename!r}")
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = model_dir / f".tmp-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        shutil.copyfile(model_file, staging / MODEL_FILENAME)
+        shutil.copyfile(model_file, staging / MODEL_FILE)
         for filename, content in extras.items():
             (staging / filename).write_bytes(content)
         for child in staging.iterdir():

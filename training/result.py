@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tlserve.client.metadata import ModelCard
+from tlserve.contract.card import ModelCard
 from tlserve.training.features import SkippedFile
 
 __all__ = ["TrainResult"]

@@ -12,14 +12,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tlserve.client.metadata import ModelCard
+from tlserve.contract.card import ModelCard
+from tlserve.contract.rules import MODEL_FILE, check_model_name, tlserve_version
 from tlserve.training.backbones import Backbone, create_backbone
 from tlserve.training.cache import default_cache_dir
 from tlserve.training.calibration import calibrate_on, calibration_report
@@ -30,7 +30,7 @@ from tlserve.training.export import export_onnx
 from tlserve.training.features import Features, SkippedFile, extract_features, load_images
 from tlserve.training.heads import head_logits, softmax, with_temperature
 from tlserve.training.loops import rank_and_world
-from tlserve.training.publish import MODEL_FILENAME, publish, validate_model_name
+from tlserve.training.publish import publish
 from tlserve.training.report import REPORT_FILENAME, report_files
 from tlserve.training.result import TrainResult
 from tlserve.training.strategies import FitContext, FittedHead, create_strategy
@@ -86,7 +86,7 @@ def train(
     the export fails to verify.
     """
     start = time.perf_counter()
-    validate_model_name(name)  # before minutes of work, not after
+    check_model_name(name)  # before minutes of work, not after
     chosen = create_strategy(strategy, **dict(options or {}))
     init_distributed()
     _seed_everything(seed)
@@ -158,7 +158,7 @@ def train(
         metrics=metrics,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         data_fingerprint=dataset.fingerprint(),
-        tlserve_version=_tlserve_version(),
+        tlserve_version=tlserve_version(),
         notes={
             "held_out": dataset.held_out,
             "n_train": str(n_train),
@@ -202,7 +202,7 @@ def train(
         name=name,
         version=int(version_dir.name),
         version_dir=version_dir,
-        model_path=version_dir / MODEL_FILENAME,
+        model_path=version_dir / MODEL_FILE,
         classes=dataset.classes,
         backbone=net.name,
         strategy=strategy_name,
@@ -254,7 +254,7 @@ def _export_and_publish(
     sample_paths = [path for path, _ in dataset.test + dataset.train]
     samples = load_images(sample_paths, card.preprocessing, limit=_EXPORT_SAMPLE_IMAGES)
     with tempfile.TemporaryDirectory(prefix="tlserve-export-") as tmp:
-        exported = Path(tmp) / MODEL_FILENAME
+        exported = Path(tmp) / MODEL_FILE
         check = export_onnx(fitted.embedder, head, card, exported, samples)
         report["export_check"] = asdict(check)
         report["wall_seconds"] = round(time.perf_counter() - start, 3)
@@ -326,10 +326,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _tlserve_version() -> str:
-    try:
-        return metadata.version("tlserve")
-    except metadata.PackageNotFoundError:
-        return "unknown"

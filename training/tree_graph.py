@@ -19,6 +19,7 @@ from onnx import TensorProto, compose, helper, numpy_helper
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import FloatTensorType
 
+from tlserve.contract.rules import OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES
 from tlserve.training.heads import TreeHead
 
 __all__ = ["join_tree_head"]
@@ -31,7 +32,7 @@ def join_tree_head(
     backbone: onnx.ModelProto, head: TreeHead, *, opset: int, batch_axis: str
 ) -> onnx.ModelProto:
     """``backbone`` (images → embeddings) + ``head`` → (probabilities, embeddings)."""
-    (embeddings,) = [o for o in backbone.graph.output if o.name == "embeddings"]
+    (embeddings,) = [o for o in backbone.graph.output if o.name == OUTPUT_EMBEDDINGS]
     dim = embeddings.type.tensor_type.shape.dim[1].dim_value
     with warnings.catch_warnings():
         # skl2onnx writes nodes_missing_value_tracks_true as Python bools into an
@@ -39,7 +40,7 @@ def join_tree_head(
         warnings.filterwarnings("ignore", message=r"Field onnx\.AttributeProto\.ints: Expected")
         trees = to_onnx(
             head.estimator,
-            initial_types=[("embeddings", FloatTensorType([None, dim]))],
+            initial_types=[(OUTPUT_EMBEDDINGS, FloatTensorType([None, dim]))],
             target_opset={"": opset, "ai.onnx.ml": ML_OPSET},
             options={id(head.estimator): {"zipmap": False}},
         )
@@ -48,8 +49,8 @@ def join_tree_head(
     merged = compose.merge_models(
         backbone,
         trees,
-        io_map=[("embeddings", _PREFIX + "embeddings")],
-        outputs=[_PREFIX + "probabilities", "embeddings"],
+        io_map=[(OUTPUT_EMBEDDINGS, _PREFIX + OUTPUT_EMBEDDINGS)],
+        outputs=[_PREFIX + OUTPUT_PROBABILITIES, OUTPUT_EMBEDDINGS],
     )
     graph = merged.graph
     graph.initializer.extend(
@@ -62,18 +63,18 @@ def join_tree_head(
     )
     graph.node.extend(
         [
-            helper.make_node("Max", [_PREFIX + "probabilities", _PREFIX + "eps"], ["t_clip"]),
+            helper.make_node("Max", [_PREFIX + OUTPUT_PROBABILITIES, _PREFIX + "eps"], ["t_clip"]),
             helper.make_node("Log", ["t_clip"], ["t_log"]),
             helper.make_node("Mul", ["t_log", _PREFIX + "inv_t"], ["t_logits"]),
-            helper.make_node("Softmax", ["t_logits"], ["probabilities"], axis=-1),
+            helper.make_node("Softmax", ["t_logits"], [OUTPUT_PROBABILITIES], axis=-1),
         ]
     )
-    kept = [o for o in graph.output if o.name == "embeddings"]
+    kept = [o for o in graph.output if o.name == OUTPUT_EMBEDDINGS]
     del graph.output[:]
     graph.output.extend(
         [
             helper.make_tensor_value_info(
-                "probabilities", TensorProto.FLOAT, [batch_axis, head.n_classes]
+                OUTPUT_PROBABILITIES, TensorProto.FLOAT, [batch_axis, head.n_classes]
             ),
             *kept,
         ]

@@ -54,8 +54,8 @@ def test_the_bare_install_is_the_client_without_heavy_dependencies(tmp_path: Pat
             "-c",
             "import sys, tlserve.client\n"
             "from tlserve.client import Client, InvalidInput, ModelCard\n"
-            "from tlserve.client.preprocess import prepare_image\n"
-            "from tlserve.client.codec import encode_request_inputs\n"
+            "from tlserve.contract.images import prepare_image\n"
+            "from tlserve.contract.codec import encode_request_inputs\n"
             "heavy = [m for m in ('torch', 'onnxruntime', 'onnx', 'prometheus_client')\n"
             "         if m in sys.modules]\n"
             "assert not heavy, heavy\n"

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tlserve.client.codec import (
+from tlserve.contract.codec import (
     DATATYPES,
     datatype_of,
     decode_request_inputs,
@@ -17,7 +17,7 @@ from tlserve.client.codec import (
     encode_request_inputs,
     encode_response_outputs,
 )
-from tlserve.client.errors import InvalidInput
+from tlserve.contract.errors import InvalidInput
 from tlserve.protos import grpc_service_pb2 as pb
 
 

@@ -28,9 +28,9 @@ from tlserve.client import (
     Unauthenticated,
     Unavailable,
 )
-from tlserve.client.errors import from_rpc_error, from_status_message
-from tlserve.client.metadata import SCHEMA_VERSION
-from tlserve.client.preprocess import MAX_IMAGE_PIXELS, decode_image, prepare_image
+from tlserve.contract.card import SCHEMA_VERSION
+from tlserve.contract.errors import from_rpc_error, from_status_message
+from tlserve.contract.images import MAX_IMAGE_PIXELS, decode_image, prepare_image
 
 # --- the public surface (httpx's test_exported_members, adapted)
 
@@ -53,11 +53,12 @@ def test_every_exported_name_imports() -> None:
     namespace: dict[str, Any] = {}
     exec("from tlserve.client import *", namespace)
     assert set(tlserve.client.__all__) <= set(namespace)
-    modules = ("aio", "client", "codec", "errors", "metadata", "preprocess", "results", "transport")
-    for module in modules:
-        submodule = __import__(f"tlserve.client.{module}", fromlist=["__all__"])
+    modules = [f"client.{m}" for m in ("aio", "client", "results", "transport")]
+    modules += [f"contract.{m}" for m in ("card", "codec", "errors", "images", "predictions")]
+    for module in [*modules, "contract.rules"]:
+        submodule = __import__(f"tlserve.{module}", fromlist=["__all__"])
         for name in submodule.__all__:
-            assert hasattr(submodule, name), f"tlserve.client.{module}.{name}"
+            assert hasattr(submodule, name), f"tlserve.{module}.{name}"
 
 
 def test_image_input_alias_is_a_real_type_at_runtime() -> None:

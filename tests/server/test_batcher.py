@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tlserve.client.errors import DeadlineExceeded, Overloaded, ServerError, Unavailable
-from tlserve.server.batcher import DynamicBatcher, QueueFull
+from tlserve.contract.errors import DeadlineExceeded, Overloaded, ServerError, Unavailable
+from tlserve.server.batcher import DynamicBatcher
 from tlserve.server.metrics import ServerMetrics
 
 Arrays = dict[str, np.ndarray]
@@ -370,11 +370,11 @@ async def test_the_retry_hint_grows_with_the_queue_and_the_row_time(rig: Rig) ->
     first = await busy_with_first_request(rig, batcher)
     queued = [asyncio.create_task(batcher.submit(request(i))) for i in range(1, 5)]
     await wait_until(lambda: batcher.queued_rows == 4)
-    with pytest.raises(QueueFull) as caught:
+    with pytest.raises(Overloaded) as caught:
         await batcher.submit(request(9))
     assert isinstance(caught.value, Overloaded)
-    assert caught.value.retry_after_ms == 50  # (4 queued + 1) rows x 10 ms
-    assert batcher.retry_after_ms() == 40
+    assert caught.value.retry_after == pytest.approx(0.050)  # (4 queued + 1) rows x 10 ms
+    assert batcher.retry_after() == pytest.approx(0.040)
     rig.model.open()
     await asyncio.gather(first, *queued)
-    assert batcher.retry_after_ms() >= 1
+    assert batcher.retry_after() >= 0.001

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import TINY_SIZE, ServerThread, build_tiny_classifier
 from tests.server.gates import install_gate
-from tlserve.client.codec import encode_request_inputs
+from tlserve.contract.codec import encode_request_inputs
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 

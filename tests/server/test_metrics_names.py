@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TINY_SIZE, ServerThread, png_bytes
 from tlserve.client import Client, ModelNotFound
-from tlserve.client.errors import InvalidInput
+from tlserve.contract.errors import InvalidInput
 
 _NAME = re.compile(r"tlserve_[a-z][a-z0-9_]*[a-z0-9]")
 _UNITS = ("_seconds", "_bytes", "_ratio", "_total", "_info")

@@ -19,8 +19,8 @@ import skimage.data as skimage_data
 from PIL import Image
 
 from tests.conftest import ServerThread
-from tlserve.client.metadata import Preprocessing
-from tlserve.client.preprocess import prepare_image
+from tlserve.contract.card import Preprocessing
+from tlserve.contract.images import prepare_image
 from tlserve.protos import tlserve_v1_pb2 as v1
 from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
 from tlserve.server.decode import EXACT, FAST_JPEG, ImageDecoder

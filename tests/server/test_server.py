@@ -270,7 +270,7 @@ def test_classify_stream_answers_in_order_and_survives_a_bad_request(server: Ser
 
 
 def test_model_stream_infer_through_our_stub(server: ServerThread) -> None:
-    from tlserve.client.codec import encode_request_inputs
+    from tlserve.contract.codec import encode_request_inputs
 
     def request(i: int, rows: int) -> pb.ModelInferRequest:
         message = pb.ModelInferRequest(model_name="tiny", id=str(i))

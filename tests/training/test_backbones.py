@@ -10,8 +10,8 @@ import torch
 from skimage import data as skimage_data
 
 from tests.training.shapes import TINY_BACKBONE, encode_png
-from tlserve.client.metadata import Preprocessing
-from tlserve.client.preprocess import prepare_image
+from tlserve.contract.card import Preprocessing
+from tlserve.contract.images import prepare_image
 from tlserve.training.backbones import (
     create_backbone,
     create_imagenet_classifier,

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from tests.training.shapes import TINY_BACKBONE, write_shapes
-from tlserve.client.metadata import ModelCard
+from tlserve.contract.card import ModelCard
+from tlserve.contract.errors import ExportError
 from tlserve.training.backbones import Backbone, create_backbone
 from tlserve.training.export import (
     PROBABILITY_ATOL,
     ExportCheck,
-    ExportError,
     compare_outputs,
     export_onnx,
 )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tlserve.client.preprocess import prepare_image
+from tlserve.contract.images import prepare_image
 from tlserve.training.backbones import Backbone
 from tlserve.training.data import load_dataset
 from tlserve.training.features import extract_features, load_images

@@ -10,7 +10,7 @@ import onnxruntime as ort
 from tests.conftest import ServerThread
 from tests.training.shapes import TINY_BACKBONE
 from tlserve.client import Client
-from tlserve.client.preprocess import prepare_image
+from tlserve.contract.images import prepare_image
 from tlserve.training import train
 
 

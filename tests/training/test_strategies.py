@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tests.training.shapes import TINY_BACKBONE
-from tlserve.client.preprocess import prepare_image
+from tlserve.contract.images import prepare_image
 from tlserve.training import train
 from tlserve.training.backbones import Backbone
 from tlserve.training.cache import default_cache_dir
@@ -28,7 +28,7 @@ def _onnx_accuracy(model_path: Path, root: Path) -> float:
     meta = session.get_modelmeta().custom_metadata_map
     spec = json.loads(meta["tlserve.preprocessing"])
     dataset = load_dataset(root)
-    from tlserve.client.metadata import Preprocessing
+    from tlserve.contract.card import Preprocessing
 
     prep = Preprocessing.from_dict(spec)
     images = np.stack([prepare_image(path, prep) for path, _ in dataset.test])

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from tests.training.shapes import TINY_BACKBONE
-from tlserve.client.metadata import ModelCard
-from tlserve.client.preprocess import prepare_image
+from tlserve.contract.card import ModelCard
+from tlserve.contract.images import prepare_image
 from tlserve.training import DataError, train
 from tlserve.training.data import load_dataset
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["INTERPOLATIONS", "SCHEMA_VERSION", "ModelCard", "Preprocessing"]
+__all__ = ["INTERPOLATIONS", "SCHEMA_VERSION", "ModelCard", "Preprocessing", "as_triple"]
 
 SCHEMA_VERSION = 1
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -55,8 +55,8 @@ class Preprocessing:
             width=int(data["width"]),
             crop_pct=float(data["crop_pct"]),
             interpolation=str(data["interpolation"]),
-            mean=_triple(data["mean"]),
-            std=_triple(data["std"]),
+            mean=as_triple(data["mean"]),
+            std=as_triple(data["std"]),
         )
 
 
@@ -124,6 +124,7 @@ def _json(key: str, value: str) -> Any:
         raise ValueError(f"model card key {key} is not JSON: {exc}") from exc
 
 
-def _triple(values: Any) -> tuple[float, float, float]:
+def as_triple(values: Any) -> tuple[float, float, float]:
+    """Three floats (a mean or std per RGB channel) from any sequence of three numbers."""
     a, b, c = (float(v) for v in values)
     return (a, b, c)

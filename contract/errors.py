@@ -1,38 +1,59 @@
-"""The errors tlserve raises, on both sides of the wire.
+"""Every error tlserve raises, on both sides of the wire, in one tree.
 
 Each error carries the gRPC status code it travels as. The server raises them
-from its core and one decorator turns them into ``context.abort``; the client
-turns a received ``grpc.RpcError`` back into the same class with
-:func:`from_rpc_error`, chained ``from`` the original so nothing is lost::
+from its core and one decorator (``tlserve.server.handling``) turns them into
+``context.abort``; the client turns a received ``grpc.RpcError`` back into the
+same class with :func:`from_rpc_error`, chained ``from`` the original so
+nothing is lost. The CLI maps each class to an exit code
+(``tlserve.cli.remote``)::
 
     TlserveError
-    ├── ModelNotFound      NOT_FOUND          unknown model or version
-    ├── InvalidInput       INVALID_ARGUMENT   wrong shape, dtype, size, undecodable image
-    ├── Overloaded         RESOURCE_EXHAUSTED queue full: retry later (``retry_after``)
-    ├── DeadlineExceeded   DEADLINE_EXCEEDED  the caller's deadline passed
-    ├── Unavailable        UNAVAILABLE        not ready, draining, or unreachable
-    ├── Unauthenticated    UNAUTHENTICATED    missing or wrong credentials
-    └── ServerError        INTERNAL (and anything else)
+    ├── ModelNotFound      NOT_FOUND           unknown model or version
+    ├── InvalidInput       INVALID_ARGUMENT    wrong shape, dtype, size, undecodable image
+    │   ├── ConfigError                        a bad setting (flag, env var, config value)
+    │   └── DataError                          a training folder tlserve cannot use
+    ├── NotAllowed         FAILED_PRECONDITION the server's mode forbids the call
+    ├── Overloaded         RESOURCE_EXHAUSTED  queue full: retry later (``retry_after`` s)
+    ├── DeadlineExceeded   DEADLINE_EXCEEDED   the caller's deadline passed
+    ├── Unavailable        UNAVAILABLE         not ready, draining, or unreachable
+    ├── Unauthenticated    UNAUTHENTICATED     missing or wrong credentials
+    ├── Unimplemented      UNIMPLEMENTED       no such method on this server
+    └── ServerError        INTERNAL (and any code not above)
+        ├── ProviderError                      an execution provider cannot run the model
+        └── ExportError                        an exported model failed its own check
+
+The retry hint has one unit, seconds (``Overloaded.retry_after``); it travels
+as integer milliseconds in the ``retry-after-ms`` trailing metadata, and
+:func:`retry_trailer` / :func:`from_rpc_error` are the only two places that
+convert.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import grpc
 
 __all__ = [
     "RETRY_AFTER_KEY",
+    "ConfigError",
+    "DataError",
     "DeadlineExceeded",
+    "ExportError",
     "InvalidInput",
     "ModelNotFound",
+    "NotAllowed",
     "Overloaded",
+    "ProviderError",
     "ServerError",
     "TlserveError",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
     "from_rpc_error",
     "from_status_message",
+    "retry_trailer",
 ]
 
 #: Trailing-metadata key of the server's retry hint on RESOURCE_EXHAUSTED:
@@ -54,8 +75,22 @@ class InvalidInput(TlserveError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class ConfigError(InvalidInput):
+    """A setting is missing or malformed; the message names the key."""
+
+
+class DataError(InvalidInput):
+    """A training data folder or CSV tlserve cannot use."""
+
+
+class NotAllowed(TlserveError):
+    """The call is valid but the server's mode forbids it (e.g. explicit model control)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Overloaded(TlserveError):
-    """The server's queue is full. ``retry_after``: its hint, in seconds, if it sent one."""
+    """The server cannot take the work now. ``retry_after``: its hint in seconds, if any."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -76,8 +111,20 @@ class Unauthenticated(TlserveError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class Unimplemented(TlserveError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class ServerError(TlserveError):
     code = grpc.StatusCode.INTERNAL
+
+
+class ProviderError(ServerError):
+    """The requested execution provider is missing or failed, and fallback is off."""
+
+
+class ExportError(ServerError):
+    """An exported model failed its own verification; nothing was published."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[TlserveError]] = {
@@ -85,13 +132,23 @@ _BY_CODE: dict[grpc.StatusCode, type[TlserveError]] = {
     for cls in (
         ModelNotFound,
         InvalidInput,
+        NotAllowed,
         Overloaded,
         DeadlineExceeded,
         Unavailable,
         Unauthenticated,
+        Unimplemented,
         ServerError,
     )
 }
+
+
+def retry_trailer(exc: TlserveError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that carries ``exc``'s retry hint (empty if it has none)."""
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is None:
+        return ()
+    return ((RETRY_AFTER_KEY, str(max(1, math.ceil(retry_after * 1000)))),)
 
 
 def from_rpc_error(exc: grpc.RpcError) -> TlserveError:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tlserve.client.errors import InvalidInput
+from tlserve.contract.errors import InvalidInput
 from tlserve.protos import grpc_service_pb2 as pb
 
 __all__ = [

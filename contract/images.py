@@ -2,7 +2,8 @@
 
 One function, :func:`prepare_image`, is used by training (to compute
 features), by the server (for ``Classify``) and by the client (for
-client-side preprocessing), so all three agree bit for bit.
+client-side preprocessing), so all three agree bit for bit; the server's
+fast JPEG path calls the same :func:`resize_and_crop` geometry.
 """
 
 from __future__ import annotations
@@ -14,21 +15,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from tlserve.client.errors import InvalidInput
-from tlserve.client.metadata import Preprocessing
+from tlserve.contract.card import Preprocessing
+from tlserve.contract.errors import InvalidInput
+from tlserve.contract.rules import MAX_IMAGE_PIXELS
 
 __all__ = [
-    "MAX_IMAGE_PIXELS",
+    "RESAMPLE",
     "decode_image",
     "prepare_decoded",
     "prepare_image",
     "resize_and_crop",
+    "resized_size",
+    "short_side",
 ]
 
-# Refuse decompression bombs: a 20 kB PNG can claim 50,000 x 50,000 pixels.
-MAX_IMAGE_PIXELS = 64_000_000
-
-_RESAMPLE = {
+#: The model card's interpolation names as Pillow filters.
+RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -75,19 +77,40 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_and_crop(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+def short_side(spec: Preprocessing) -> int:
+    """The shorter side every image is resized to before the crop: ``floor(size / crop_pct)``."""
+    return math.floor(max(spec.height, spec.width) / spec.crop_pct)
+
+
+def resized_size(width: int, height: int, spec: Preprocessing) -> tuple[int, int]:
+    """The size an image of ``width`` x ``height`` is resized to before the centre crop.
+
+    The shorter side becomes :func:`short_side`; the other keeps the aspect ratio.
+    """
+    scale_size = short_side(spec)
+    if width <= height:
+        return scale_size, int(scale_size * height / width)
+    return int(scale_size * width / height), scale_size
+
+
+def resize_and_crop(
+    image: Image.Image,
+    spec: Preprocessing,
+    *,
+    full_size: tuple[int, int] | None = None,
+    box: tuple[float, float, float, float] | None = None,
+) -> np.ndarray:
     """Resize the shorter side to ``floor(size / crop_pct)``, centre-crop to size.
 
     Returns uint8 ``[height, width, 3]``, the model's ``images`` input row.
+    ``full_size`` and ``box``: the geometry is that of an image of
+    ``full_size``, of which ``image`` is a scaled copy whose region ``box``
+    maps onto it (the server's DCT-scaled JPEG path).
     """
-    scale_size = math.floor(max(spec.height, spec.width) / spec.crop_pct)
-    width, height = image.size
-    if width <= height:
-        new_w, new_h = scale_size, int(scale_size * height / width)
-    else:
-        new_w, new_h = int(scale_size * width / height), scale_size
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), _RESAMPLE[spec.interpolation])
+    width, height = full_size or image.size
+    new_w, new_h = resized_size(width, height, spec)
+    if box is not None or (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), RESAMPLE[spec.interpolation], box=box)
     left = round((new_w - spec.width) / 2.0)
     top = round((new_h - spec.height) / 2.0)
     image = image.crop((left, top, left + spec.width, top + spec.height))

@@ -7,12 +7,15 @@ checks that a malformed tensor fails.
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from tlserve.contract.errors import InvalidInput
+from tlserve.contract.rules import shown
 from tlserve.protos import grpc_service_pb2 as pb
 
 __all__ = [
@@ -67,7 +70,7 @@ def dtype_of(datatype: str) -> np.dtype[Any]:
         return DATATYPES[datatype]
     except KeyError:
         raise InvalidInput(
-            f"unsupported datatype {datatype!r}; supported: {', '.join(DATATYPES)}"
+            f"unsupported datatype {shown(datatype)}; supported: {', '.join(DATATYPES)}"
         ) from None
 
 
@@ -82,44 +85,63 @@ def datatype_of(dtype: np.dtype[Any]) -> str:
         raise InvalidInput(f"numpy dtype {dtype} has no Open Inference Protocol datatype") from None
 
 
-def _check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
-    if any(dim < 0 for dim in shape):
-        raise InvalidInput(f"input {name!r}: shape {list(shape)} has a negative dimension")
-    return tuple(int(dim) for dim in shape)
+# More dimensions than any model takes, and under numpy's own limit (64).
+_MAX_DIMS = 32
 
 
-def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+def _check_shape(name: str, shape: Sequence[int], itemsize: int) -> tuple[int, ...]:
+    """The shape as ints, or InvalidInput; arithmetic in Python ints, so nothing wraps.
+
+    A shape like ``[2**32, 2**32, 224, 3]`` has 0 elements in int64; it is
+    refused here, not left for ``reshape`` to fail on.
+    """
+    dims = [int(dim) for dim in shape]
+    if len(dims) > _MAX_DIMS:
+        raise InvalidInput(f"input {shown(name)}: {len(dims)} dimensions; at most {_MAX_DIMS}")
+    if any(dim < 0 for dim in dims):
+        raise InvalidInput(f"input {shown(name)}: shape {dims} has a negative dimension")
+    # numpy refuses an array whose non-zero dimensions multiply past its
+    # address space even when another dimension is 0.
+    if math.prod(dim for dim in dims if dim) * itemsize > sys.maxsize:
+        raise InvalidInput(f"input {shown(name)}: shape {dims} is larger than any array can be")
+    return tuple(dims)
+
+
+def _from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
     dtype = dtype_of(datatype)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    dims = _check_shape(name, shape, dtype.itemsize)
+    expected = math.prod(dims) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidInput(
-            f"input {name!r}: raw contents are {len(raw)} bytes but shape {list(shape)} "
+            f"input {shown(name)}: raw contents are {len(raw)} bytes but shape {list(dims)} "
             f"of {datatype} needs {expected}"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype).reshape(dims)
 
 
 def _from_typed(
-    name: str, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents
+    name: str, datatype: str, shape: Sequence[int], contents: pb.InferTensorContents
 ) -> np.ndarray:
     dtype = dtype_of(datatype)
+    dims = _check_shape(name, shape, dtype.itemsize)
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise InvalidInput(f"input {name!r}: {datatype} must be sent as raw contents")
+        raise InvalidInput(f"input {shown(name)}: {datatype} must be sent as raw contents")
     values = getattr(contents, field)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(dims)
     if len(values) != count:
         raise InvalidInput(
-            f"input {name!r}: {len(values)} values in {field} but shape {list(shape)} needs {count}"
+            f"input {shown(name)}: {len(values)} values in {field} but shape {list(dims)} "
+            f"needs {count}"
         )
     if datatype in _NARROW:
         # int_contents/uint_contents are 32-bit: check the narrower type's range.
         wide = np.array(values, dtype=np.int64)
         info = np.iinfo(dtype)
         if wide.size and (wide.min() < info.min or wide.max() > info.max):
-            raise InvalidInput(f"input {name!r}: values out of range for {datatype}")
-        return wide.astype(dtype).reshape(shape)
-    return np.array(values, dtype=dtype).reshape(shape)
+            raise InvalidInput(f"input {shown(name)}: values out of range for {datatype}")
+        return wide.astype(dtype).reshape(dims)
+    return np.array(values, dtype=dtype).reshape(dims)
 
 
 def decode_request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -133,17 +155,18 @@ def decode_request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
         if tensor.name in arrays:
-            raise InvalidInput(f"input {tensor.name!r} is given twice")
-        shape = _check_shape(tensor.name, tensor.shape)
+            raise InvalidInput(f"input {shown(tensor.name)} is given twice")
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
-                    f"input {tensor.name!r} has typed contents but the request uses "
+                    f"input {shown(tensor.name)} has typed contents but the request uses "
                     "raw_input_contents; use one form for all inputs"
                 )
-            arrays[tensor.name] = _from_raw(tensor.name, tensor.datatype, shape, raw[i])
+            arrays[tensor.name] = _from_raw(tensor.name, tensor.datatype, tensor.shape, raw[i])
         else:
-            arrays[tensor.name] = _from_typed(tensor.name, tensor.datatype, shape, tensor.contents)
+            arrays[tensor.name] = _from_typed(
+                tensor.name, tensor.datatype, tensor.shape, tensor.contents
+            )
     return arrays
 
 
@@ -172,9 +195,10 @@ def decode_response_outputs(response: pb.ModelInferResponse) -> dict[str, np.nda
         raise InvalidInput(f"{len(raw)} raw_output_contents for {len(response.outputs)} outputs")
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(response.outputs):
-        shape = tuple(int(d) for d in tensor.shape)
         if raw:
-            arrays[tensor.name] = _from_raw(tensor.name, tensor.datatype, shape, raw[i])
+            arrays[tensor.name] = _from_raw(tensor.name, tensor.datatype, tensor.shape, raw[i])
         else:
-            arrays[tensor.name] = _from_typed(tensor.name, tensor.datatype, shape, tensor.contents)
+            arrays[tensor.name] = _from_typed(
+                tensor.name, tensor.datatype, tensor.shape, tensor.contents
+            )
     return arrays

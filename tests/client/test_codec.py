@@ -295,3 +295,27 @@ def test_response_with_fewer_raw_contents_than_outputs_is_invalid_input() -> Non
     del response.raw_output_contents[1]
     with pytest.raises(InvalidInput, match="raw_output_contents"):
         decode_response_outputs(response)
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ([4294967296, 4294967296, 224, 3], "larger than any"),  # 0 elements in int64
+        ([2**62, 2**62, 0], "larger than any array can be"),
+        ([1] * 33, "33 dimensions; at most 32"),
+    ],
+)
+def test_shapes_whose_size_wraps_in_int64_are_refused(
+    raw: bool, shape: list[int], message: str
+) -> None:
+    request = _raw_request(("x", "UINT8", shape), raw=[b""] if raw else None)
+    with pytest.raises(InvalidInput, match=message):
+        decode_request_inputs(request)
+
+
+def test_a_long_input_name_is_echoed_cut_short() -> None:
+    request = _raw_request(("n" * 20_000, "UINT8", [2]), raw=[b"\0"])
+    with pytest.raises(InvalidInput, match=r"\(20000 characters\)") as caught:
+        decode_request_inputs(request)
+    assert len(str(caught.value)) < 300

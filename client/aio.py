@@ -26,6 +26,7 @@ from tlserve.client.results import (
     encode_image,
     image_batch,
 )
+from tlserve.client.streaming import classify_stream
 from tlserve.client.transport import (
     DEFAULT_TIMEOUT,
     Credentials,
@@ -46,6 +47,7 @@ from tlserve.contract.errors import (
 from tlserve.contract.rules import MAX_MESSAGE_BYTES
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
+from tlserve.protos import health_pb2, health_pb2_grpc
 from tlserve.protos import tlserve_v1_pb2 as v1
 from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
 
@@ -91,11 +93,8 @@ class AsyncClient:
         )
         self._inference = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._images = v1_grpc.ImageServiceStub(self._channel)
-        self._health = self._channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=wire.health_request,
-            response_deserializer=wire.health_status,
-        )
+        # grpc.health.v1 compiled into tlserve.protos: the bare install has no grpc_health.
+        self._health = health_pb2_grpc.HealthStub(self._channel).Check
         self._local = LocalClassifier(self.model_metadata, self._model_infer)
         self._closed = False
 
@@ -234,38 +233,12 @@ class AsyncClient:
         """
         if self._closed:
             raise ValueError(f"the client for {self.target} is closed")
-        unsendable: list[TlserveError] = []
-
-        async def requests() -> AsyncIterator[v1.ClassifyRequest]:
-            index = 0
-            async for image in wire.async_iter(images):
-                try:
-                    encoded = encode_image(image)
-                except TlserveError as exc:
-                    unsendable.append(exc)
-                    return
-                yield v1.ClassifyRequest(
-                    model_name=model, model_version=version, images=[encoded],
-                    top_k=top_k, id=str(index),
-                )  # fmt: skip
-                index += 1
-
-        call = self._images.ClassifyStream(
-            requests(),
-            timeout=timeout,
-            metadata=self._metadata,
-        )
-        index = 0
-        try:
-            async for reply in call:
-                yield wire.stream_result(index, reply)
-                index += 1
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        finally:
-            call.cancel()
-        if unsendable:
-            raise unsendable[0]
+        results = classify_stream(
+            self._images, images, model=model, top_k=top_k, version=version,
+            timeout=timeout, metadata=self._metadata,
+        )  # fmt: skip
+        async for result in results:
+            yield result
 
     async def model_metadata(
         self, model: str, *, version: str = "", timeout: float | None = None
@@ -302,7 +275,9 @@ class AsyncClient:
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The ``grpc.health.v1`` status Kubernetes sees: SERVING, NOT_SERVING, SERVICE_UNKNOWN."""
         try:
-            return str(await self._unary(self._health, service, timeout, retry=False))
+            request = health_pb2.HealthCheckRequest(service=service)
+            response = await self._unary(self._health, request, timeout, retry=False)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
         except ModelNotFound:
             return "SERVICE_UNKNOWN"
 

@@ -14,8 +14,6 @@ from tlserve.contract.images import prepare_decoded, prepare_image
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import tlserve_v1_pb2 as v1
 
-_HEALTH = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
-
 
 async def async_iter(
     items: Iterable[ImageInput] | AsyncIterable[ImageInput],
@@ -56,24 +54,3 @@ def tensors(
     items: Sequence[pb.ModelMetadataResponse.TensorMetadata],
 ) -> tuple[TensorMetadata, ...]:
     return tuple(TensorMetadata(t.name, t.datatype, tuple(t.shape)) for t in items)
-
-
-def health_request(service: str) -> bytes:
-    # grpc.health.v1.HealthCheckRequest by hand: the bare install has no grpc_health.
-    name = service.encode()
-    return b"\n" + _varint(len(name)) + name if name else b""
-
-
-def health_status(data: bytes) -> str:
-    # HealthCheckResponse: field 1 (status, varint); absent means 0 (UNKNOWN).
-    status = data[1] if len(data) >= 2 and data[0] == 0x08 else 0
-    return _HEALTH.get(status, "UNKNOWN")
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)

@@ -1,6 +1,6 @@
 """Export a classifier to ONNX, verify it, and publish it into a model repository.
 
-The exported graph (DESIGN.md §2)::
+The exported graph (docs/architecture.md "The artifact")::
 
     images  uint8 [batch, H, W, 3] RGB
       → cast, (x/255 - mean)/std, NHWC→NCHW   (inside the graph: runs on the GPU,

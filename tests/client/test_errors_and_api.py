@@ -21,12 +21,14 @@ from tlserve.client import (
     InvalidInput,
     ModelCard,
     ModelNotFound,
+    NotAllowed,
     Overloaded,
     Preprocessing,
     ServerError,
     TlserveError,
     Unauthenticated,
     Unavailable,
+    Unimplemented,
 )
 from tlserve.contract.card import SCHEMA_VERSION
 from tlserve.contract.errors import from_rpc_error, from_status_message
@@ -122,6 +124,8 @@ MAPPED: dict[grpc.StatusCode, type[TlserveError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.FAILED_PRECONDITION: NotAllowed,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
 }
 
 

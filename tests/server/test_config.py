@@ -114,9 +114,11 @@ def test_an_unparsable_value_names_the_variable(key: str, raw: str, kind: str) -
         ServerConfig.load(environ={**REPO, key: raw})
 
 
-def test_a_config_error_is_a_value_error() -> None:
-    # The CLI reports ValueErrors as one line, without a traceback.
-    assert issubclass(ConfigError, ValueError)
+def test_a_config_error_is_in_the_error_tree() -> None:
+    # The CLI reports every TlserveError as one line, without a traceback (exit 2: usage).
+    from tlserve.contract.errors import InvalidInput
+
+    assert issubclass(ConfigError, InvalidInput)
 
 
 def test_a_missing_repository_says_how_to_give_one() -> None:
@@ -198,9 +200,11 @@ def test_version_policies_select_versions() -> None:
                  "TLSERVE_VERSION_POLICY": "latest:2", "TLSERVE_MODEL_CONTROL": "explicit",
                  "TLSERVE_PREFERRED_BATCH_SIZES": "4,8", "TLSERVE_POLL_INTERVAL": "2.5"}
     )  # fmt: skip
-    assert (config.instances, config.version_policy, config.model_control) == (
+    assert (config.instances, str(config.version_policy), config.model_control) == (
         3,
         "latest:2",
         "explicit",
     )
-    assert (config.preferred_batch_sizes, config.poll_interval) == ("4,8", 2.5)
+    # Parsed once, at start-up: typed values from here on.
+    assert config.version_policy.select([1, 2, 3]) == [2, 3]
+    assert (config.preferred_batch_sizes, config.poll_interval) == ((4, 8), 2.5)

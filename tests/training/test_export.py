@@ -13,7 +13,7 @@ import torch
 
 from tests.training.shapes import TINY_BACKBONE, write_shapes
 from tlserve.contract.card import ModelCard
-from tlserve.contract.errors import ExportError
+from tlserve.contract.errors import ExportError, InvalidInput
 from tlserve.training.backbones import Backbone, create_backbone
 from tlserve.training.export import (
     PROBABILITY_ATOL,
@@ -184,7 +184,7 @@ def test_publish_leaves_nothing_behind_on_failure(tmp_path: Path) -> None:
 def test_publish_rejects_bad_names(tmp_path: Path, name: str) -> None:
     model_file = tmp_path / "m.onnx"
     model_file.write_bytes(b"x")
-    with pytest.raises(ValueError, match="invalid model name"):
+    with pytest.raises(InvalidInput, match="not a valid model name"):
         publish(model_file, tmp_path / "repo", name)
     assert not (tmp_path / "repo").exists()
 
@@ -193,5 +193,5 @@ def test_publish_rejects_bad_extra_file_names(tmp_path: Path) -> None:
     model_file = tmp_path / "m.onnx"
     model_file.write_bytes(b"x")
     for filename in ("model.onnx", "../x", "sub/x"):
-        with pytest.raises(ValueError, match="extra file"):
+        with pytest.raises(InvalidInput, match="extra file"):
             publish(model_file, tmp_path / "repo", "ok", {filename: b""})

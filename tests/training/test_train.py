@@ -12,6 +12,7 @@ import pytest
 
 from tests.training.shapes import TINY_BACKBONE
 from tlserve.contract.card import ModelCard
+from tlserve.contract.errors import InvalidInput
 from tlserve.contract.images import prepare_image
 from tlserve.training import DataError, train
 from tlserve.training.data import load_dataset
@@ -66,7 +67,7 @@ def test_train_publishes_a_model_that_classifies(shapes_folder: Path, tmp_path: 
 
 def test_bad_inputs_fail_before_any_work(shapes_folder: Path, tmp_path: Path) -> None:
     repo = tmp_path / "models"
-    with pytest.raises(ValueError, match="invalid model name"):
+    with pytest.raises(InvalidInput, match="not a valid model name"):
         train(shapes_folder, model_repository=repo, name="../up", backbone=TINY_BACKBONE)
     with pytest.raises(ValueError, match="unknown strategy"):
         train(shapes_folder, model_repository=repo, name="ok", strategy="magic")

@@ -9,7 +9,7 @@ chosen strategy then reuses from the cache):
 - cross-validated linear-probe accuracy on the last layer's features and on
   an earlier stage's (``earlier``).
 
-The mapping (cs231n's table, DESIGN.md §3): *different* when the earlier
+The mapping (cs231n's table, docs/architecture.md "Training"): *different* when the earlier
 stage probes better than the last by more than ``margin`` or the ImageNet
 classifier is unsure (confidence < ``min_confidence``); *large* when the
 median class has at least ``large_per_class`` images. small+similar →

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlserve.contract.card import Preprocessing
 from tlserve.contract.errors import InvalidInput
@@ -37,18 +38,22 @@ RESAMPLE = {
 }
 
 
-def decode_image(data: bytes | Path | str) -> Image.Image:
+def decode_image(data: bytes | Path | str, *, formats: Sequence[str] | None = None) -> Image.Image:
     """Decode JPEG/PNG/... bytes or a file into an RGB image.
 
-    Raises :class:`InvalidInput` for anything that is not a readable image
-    (or is larger than :data:`MAX_IMAGE_PIXELS`), naming what went wrong.
+    ``formats``: the Pillow format names (``"JPEG"``, ``"PNG"``) whose
+    decoders may see the bytes; no other plugin is even asked whether it
+    recognises them. ``None``: every format Pillow reads (training's own
+    files). Raises :class:`InvalidInput` for anything that is not a readable
+    image of those formats (or is larger than :data:`MAX_IMAGE_PIXELS`),
+    naming what went wrong.
     """
     source: io.BytesIO | Path = (
         io.BytesIO(data) if isinstance(data, bytes | bytearray) else Path(data)
     )
     try:
         # The size check reads only the header: nothing is decoded before it.
-        with Image.open(source) as opened:
+        with Image.open(source, formats=None if formats is None else list(formats)) as opened:
             width, height = opened.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise InvalidInput(
@@ -57,14 +62,14 @@ def decode_image(data: bytes | Path | str) -> Image.Image:
             return _to_rgb(ImageOps.exif_transpose(opened))
     except InvalidInput:
         raise
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as exc:
-        raise InvalidInput(f"cannot decode image: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        wanted = "an image" if formats is None else " or ".join(formats)
+        raise InvalidInput(f"cannot decode image: not {wanted}") from exc
+    except Exception as exc:
+        # Decoder plugins fail on hostile bytes in every way (OSError,
+        # SyntaxError, NotImplementedError, AttributeError, struct.error,
+        # MemoryError, ...): each is the image's fault, not the caller's bug.
+        raise InvalidInput(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -93,6 +98,12 @@ def resized_size(width: int, height: int, spec: Preprocessing) -> tuple[int, int
     return int(scale_size * width / height), scale_size
 
 
+# Beyond this many times the crop's pixels, the image is cropped before it
+# is resized: a 4000x1 image would otherwise be resized to ~1,000,000x256
+# (768 MB) to keep a 224x224 crop of it.
+_CROP_FIRST_ABOVE = 16
+
+
 def resize_and_crop(
     image: Image.Image,
     spec: Preprocessing,
@@ -106,20 +117,42 @@ def resize_and_crop(
     ``full_size`` and ``box``: the geometry is that of an image of
     ``full_size``, of which ``image`` is a scaled copy whose region ``box``
     maps onto it (the server's DCT-scaled JPEG path).
+
+    An image of extreme aspect ratio (its resized copy over
+    ``_CROP_FIRST_ABOVE`` times the crop) is resized straight from the
+    source region that the crop covers: the same geometry, within a grey
+    level of the two-step result, and memory bounded by the crop.
     """
     width, height = full_size or image.size
     new_w, new_h = resized_size(width, height, spec)
-    if box is not None or (new_w, new_h) != image.size:
-        image = image.resize((new_w, new_h), RESAMPLE[spec.interpolation], box=box)
     left = round((new_w - spec.width) / 2.0)
     top = round((new_h - spec.height) / 2.0)
+    resample = RESAMPLE[spec.interpolation]
+    if new_w * new_h > _CROP_FIRST_ABOVE * spec.width * spec.height:
+        x0, y0, x1, y1 = box or (0.0, 0.0, float(image.width), float(image.height))
+        sx, sy = (x1 - x0) / new_w, (y1 - y0) / new_h
+        region = (
+            x0 + left * sx,
+            y0 + top * sy,
+            x0 + (left + spec.width) * sx,
+            y0 + (top + spec.height) * sy,
+        )
+        image = image.resize((spec.width, spec.height), resample, box=region)
+        return np.asarray(image, dtype=np.uint8)
+    if box is not None or (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), resample, box=box)
     image = image.crop((left, top, left + spec.width, top + spec.height))
     return np.asarray(image, dtype=np.uint8)
 
 
-def prepare_image(data: bytes | Path | str, spec: Preprocessing) -> np.ndarray:
-    """Decode, resize and crop one encoded image into the model's input row."""
-    return resize_and_crop(decode_image(data), spec)
+def prepare_image(
+    data: bytes | Path | str, spec: Preprocessing, *, formats: Sequence[str] | None = None
+) -> np.ndarray:
+    """Decode, resize and crop one encoded image into the model's input row.
+
+    ``formats``: as :func:`decode_image`'s (the server passes its allow-list).
+    """
+    return resize_and_crop(decode_image(data, formats=formats), spec)
 
 
 def prepare_decoded(image: Image.Image, spec: Preprocessing) -> np.ndarray:

@@ -35,6 +35,7 @@ from tlserve.server.config import ServerConfig
 from tlserve.server.control import ModelControl
 from tlserve.server.core import InferenceCore
 from tlserve.server.gpu import register_gpu_metrics
+from tlserve.server.interceptors import RequestGuard
 from tlserve.server.lifecycle import ModelRegistry
 from tlserve.server.metrics import ServerMetrics
 from tlserve.server.security import BearerTokenInterceptor, load_token, server_credentials
@@ -113,10 +114,15 @@ async def start_server(
 
     credentials = server_credentials(config)  # bad TLS/auth settings fail before binding
     token = load_token(config)
-    interceptors = (
+    interceptors: list[grpc.aio.ServerInterceptor] = (
         [BearerTokenInterceptor(token, lambda why: metrics.auth_failures.labels(why).inc())]
         if token
         else []
+    )
+    # Last, so it wraps the servicers' own handlers: requests that do not
+    # parse and unknown methods get a clear code and are counted.
+    interceptors.append(
+        RequestGuard(lambda api, outcome: metrics.requests.labels("unknown", api, outcome).inc())
     )
     server = grpc.aio.server(
         interceptors=interceptors,

@@ -15,6 +15,7 @@ from typing import Any
 
 from tlserve.contract.errors import ConfigError
 from tlserve.contract.rules import MAX_IMAGE_PIXELS, MAX_MESSAGE_BYTES
+from tlserve.server.decode import MAX_REQUEST_PIXELS
 from tlserve.server.policy import (
     MODEL_CONTROLS,
     VersionPolicy,
@@ -86,6 +87,8 @@ class ServerConfig:
     # Decoded size limit per image (width x height), checked from the header
     # before anything is decoded; capped by tlserve.contract.images.MAX_IMAGE_PIXELS.
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    # Pixels of all the images of one request together, also from headers.
+    max_request_pixels: int = MAX_REQUEST_PIXELS
 
     def __post_init__(self) -> None:
         # Flags and env give text; it is parsed here, once, and used typed everywhere.
@@ -108,7 +111,7 @@ class ServerConfig:
                 raise ConfigError(f"{_env_name(key)} must be a port in 0..65535, got {port}")
         for key in (
             "max_batch_size", "max_queue_size", "max_message_bytes", "preprocess_threads",
-            "max_images_per_request", "max_image_pixels",
+            "max_images_per_request", "max_image_pixels", "max_request_pixels",
         ):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ConfigError(f"{_env_name(key)} must be at least 1, got {getattr(self, key)}")

@@ -22,7 +22,7 @@ from tlserve.contract.errors import InvalidInput, TlserveError
 from tlserve.contract.predictions import Prediction
 from tlserve.contract.predictions import top_k as ranked
 from tlserve.contract.rules import OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES
-from tlserve.server.decode import ImageDecoder
+from tlserve.server.decode import ImageDecoder, ImageHeader
 from tlserve.server.lifecycle import ModelRegistry
 from tlserve.server.metrics import ServerMetrics
 from tlserve.server.repository import LoadedModel
@@ -79,7 +79,10 @@ class InferenceCore:
         self.metrics = metrics
         self._preprocess = preprocess_executor
         self.max_images = registry.config.max_images_per_request
-        self.decoder = ImageDecoder(max_pixels=registry.config.max_image_pixels)
+        self.decoder = ImageDecoder(
+            max_pixels=registry.config.max_image_pixels,
+            max_request_pixels=registry.config.max_request_pixels,
+        )
         self._draining = False
 
     @property
@@ -166,9 +169,12 @@ class InferenceCore:
 
     async def _prepare(self, images: Sequence[bytes], spec: Preprocessing) -> np.ndarray:
         loop = asyncio.get_running_loop()
+        # Every header first: a request over its pixel budget, or with one
+        # refused image, costs no decoding at all.
+        headers = await loop.run_in_executor(self._preprocess, self.decoder.read_headers, images)
         rows = await asyncio.gather(
-            *(loop.run_in_executor(self._preprocess, self._prepare_one, i, data, spec)
-              for i, data in enumerate(images)),
+            *(loop.run_in_executor(self._preprocess, self._prepare_one, i, data, header, spec)
+              for i, (data, header) in enumerate(zip(images, headers, strict=True))),
         )  # fmt: skip
         return np.stack(rows)
 
@@ -181,10 +187,12 @@ class InferenceCore:
         self.registry.get(name)  # ModelNotFound if unknown
         return self.registry.versions(name)
 
-    def _prepare_one(self, index: int, data: bytes, spec: Preprocessing) -> np.ndarray:
+    def _prepare_one(
+        self, index: int, data: bytes, header: ImageHeader, spec: Preprocessing
+    ) -> np.ndarray:
         """Decode one image (in a preprocess thread); errors name the image's index."""
         try:
-            row, path = self.decoder.prepare(data, spec)
+            row, path = self.decoder.prepare(data, spec, header)
         except TlserveError as exc:
             raise type(exc)(f"image {index}: {exc}") from exc
         self.metrics.images_decoded.labels(path).inc()

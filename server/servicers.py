@@ -174,7 +174,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             work = self._infer(request, deadline)
-            answer = await counted(self.core, "ModelStreamInfer", request.model_name, work)
+            answer = await counted(
+                self.core, "ModelStreamInfer", request.model_name, work, deadline
+            )
             return pb.ModelStreamInferResponse(infer_response=answer)
 
         def failed(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
@@ -246,7 +248,7 @@ class ImageServicer(v1_grpc.ImageServiceServicer):
 
         async def handle(request: v1.ClassifyRequest) -> v1.ClassifyStreamResponse:
             work = self._classify(request, deadline)
-            answer = await counted(self.core, "ClassifyStream", request.model_name, work)
+            answer = await counted(self.core, "ClassifyStream", request.model_name, work, deadline)
             return v1.ClassifyStreamResponse(response=answer)
 
         def failed(request: v1.ClassifyRequest, message: str) -> v1.ClassifyStreamResponse:

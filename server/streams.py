@@ -5,7 +5,9 @@ keeps the batcher as busy as concurrent unary calls would), and the answers
 are sent in request order. At most ``window`` requests are in progress per
 stream: a client that sends faster than the model answers is slowed by
 gRPC's flow control, not buffered without bound. A failed request is
-answered with ``"<STATUS_CODE>: <message>"`` and the stream goes on.
+answered with ``"<STATUS_CODE>: <message>"`` and the stream goes on; so is
+a message that is not a valid request at all (the request interceptor hands
+it on as :class:`Undecodable`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from tlserve.contract.errors import TlserveError
+from tlserve.contract.errors import InvalidInput, TlserveError
+from tlserve.server.handling import details
 
-__all__ = ["STREAM_WINDOW", "answer_in_order", "status_message"]
+__all__ = ["STREAM_WINDOW", "Undecodable", "answer_in_order", "status_message"]
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +31,27 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A stream message that did not parse: answered with ``error``, the stream goes on.
+
+    ``placeholder``: an empty request of the stream's type, for the answer's
+    echoed fields.
+    """
+
+    error: InvalidInput
+    placeholder: Any
+
+
 def status_message(exc: BaseException) -> str:
     """``"<STATUS_CODE>: <message>"`` for a failed stream message; internals stay hidden."""
     if isinstance(exc, TlserveError):
-        return f"{exc.code.name}: {exc}"
+        return f"{exc.code.name}: {details(exc)}"
     return "INTERNAL: internal error; see server logs"
+
+
+async def _fail(error: InvalidInput) -> Any:
+    raise error
 
 
 async def answer_in_order(
@@ -47,7 +67,11 @@ async def answer_in_order(
     async def read() -> None:
         try:
             async for request in requests:
-                await started.put((request, asyncio.ensure_future(handle(request))))
+                if isinstance(request, Undecodable):
+                    failed = asyncio.ensure_future(_fail(request.error))
+                    await started.put((request.placeholder, failed))
+                else:
+                    await started.put((request, asyncio.ensure_future(handle(request))))
         finally:
             await started.put(None)
 

@@ -5,21 +5,25 @@ The exported graph (docs/architecture.md "The artifact")::
     images  uint8 [batch, H, W, 3] RGB
       → cast, (x/255 - mean)/std, NHWC→NCHW   (inside the graph: runs on the GPU,
       → backbone → embeddings                   and the wire carries uint8)
-      → head → softmax
-    probabilities float32 [batch, C],  embeddings float32 [batch, D]
+      → head → softmax                          embeddings → Mahalanobis distance
+    probabilities float32 [batch, C],  embeddings float32 [batch, D],
+    ood_score float32 [batch]  (with an OodScorer: see tlserve.training.ood)
 
 The exporter is torch's ``torch.export``-based one (``dynamo=True``), the
 default since torch 2.9; the TorchScript exporter is deprecated and warns.
 A model is verified before anyone can see it: ``onnx.checker`` (full check),
 then onnxruntime on CPU against the PyTorch module on real images, at batch
 sizes 1 and N, within :data:`PROBABILITY_ATOL` / :data:`EMBEDDING_RTOL` /
-:data:`EMBEDDING_ATOL`. :func:`publish` then moves it into
-``<repository>/<name>/<version>/`` with one atomic rename.
+:data:`EMBEDDING_ATOL` (and ``ood_score`` against its NumPy reference on the
+PyTorch embeddings within :data:`~tlserve.training.ood.OOD_RTOL`).
+:func:`publish` then moves it into ``<repository>/<name>/<version>/`` with
+one atomic rename.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,11 +39,13 @@ from tlserve.contract.errors import ExportError
 from tlserve.contract.rules import (
     INPUT_IMAGES,
     OUTPUT_EMBEDDINGS,
+    OUTPUT_OOD_SCORE,
     OUTPUT_PROBABILITIES,
 )
 from tlserve.training.backbones import Backbone
 from tlserve.training.heads import Head, TreeHead, head_logits, softmax
 from tlserve.training.modules import ImageClassifier, ImageEmbedder
+from tlserve.training.ood import OodScorer, add_ood_output, compare_ood
 from tlserve.training.publish import publish
 
 __all__ = [
@@ -76,6 +82,7 @@ class ExportCheck:
     probabilities_max_abs_diff: float
     embeddings_max_abs_diff: float
     embeddings_max_excess: float  # max(|a-b| - (atol + rtol*|b|)); <= 0 passes
+    ood_score_max_rel_diff: float | None = None  # None: the model has no ood_score
 
 
 def export_onnx(
@@ -84,6 +91,8 @@ def export_onnx(
     card: ModelCard,
     path: Path,
     sample_images: np.ndarray,
+    *,
+    ood: OodScorer | None = None,
 ) -> ExportCheck:
     """Export ``backbone`` + ``head`` to ``path`` with ``card`` in its metadata, and verify it.
 
@@ -96,6 +105,9 @@ def export_onnx(
     :class:`~tlserve.training.heads.TreeHead` is converted by skl2onnx and
     joined to the traced backbone (:mod:`~tlserve.training.tree_graph`), and
     checked against scikit-learn.
+
+    With ``ood`` the graph gains the output ``ood_score`` and the card its
+    threshold and how it was fitted (:meth:`OodScorer.on_card`).
     """
     embedder = (
         backbone if isinstance(backbone, ImageEmbedder) else ImageEmbedder.from_backbone(backbone)
@@ -128,6 +140,9 @@ def export_onnx(
         proto = join_tree_head(traced, head, opset=OPSET, batch_axis=BATCH_AXIS)
     else:
         proto = _to_onnx(ImageClassifier(embedder, head).eval(), sample_images, OUTPUT_NAMES)
+    if ood is not None:
+        add_ood_output(proto, ood, batch_axis=BATCH_AXIS)
+        card = ood.on_card(card)
     for key, value in card.to_props().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -139,7 +154,7 @@ def export_onnx(
             onnx.checker.check_model(str(path), full_check=True)
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"onnx checker rejected {path}: {exc}") from exc
-        check = _verify(reference, path, sample_images)
+        check = _verify(reference, path, sample_images, ood)
     except ExportError:
         path.unlink(missing_ok=True)  # an unverified model is not left lying around
         raise
@@ -212,13 +227,22 @@ def _to_onnx(
     return proto
 
 
-def _verify(reference: Reference, path: Path, sample_images: np.ndarray) -> ExportCheck:
+def _verify(
+    reference: Reference, path: Path, sample_images: np.ndarray, ood: OodScorer | None
+) -> ExportCheck:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batches = [sample_images[:1], sample_images] if len(sample_images) > 1 else [sample_images]
-    worst = ExportCheck(0, 0.0, 0.0, -np.inf)
+    worst = ExportCheck(0, 0.0, 0.0, -np.inf, 0.0 if ood is not None else None)
+    names = [*OUTPUT_NAMES, OUTPUT_OOD_SCORE] if ood is not None else list(OUTPUT_NAMES)
     for batch in batches:
-        onnx_probabilities, onnx_embeddings = session.run(list(OUTPUT_NAMES), {INPUT_IMAGES: batch})
-        check = compare_outputs((onnx_probabilities, onnx_embeddings), reference(batch))
+        onnx_probabilities, onnx_embeddings, *onnx_ood = session.run(names, {INPUT_IMAGES: batch})
+        expected = reference(batch)
+        check = compare_outputs((onnx_probabilities, onnx_embeddings), expected)
+        if ood is not None and worst.ood_score_max_rel_diff is not None:
+            ood_diff = compare_ood(onnx_ood[0], ood.score(expected[1]))
+            worst = dataclasses.replace(
+                worst, ood_score_max_rel_diff=max(worst.ood_score_max_rel_diff, ood_diff)
+            )
         worst = ExportCheck(
             images=max(worst.images, check.images),
             probabilities_max_abs_diff=max(
@@ -228,6 +252,7 @@ def _verify(reference: Reference, path: Path, sample_images: np.ndarray) -> Expo
                 worst.embeddings_max_abs_diff, check.embeddings_max_abs_diff
             ),
             embeddings_max_excess=max(worst.embeddings_max_excess, check.embeddings_max_excess),
+            ood_score_max_rel_diff=worst.ood_score_max_rel_diff,
         )
     return worst
 

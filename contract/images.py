@@ -120,8 +120,9 @@ def resize_and_crop(
 
     An image of extreme aspect ratio (its resized copy over
     ``_CROP_FIRST_ABOVE`` times the crop) is resized straight from the
-    source region that the crop covers: the same geometry, within a grey
-    level of the two-step result, and memory bounded by the crop.
+    source region that the crop covers: the same geometry, and memory
+    bounded by the crop (measured on photo strips: identical to the two-step
+    result, or within 2 grey levels, mean 0.15).
     """
     width, height = full_size or image.size
     new_w, new_h = resized_size(width, height, spec)

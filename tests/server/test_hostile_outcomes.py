@@ -1,0 +1,150 @@
+"""Failures counted with their real code, logged once, echoed short."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from tests.conftest import TINY_SIZE, ServerThread, png_bytes
+from tests.server.gates import install_gate
+from tlserve.protos import grpc_service_pb2 as pb
+from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
+from tlserve.protos import tlserve_v1_pb2 as v1
+from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
+from tlserve.server import handling
+from tlserve.server.handling import MAX_DETAILS, details
+
+
+def _request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="images", datatype="UINT8", shape=[1, TINY_SIZE, TINY_SIZE, 3])
+    request.raw_input_contents.append(bytes(3 * TINY_SIZE * TINY_SIZE))
+    return request
+
+
+def _counted(server: ServerThread, api: str, outcome: str, model: str = "tiny") -> float:
+    labels = {"model": model, "api": api, "outcome": outcome}
+    value = server.running.core.metrics.registry.get_sample_value("tlserve_requests_total", labels)
+    return value or 0.0
+
+
+def _eventually(check: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def channel(server: ServerThread) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield channel
+
+
+def test_a_deadline_that_passes_in_the_queue_is_counted_as_deadline_exceeded(
+    server: ServerThread, channel: grpc.Channel
+) -> None:
+    gate = install_gate(server.running)  # the model is busy until the gate opens
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    calls = [stub.ModelInfer.future(_request(), timeout=0.5) for _ in range(3)]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as caught:
+            call.result()
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    gate.open()
+    # The alert on DEADLINE_EXCEEDED fires: nothing is counted as CANCELLED.
+    _eventually(lambda: _counted(server, "ModelInfer", "DEADLINE_EXCEEDED") == 3)
+    assert _counted(server, "ModelInfer", "CANCELLED") == 0
+
+
+def test_a_call_the_caller_cancels_is_counted_as_cancelled(
+    server: ServerThread, channel: grpc.Channel
+) -> None:
+    gate = install_gate(server.running)
+    call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(_request(), timeout=30)
+    gate.wait_entered(1)
+    call.cancel()
+    _eventually(lambda: _counted(server, "ModelInfer", "CANCELLED") == 1)
+    gate.open()
+    assert _counted(server, "ModelInfer", "DEADLINE_EXCEEDED") == 0
+
+
+def test_stream_messages_past_the_deadline_are_counted_as_deadline_exceeded(
+    server: ServerThread, channel: grpc.Channel
+) -> None:
+    gate = install_gate(server.running)
+    stream = v1_grpc.ImageServiceStub(channel).ClassifyStream
+    request = v1.ClassifyRequest(model_name="tiny", images=[png_bytes((9, 9, 9))])
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stream(iter([request] * 2), timeout=0.5))
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    gate.open()
+    _eventually(lambda: _counted(server, "ClassifyStream", "DEADLINE_EXCEEDED") == 2)
+
+
+def test_a_20_kb_model_name_is_not_found_with_a_short_message(
+    server: ServerThread, channel: grpc.Channel
+) -> None:
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    request = _request()
+    request.model_name = "m" * 20_000
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, timeout=10)
+    # It used to echo the whole name: RESOURCE_EXHAUSTED "metadata size exceeds hard limit".
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert len(caught.value.details()) <= MAX_DETAILS  # type: ignore[attr-defined]
+
+
+def test_details_are_cut_to_their_limit_and_say_how_long_they_were() -> None:
+    assert details(ValueError("short")) == "short"
+    cut = details(ValueError("x" * 20_000))
+    assert len(cut) <= MAX_DETAILS
+    assert cut.endswith("(20000 characters)")
+
+
+def test_bad_input_logs_one_warning_line_a_second_and_no_traceback(
+    server: ServerThread,
+    channel: grpc.Channel,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fresh limiter: earlier tests' refusals must not silence this one's first line.
+    monkeypatch.setattr(handling, "_warnings", handling._RateLimitedWarnings(interval=1.0))
+    garbage = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    classify = v1_grpc.ImageServiceStub(channel).Classify
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="tlserve"):
+        for i in range(40):
+            with pytest.raises(grpc.RpcError):
+                garbage(b"\x0a\x7f" + bytes([i]), timeout=10)
+            with pytest.raises(grpc.RpcError):
+                classify(v1.ClassifyRequest(model_name="tiny", images=[b"BM" * 9]), timeout=10)
+    elapsed = time.monotonic() - started
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert refused and all(r.levelno == logging.WARNING for r in refused)
+    assert len(refused) <= elapsed + 2
+    assert not [r for r in caplog.records if r.exc_info]
+    assert _counted(server, "ModelInfer", "INVALID_ARGUMENT", model="unknown") == 40
+    # Counted as the answer goes out: the last one may land just after the caller has it.
+    _eventually(lambda: _counted(server, "Classify", "INVALID_ARGUMENT") == 40)
+
+
+def test_an_unknown_method_is_unimplemented_and_counted(
+    server: ServerThread, channel: grpc.Channel
+) -> None:
+    for method in ("/inference.GRPCInferenceService/Nope", "/a.B/C"):
+        with pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary(method)(b"", timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+    _eventually(lambda: _counted(server, "unknown", "UNIMPLEMENTED", model="unknown") == 2)
+
+
+def test_a_typed_client_still_gets_answers(server: ServerThread, channel: grpc.Channel) -> None:
+    # The pass-through deserializer changes nothing a well-formed caller sees.
+    answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_request(), timeout=10)
+    assert np.frombuffer(answer.raw_output_contents[0], np.float32).shape == (3,)

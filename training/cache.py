@@ -2,8 +2,11 @@
 
 Keyed by everything the embeddings depend on: the images (path, label, size,
 modification time), the embedder's weights (a hash of its state dict), the
-layers, and the preprocessing. The default directory is
-``$TLSERVE_CACHE_DIR`` or ``~/.cache/tlserve/features``.
+layers, the preprocessing, and :data:`EXTRACTION` (how the numbers are
+computed). Every function takes its directory from the caller; only
+:func:`default_cache_dir` reads the environment, once, where a run's
+settings are read (``$TLSERVE_CACHE_DIR/features`` or
+``~/.cache/tlserve/features``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +24,24 @@ import torch
 from tlserve.training.data import Sample
 from tlserve.training.features import Features, SkippedFile
 
-__all__ = ["default_cache_dir", "feature_key", "load_features", "save_features"]
+__all__ = ["EXTRACTION", "default_cache_dir", "feature_key", "load_features", "save_features"]
 
 log = logging.getLogger(__name__)
 
+# Part of every key. Features from onnxruntime and from torch (NCHW or
+# channels_last) agree within the export check's tolerances, so they share
+# one tag; a path that changes the numbers beyond them (bf16, int8) needs its own.
+EXTRACTION = "float32"
+CACHE_DIR_VARIABLE = "TLSERVE_CACHE_DIR"
 
-def default_cache_dir() -> Path:
-    configured = os.environ.get("TLSERVE_CACHE_DIR")
+
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The features folder: ``$TLSERVE_CACHE_DIR/features``, else ``~/.cache/tlserve/features``.
+
+    ``environ`` defaults to :data:`os.environ`. Call it once, where a run's
+    settings are read, and pass the folder down.
+    """
+    configured = (os.environ if environ is None else environ).get(CACHE_DIR_VARIABLE)
     if configured:
         return Path(configured) / "features"
     return Path.home() / ".cache" / "tlserve" / "features"
@@ -35,7 +49,7 @@ def default_cache_dir() -> Path:
 
 def feature_key(samples: Sequence[Sample], module: torch.nn.Module, what: str) -> str:
     """A hex digest of the samples' files, the module's weights and ``what`` (layers, spec)."""
-    digest = hashlib.sha256(what.encode())
+    digest = hashlib.sha256(f"{EXTRACTION} {what}".encode())
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -49,6 +63,7 @@ def feature_key(samples: Sequence[Sample], module: torch.nn.Module, what: str) -
 
 
 def load_features(directory: Path, key: str) -> Features | None:
+    """The features saved under ``key`` in ``directory``; None if absent or unreadable."""
     path = directory / f"{key}.npz"
     if not path.is_file():
         return None

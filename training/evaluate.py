@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 __all__ = ["Evaluation", "binned_calibration_error", "evaluate", "expected_calibration_error"]
 
@@ -47,22 +48,24 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: Sequence[st
         raise ValueError("nothing to evaluate: no images")
     predicted = probabilities.argmax(axis=1)
     correct = predicted == labels
-    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    per_class_accuracy: dict[str, float | None] = {}
-    per_class: dict[str, dict[str, float | None]] = {}
-    f1s: list[float] = []
-    for index, name in enumerate(classes):
-        total = int(confusion[index].sum())
-        predicted_as = int(confusion[:, index].sum())
-        hits = float(confusion[index, index])
-        recall = hits / total if total else None
-        precision = hits / predicted_as if predicted_as else None
-        f1 = 2 * hits / (total + predicted_as) if total + predicted_as else None
-        per_class_accuracy[name] = recall
-        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": total}
-        if total:
-            f1s.append(f1 or 0.0)
+    every = np.arange(len(classes))
+    confusion = confusion_matrix(labels, predicted, labels=every)
+    # nan where a ratio is undefined (no image of the class, or never
+    # predicted): reported as None, and such classes stay out of macro-F1.
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=every, zero_division=np.nan
+    )
+    per_class: dict[str, dict[str, float | None]] = {
+        name: {
+            "precision": _defined(precision[index]),
+            "recall": _defined(recall[index]),
+            "f1": _defined(f1[index]),
+            "support": int(support[index]),
+        }
+        for index, name in enumerate(classes)
+    }
+    per_class_accuracy = {name: figures["recall"] for name, figures in per_class.items()}
+    present = support > 0
     confidence = probabilities.max(axis=1)
     return Evaluation(
         n=len(labels),
@@ -70,10 +73,14 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: Sequence[st
         per_class_accuracy=per_class_accuracy,
         confusion=confusion.tolist(),
         expected_calibration_error=binned_calibration_error(confidence, correct),
-        macro_f1=float(np.mean(f1s)),
+        macro_f1=float(np.mean(np.nan_to_num(f1[present]))),
         per_class=per_class,
         reliability=_reliability(confidence, correct),
     )
+
+
+def _defined(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
 
 
 def _reliability(confidence: np.ndarray, correct: np.ndarray) -> list[list[float]]:

@@ -137,3 +137,16 @@ def test_server_classify_uses_the_fast_path(server: ServerThread) -> None:
     assert len(reply.results) == 2
     scrape = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
     assert 'tlserve_images_decoded_total{path="jpeg_fast"} 2.0' in scrape
+
+
+def test_a_panorama_jpeg_is_cropped_first_on_the_fast_path_too() -> None:
+    # 16000x800: large enough for the DCT path, wide enough that resizing it
+    # whole (5120x256) would be crop-first territory; both paths must agree.
+    photo = skimage_data.coffee()  # type: ignore[no-untyped-call]
+    strip = np.asarray(Image.fromarray(photo).resize((16000, 800), Image.Resampling.BILINEAR))
+    buffer = io.BytesIO()
+    Image.fromarray(strip).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    row, path = ImageDecoder().prepare(data, LITE0)
+    assert path == FAST_JPEG
+    assert _mean_abs(row, prepare_image(data, LITE0)) <= MEAN_ABS_TOLERANCE

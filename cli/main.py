@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     _add_training_flags(train)
 
+    _add_quantize(sub)
     inspect = sub.add_parser(
         "inspect", help="print a model version's metadata and evaluation report"
     )
@@ -78,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int)
     serve.add_argument("--max-queue-delay", type=float, help="seconds to wait to fill a batch")
     serve.add_argument("--max-queue-size", type=int, help="queued rows before RESOURCE_EXHAUSTED")
+    serve.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        help="calls held at once; more are refused before they are read (0: derived)",
+    )
+    serve.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        help="calls one connection may have open; more wait on the caller's side (0: derived)",
+    )
     serve.add_argument("--preferred-batch-sizes", help='e.g. "4,8": run at once at these sizes')
     serve.add_argument("--instances", type=int, help="concurrent executions per model")
     serve.add_argument(
@@ -99,24 +110,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tlserve.training import train
+    from tlserve.training import TrainConfig, train
 
     result = train(
-        args.data_dir,
-        model_repository=args.model_repository,
-        name=args.name,
-        strategy=args.strategy,
-        backbone=args.backbone,
-        seed=args.seed,
-        options=_strategy_options(args),
-        backbone_weights=args.backbone_weights,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        balanced={"auto": None, "balanced": True, "none": False}[args.class_weights],
-        calibrate=not args.no_calibrate,
-        cache=not args.no_cache,
-        resume=args.resume,
+        TrainConfig(
+            args.data_dir,
+            model_repository=args.model_repository,
+            name=args.name,
+            strategy=args.strategy,
+            backbone=args.backbone,
+            seed=args.seed,
+            options=_strategy_options(args),
+            backbone_weights=args.backbone_weights,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            balanced={"auto": None, "balanced": True, "none": False}[args.class_weights],
+            calibrate=not args.no_calibrate,
+            cache=not args.no_cache,
+            resume=args.resume,
+            time_budget=args.time_budget,
+        )
     )
     print(result.summary())
     return 0
@@ -127,11 +141,24 @@ def _add_training_flags(train: argparse.ArgumentParser) -> None:
     add = train.add_argument
     add("--backbone-weights", type=Path, help="weights file for a timm:/tv: backbone")
     add("--layer", help="linear/trees: 'last' (default) or an earlier stage, e.g. -2")
-    add("--epochs", type=int, help="finetune/scratch: epochs")
+    add("--epochs", type=int, help="finetune/scratch: most epochs (early stopping picks the best)")
+    add(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="seconds the whole run may take: auto tries only the candidates that fit "
+        "(default for auto: 60 on CPU, 900 with a GPU); finetune/scratch stop before an "
+        "epoch that would pass it",
+    )
     add("--lr", help="finetune/scratch: learning rate of the head, or 'auto' (LR finder)")
     add("--unfreeze", help="finetune: 'all' (default) or the number of last layer groups")
     add("--label-smoothing", type=float)
-    add("--augment", choices=("none", "light", "flip"), help="finetune/scratch augmentation")
+    add(
+        "--augment",
+        choices=("auto", "none", "light", "colour", "flip"),
+        help="finetune/scratch augmentation (auto: crops; colour jitter only on colour images; "
+        "never flips unless asked)",
+    )
     add("--bn", choices=("frozen", "train"), help="BatchNorm statistics while training")
     add("--random-init", action="store_true", help="scratch: start from random weights")
     add("--image-size", type=int, help="input size (smaller trains faster)")
@@ -155,6 +182,49 @@ def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
     if args.random_init:
         options["pretrained"] = False
     return options
+
+
+def _add_quantize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    quantize = sub.add_parser(
+        "quantize",
+        help="publish a faster (int8 or fp16) variant of a published model, measured here",
+        description="Quantize REPO/NAME/VERSION, check its held-out accuracy and speed on this "
+        "host against the float32 model, and publish the chosen one as the next version.",
+    )
+    quantize.add_argument("version_dir", type=Path, metavar="REPO/NAME/VERSION")
+    quantize.add_argument(
+        "--variant",
+        default="auto",
+        choices=("int8", "fp16", "auto"),
+        help="auto: int8 on CPU hosts, fp16 with a GPU, kept only within the budgets "
+        "(default: %(default)s)",
+    )
+    quantize.add_argument("--data", type=Path, help="images (default: the folder it trained on)")
+    _add_budget_flags(quantize)
+    quantize.set_defaults(handler=_quantize)
+
+
+def _add_budget_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--accuracy-budget", type=float, default=0.5, help="accuracy points a variant may lose"
+    )
+    parser.add_argument(
+        "--min-speedup", type=float, default=1.2, help="how much faster a variant must measure"
+    )
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from tlserve.training.requantize import quantize_published
+
+    version_dir, decision = quantize_published(
+        args.version_dir,
+        data_dir=args.data,
+        mode=args.variant,
+        budget_points=args.accuracy_budget,
+        min_speedup=args.min_speedup,
+    )
+    print(f"published {version_dir} ({decision.chosen}): {decision.reason}")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -224,7 +294,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in (
         "model_repository", "host", "grpc_port", "metrics_port", "device", "gpu_fallback",
-        "max_batch_size", "max_queue_delay", "max_queue_size", "preferred_batch_sizes",
+        "max_batch_size", "max_queue_delay", "max_queue_size", "max_concurrent_rpcs",
+        "max_streams_per_connection", "preferred_batch_sizes",
         "instances", "version_policy", "model_control", "poll_interval", "drain_delay", "grace",
         "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
     )}  # fmt: skip
@@ -243,7 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"train": _train, "serve": _serve, "inspect": _inspect}
     try:
         handler = getattr(args, "handler", None) or commands[args.command]
-        return int(handler(args))
+        code = int(handler(args))
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not at exit
+        return code
     except TlserveError as exc:
         print(f"tlserve {args.command}: {exc}", file=sys.stderr)
         return exit_code_for(exc)

@@ -23,7 +23,7 @@ from tlserve.server.policy import (
     parse_version_policy,
 )
 
-__all__ = ["DEVICES", "GPU_FALLBACKS", "ConfigError", "ServerConfig"]
+__all__ = ["DEVICES", "GPU_FALLBACKS", "ConfigError", "ServerConfig", "derived_rpc_limit"]
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 LATEST_ONE = VersionPolicy("latest")
@@ -32,6 +32,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "version_policy": parse_version_policy,
 }
 GPU_FALLBACKS = ("fail", "cpu")
+TUNE_MODES = ("auto", "on", "off")
+# RPCs beyond the inference work the derived max_concurrent_rpcs leaves room for.
+CONTROL_RPC_ROOM = 32
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,15 @@ class ServerConfig:
     max_queue_delay: float = 0.0
     # Images queued per model before new requests get RESOURCE_EXHAUSTED.
     max_queue_size: int = 256
+    # RPCs the server holds at once; past it gRPC answers RESOURCE_EXHAUSTED
+    # itself, before the message is read into Python: overload costs little.
+    # 0 = derived: what one model's queue and running batches hold, plus
+    # CONTROL_RPC_ROOM for health, metadata and streams (see derived_rpc_limit).
+    max_concurrent_rpcs: int = 0
+    # Calls one connection may have open at once; more wait on the caller's
+    # side (HTTP/2 flow control), costing the server nothing, and leave room
+    # for other callers. 0 = derived: a quarter of max_concurrent_rpcs.
+    max_streams_per_connection: int = 0
     # Batch sizes the batcher runs at once, without waiting out max_queue_delay
     # ("4,8" in flags and env); empty: none preferred. See server/batcher.py.
     preferred_batch_sizes: tuple[int, ...] = ()
@@ -74,6 +86,18 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     intra_op_threads: int = 0
     preprocess_threads: int = 4
+    # Load-time tuning (server/tuning.py) of intra_op_threads, instances and
+    # max_batch_size, within tune_seconds per model version, for the best
+    # throughput whose batch runs within tune_latency_cap seconds. "auto":
+    # models whose batch-1 run takes at least a millisecond; "on"; "off".
+    # Settings given by flag or env are never changed (explicit_keys).
+    tune: str = "auto"
+    tune_seconds: float = 10.0
+    tune_latency_cap: float = 0.1
+    # TensorRT engine and timing caches; empty: rebuilt on every load.
+    trt_cache_dir: str = ""
+    # The keys given by flags or env (filled by load); the tuner leaves them alone.
+    explicit_keys: frozenset[str] = frozenset()
     log_level: str = "INFO"
     # Security and limits (server/security.py). TLS when cert and key are set;
     # mTLS (client certificates required) when tls_client_ca is set too.
@@ -115,12 +139,21 @@ class ServerConfig:
         ):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ConfigError(f"{_env_name(key)} must be at least 1, got {getattr(self, key)}")
-        for key in ("max_queue_delay", "drain_delay", "grace", "intra_op_threads"):
+        if self.tune not in TUNE_MODES:
+            raise ConfigError(f"TLSERVE_TUNE must be one of {TUNE_MODES}, got {self.tune!r}")
+        if self.tune_latency_cap <= 0:
+            raise ConfigError(
+                f"TLSERVE_TUNE_LATENCY_CAP must be positive, got {self.tune_latency_cap}"
+            )
+        for key in (
+            "max_queue_delay", "drain_delay", "grace", "intra_op_threads", "tune_seconds"
+        ):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ConfigError(
                     f"{_env_name(key)} must not be negative, got {getattr(self, key)}"
                 )
         _check_serving(self)
+        _derive_call_bounds(self)
 
     @classmethod
     def load(
@@ -134,6 +167,8 @@ class ServerConfig:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
+            if f.name == "explicit_keys":
+                continue
             raw = environ.get(_env_name(f.name))
             if raw is not None and raw != "":
                 values[f.name] = _parse(f.name, f.type, raw)
@@ -145,7 +180,31 @@ class ServerConfig:
                 "no model repository: pass --model-repository or set TLSERVE_MODEL_REPOSITORY"
             )
         values["model_repository"] = Path(values["model_repository"])
+        values["explicit_keys"] = frozenset(values)
         return cls(**values)
+
+
+def derived_rpc_limit(config: ServerConfig) -> int:
+    """The default RPC bound: every call that one model's queue and batches can hold.
+
+    One row per call fills ``max_queue_size`` queued rows plus ``instances``
+    running batches; more calls than that could only wait to be refused, so
+    gRPC refuses them before they cost a parse. CONTROL_RPC_ROOM more are
+    left for health checks, metadata and streams.
+    """
+    return config.max_queue_size + config.instances * config.max_batch_size + CONTROL_RPC_ROOM
+
+
+def _derive_call_bounds(config: ServerConfig) -> None:
+    """Fill in the derived defaults (0) of the two bounds on calls held at once."""
+    for key in ("max_concurrent_rpcs", "max_streams_per_connection"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{_env_name(key)} must not be negative, got {getattr(config, key)}")
+    if config.max_concurrent_rpcs == 0:
+        object.__setattr__(config, "max_concurrent_rpcs", derived_rpc_limit(config))
+    if config.max_streams_per_connection == 0:
+        streams = max(1, config.max_concurrent_rpcs // 4)
+        object.__setattr__(config, "max_streams_per_connection", streams)
 
 
 def _check_serving(config: ServerConfig) -> None:

@@ -33,6 +33,9 @@ _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 )  # fmt: skip
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# ood_score / threshold: raw scores differ in scale from model to model, this
+# does not (held-out training-like images sit below 1, 1 in 100 above it).
+_OOD_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 class ServerMetrics:
@@ -91,11 +94,26 @@ class ServerMetrics:
             ["model", "version", "provider"],
             registry=r,
         )
+        self.model_setting = Gauge(
+            "tlserve_model_setting",
+            "Each loaded version's intra_op_threads, instances and max_batch_size, and "
+            "whether load-time tuning chose it (source tuned, explicit or default).",
+            ["model", "version", "setting", "source"],
+            registry=r,
+        )
         # Where requests go once admitted, and what the edges refuse or fall back on.
         self.inferences = Counter(
             "tlserve_inferences",
             "Requests that reached a model, by version and outcome (ok or a failure reason).",
             ["model", "version", "outcome"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "tlserve_shed_requests",
+            "Requests the batcher refused or dropped without running them, by reason: "
+            "queue_full, late (could not meet its deadline), expired (deadline passed "
+            "while queued), too_large (can never fit the queue).",
+            ["model", "reason"],
             registry=r,
         )
         self.in_flight = Gauge(
@@ -130,6 +148,21 @@ class ServerMetrics:
             "tlserve_images_decoded",
             "Images decoded for Classify, by decoder path (jpeg_fast or exact).",
             ["path"],
+            registry=r,
+        )
+        # What the model is sent, against what it was trained on: a camera or
+        # product change shows here before anyone notices wrong labels.
+        self.ood_score = Histogram(
+            "tlserve_ood_score_ratio",
+            "Each classified image's ood_score over its model's threshold (above 1: flagged).",
+            ["model"],
+            buckets=_OOD_BUCKETS,
+            registry=r,
+        )
+        self.ood_flagged = Counter(
+            "tlserve_ood_flagged_images",
+            "Classified images whose ood_score is above the model card's threshold.",
+            ["model", "version"],
             registry=r,
         )
 

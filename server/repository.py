@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,11 +22,13 @@ from tlserve.contract.rules import MODEL_FILE, valid_model_name
 from tlserve.server.batcher import DynamicBatcher
 from tlserve.server.config import ServerConfig
 from tlserve.server.metrics import ServerMetrics
-from tlserve.server.runtime import OnnxModel, load_model
+from tlserve.server.runtime import OnnxModel
 from tlserve.server.statistics import ModelStatistics
+from tlserve.server.tuning import Tuning, publish_tuning, tune_model, withdraw_tuning
 
 __all__ = [
     "LoadedModel",
+    "file_identity",
     "load_version",
     "retire",
     "scan_repository",
@@ -59,6 +60,19 @@ def scan_repository(root: Path) -> dict[str, list[int]]:
     return found
 
 
+def file_identity(root: Path, name: str, version: str) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a version's model file: changes when it is replaced.
+
+    An atomic replace (write beside, rename over) gives a new inode; an edit
+    in place a new size or mtime. None when the file is gone.
+    """
+    try:
+        stat = (root / name / version / MODEL_FILE).stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 @dataclass
 class LoadedModel:
     """One model version, loaded, warm and with its batcher running.
@@ -75,6 +89,7 @@ class LoadedModel:
     stats: ModelStatistics
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    tuning: Tuning | None = None  # the settings it serves with (server/tuning.py)
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -107,21 +122,12 @@ async def load_version(
 ) -> LoadedModel:
     """Load one version, warm it up and start its batcher; nothing else changes."""
     path = config.model_repository / name / version / MODEL_FILE
-    loop = asyncio.get_running_loop()
+    # Load, warm up before ready and (server/tuning.py) pick the settings.
+    model, tuning = await asyncio.to_thread(tune_model, path, config, metrics)
     # `instances` threads: that many batches of the one session run at once.
     executor = ThreadPoolExecutor(
-        max_workers=config.instances, thread_name_prefix=f"ort-{name}-{version}"
+        max_workers=tuning.instances, thread_name_prefix=f"ort-{name}-{version}"
     )
-    try:
-        model = await loop.run_in_executor(executor, load_model, path, config, metrics)
-        # Warm up before ready: the first run allocates and picks kernels.
-        await loop.run_in_executor(executor, model.run, model.dummy_inputs())
-        started = time.perf_counter()
-        await loop.run_in_executor(executor, model.run, model.dummy_inputs())
-        row_seconds = time.perf_counter() - started
-    except BaseException:
-        executor.shutdown(wait=False)
-        raise
     stats = ModelStatistics()
     batcher = DynamicBatcher(
         model.run,
@@ -129,13 +135,13 @@ async def load_version(
         batchable=model.batchable,
         executor=executor,
         metrics=metrics,
-        max_batch_size=config.max_batch_size,
+        max_batch_size=tuning.max_batch_size,
         max_queue_delay=config.max_queue_delay,
         max_queue_size=config.max_queue_size,
         preferred_batch_sizes=config.preferred_batch_sizes,
-        instances=config.instances,
+        instances=tuning.instances,
         stats=stats,
-        row_seconds=row_seconds,
+        row_seconds=tuning.batch1_seconds,
     )
     await batcher.start()
     metrics.model_info.labels(name, version, model.provider).set(1)
@@ -146,9 +152,10 @@ async def load_version(
         path,
         model.provider,
         len(model.card.labels) if model.card else 0,
-        config.instances,
+        tuning.instances,
     )
-    return LoadedModel(name, version, model, batcher, executor, stats)
+    publish_tuning(metrics, name, version, tuning)
+    return LoadedModel(name, version, model, batcher, executor, stats, tuning=tuning)
 
 
 async def retire(loaded: LoadedModel, metrics: ServerMetrics, grace: float) -> None:
@@ -165,4 +172,6 @@ async def retire(loaded: LoadedModel, metrics: ServerMetrics, grace: float) -> N
     loaded.executor.shutdown(wait=False)
     with contextlib.suppress(KeyError):
         metrics.model_info.remove(loaded.name, loaded.version, loaded.model.provider)
+    if loaded.tuning is not None:
+        withdraw_tuning(metrics, loaded.name, loaded.version, loaded.tuning)
     log.info("unloaded model %r version %s", loaded.name, loaded.version)

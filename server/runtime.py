@@ -12,11 +12,16 @@ provider was asked for and is not usable, ``TLSERVE_GPU_FALLBACK`` decides:
 ``fail`` (the load fails, so the server is not ready, with the reason) or
 ``cpu`` (serve on CPU, logged at WARNING, counted in
 ``tlserve_provider_fallbacks_total`` and visible as the model's provider).
+
+TensorRT builds an engine per model (and per range of input shapes) on first
+use, which takes seconds to minutes; with ``TLSERVE_TRT_CACHE_DIR`` set the
+engines and timing caches are kept there, so a restart loads them instead.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +38,14 @@ if TYPE_CHECKING:
     from tlserve.server.config import ServerConfig
     from tlserve.server.metrics import ServerMetrics
 
-__all__ = ["OnnxModel", "ProviderError", "TensorSpec", "load_model", "providers_for"]
+__all__ = [
+    "OnnxModel",
+    "ProviderError",
+    "TensorSpec",
+    "load_model",
+    "provider_options",
+    "providers_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +97,31 @@ def providers_for(device: str, available: list[str] | None = None) -> list[str]:
     return [p for p in wanted if p in available]
 
 
+def provider_options(
+    providers: Sequence[str], trt_cache_dir: str = ""
+) -> list[str | tuple[str, dict[str, str]]]:
+    """``providers`` with their options, as ``InferenceSession(providers=...)`` takes them.
+
+    TensorRT gets its engine and timing caches in ``trt_cache_dir`` (made if
+    missing) when one is given; other providers keep onnxruntime's defaults.
+    """
+    result: list[str | tuple[str, dict[str, str]]] = []
+    for provider in providers:
+        if provider == TENSORRT and trt_cache_dir:
+            Path(trt_cache_dir).mkdir(parents=True, exist_ok=True)
+            result.append(
+                (provider, {
+                    "trt_engine_cache_enable": "True",
+                    "trt_engine_cache_path": trt_cache_dir,
+                    "trt_timing_cache_enable": "True",
+                    "trt_timing_cache_path": trt_cache_dir,
+                })
+            )  # fmt: skip
+        else:
+            result.append(provider)
+    return result
+
+
 def _spec(arg: Any) -> TensorSpec:
     datatype = _ORT_TYPES.get(arg.type)
     if datatype is None:
@@ -107,6 +144,7 @@ class OnnxModel:
         device: str = "auto",
         gpu_fallback: str = "fail",
         intra_op_threads: int = 0,
+        trt_cache_dir: str = "",
     ) -> None:
         self.path = path
         self.requested = device
@@ -118,8 +156,17 @@ class OnnxModel:
                 raise
             self.fallback = str(exc)
             providers = [CPU]
+        if TENSORRT in providers and not trt_cache_dir:
+            log.warning(
+                "%s: TensorRT engines are rebuilt on every load; set TLSERVE_TRT_CACHE_DIR "
+                "to a persistent directory to keep them",
+                path,
+            )
+        self.intra_op_threads = intra_op_threads
         self.session = ort.InferenceSession(
-            str(path), _session_options(intra_op_threads), providers=providers
+            str(path),
+            _session_options(intra_op_threads),
+            providers=provider_options(providers, trt_cache_dir),
         )
         self.provider: str = self.session.get_providers()[0]
         if providers[0] != self.provider and not self.fallback:
@@ -189,13 +236,23 @@ def _session_options(intra_op_threads: int) -> ort.SessionOptions:
     return options
 
 
-def load_model(path: Path, config: ServerConfig, metrics: ServerMetrics | None = None) -> OnnxModel:
-    """Load ``path`` with the config's provider policy; count a fallback in ``metrics``."""
+def load_model(
+    path: Path,
+    config: ServerConfig,
+    metrics: ServerMetrics | None = None,
+    *,
+    intra_op_threads: int | None = None,
+) -> OnnxModel:
+    """Load ``path`` with the config's provider policy; count a fallback in ``metrics``.
+
+    ``intra_op_threads`` overrides the config's (load-time tuning tries several).
+    """
     model = OnnxModel(
         path,
         device=config.device,
         gpu_fallback=config.gpu_fallback,
-        intra_op_threads=config.intra_op_threads,
+        intra_op_threads=config.intra_op_threads if intra_op_threads is None else intra_op_threads,
+        trt_cache_dir=config.trt_cache_dir,
     )
     if model.fallback and metrics is not None:
         name = path.parent.parent.name

@@ -1,0 +1,322 @@
+"""Faster model variants: int8 quantization and float16, measured before publishing.
+
+A tiny real convolutional classifier built with onnx.helper (it tells red,
+green and blue images apart) stands in for an exported model; one test runs
+the whole path on a model trained by ``tlserve train``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from tests.training.shapes import TINY_BACKBONE
+from tlserve.cli.main import main
+from tlserve.contract.card import ModelCard, Preprocessing
+from tlserve.contract.errors import InvalidInput
+from tlserve.training.fp16 import convert_fp16, gpu_providers
+from tlserve.training.quantize import decide, quantize_int8, select_variant
+from tlserve.training.requantize import quantize_published
+from tlserve.training.variants import HeldOut, float_regions, name_nodes, stratified
+
+SIZE = 16
+LABELS = ("a-red", "b-green", "c-blue")  # sorted, as folder names are
+COLOURS = ((210, 40, 40), (40, 200, 50), (40, 60, 220))
+
+
+def _tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return helper.make_tensor(name, TensorProto.FLOAT, array.shape, array.flatten().tolist())
+
+
+def build_conv_classifier(path: Path) -> Path:
+    """uint8 NHWC -> normalise -> 2 convs -> pool -> embeddings -> head; plus an ood_score."""
+    rng = np.random.default_rng(0)
+    conv1 = rng.normal(0, 0.05, (8, 3, 3, 3)).astype(np.float32)
+    for c in range(8):
+        conv1[c, c % 3, 1, 1] += 1.0  # channel c follows input colour c % 3
+    conv2 = rng.normal(0, 0.05, (8, 8, 3, 3)).astype(np.float32)
+    for c in range(8):
+        conv2[c, c, 1, 1] += 1.0
+    head = np.zeros((8, 3), np.float32)
+    for c in range(8):
+        head[c, c % 3] = 8.0
+    nodes = [
+        helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["f", "scale"], ["unit"]),
+        helper.make_node("Sub", ["unit", "mean"], ["centred"]),
+        helper.make_node("Transpose", ["centred"], ["x"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["x", "conv1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "conv2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["embeddings"]),
+        helper.make_node("MatMul", ["embeddings", "head"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        # An output this code knows nothing about must survive untouched.
+        helper.make_node("ReduceMax", ["logits"], ["top"], axes=[1], keepdims=0),
+        helper.make_node("Neg", ["top"], ["ood_score"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", SIZE, SIZE, 3])],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", 8]),
+            helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["batch"]),
+        ],
+        initializer=[
+            _tensor("scale", np.array(255.0, np.float32)),
+            _tensor("mean", np.array(0.5, np.float32)),
+            _tensor("conv1", conv1),
+            _tensor("conv2", conv2),
+            _tensor("head", head),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    card = ModelCard(
+        labels=LABELS,
+        preprocessing=Preprocessing(height=SIZE, width=SIZE, crop_pct=1.0),
+        backbone="two-convs",
+        strategy="fixture",
+        metrics={"test_accuracy": 1.0},
+        notes={"seed": "0"},
+    )
+    helper.set_model_props(model, {**card.to_props(), "other.tool": "kept"})
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def colour_images(n: int, seed: int = 0) -> HeldOut:
+    """``n`` noisy images of the three colours, labelled with the colour's index."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    base = np.asarray(COLOURS, np.int16)[labels][:, None, None, :]
+    noise = rng.integers(-30, 31, (n, SIZE, SIZE, 3))
+    return HeldOut(np.clip(base + noise, 0, 255).astype(np.uint8), labels.astype(np.int64))
+
+
+@pytest.fixture
+def conv_model(tmp_path: Path) -> Path:
+    return build_conv_classifier(tmp_path / "model.onnx")
+
+
+def _props(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def _card(path: Path) -> ModelCard:
+    card = ModelCard.from_props(_props(path))
+    assert card is not None
+    return card
+
+
+def _ops(path: Path) -> list[str]:
+    return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+def _io(path: Path) -> list[tuple[str, str, list[object]]]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [
+        (a.name, a.type, list(a.shape)) for a in [*session.get_inputs(), *session.get_outputs()]
+    ]
+
+
+def test_int8_keeps_the_io_contract_the_card_and_unknown_outputs(conv_model: Path) -> None:
+    target = conv_model.with_name("int8.onnx")
+    quantize_int8(conv_model, target, colour_images(30).images)
+    assert "QuantizeLinear" in _ops(target)  # the convolutions really are quantized
+    assert _io(target) == _io(conv_model)  # including ood_score, which nothing here names
+    assert _props(target) == _props(conv_model)  # the card and other tools' metadata
+    images = colour_images(60, seed=5)
+    float_run = ort.InferenceSession(str(conv_model)).run(None, {"images": images.images})
+    int8_run = ort.InferenceSession(str(target)).run(None, {"images": images.images})
+    assert (int8_run[0].argmax(1) == images.labels).all()
+    np.testing.assert_allclose(int8_run[1], float_run[1], atol=0.05)
+
+
+def test_normalisation_and_everything_after_the_last_conv_stay_float(conv_model: Path) -> None:
+    model = onnx.load(str(conv_model))
+    name_nodes(model)
+    kept = {node.op_type for node in model.graph.node if node.name in float_regions(model)}
+    assert kept == {"Cast", "Div", "Sub", "Transpose", "Relu", "GlobalAveragePool", "Flatten",
+                    "MatMul", "Softmax", "ReduceMax", "Neg"}  # fmt: skip
+    target = conv_model.with_name("int8.onnx")
+    quantize_int8(conv_model, target, colour_images(30).images)
+    quantized = onnx.load(str(target))
+    producers = {out: node.op_type for node in quantized.graph.node for out in node.output}
+    for node in quantized.graph.node:
+        if node.op_type in ("Div", "Sub", "MatMul", "Softmax"):
+            # Exact float inputs: straight from the previous float op or an initializer.
+            assert all(producers.get(name) != "DequantizeLinear" for name in node.input), node
+
+
+def test_auto_falls_back_to_float32_when_accuracy_drops_past_the_budget(conv_model: Path) -> None:
+    def miscalibrated(variant: str, source: Path, target: Path, _: np.ndarray) -> None:
+        # Ranges calibrated on black images only: real colours saturate.
+        quantize_int8(source, target, np.zeros((4, SIZE, SIZE, 3), np.uint8))
+
+    before = conv_model.read_bytes()
+    decision = select_variant(
+        conv_model, colour_images(30).images, colour_images(60, seed=3),
+        budget_points=0.01, min_speedup=0.0, seconds=0.02, maker=miscalibrated,
+    )  # fmt: skip
+    assert decision is not None and decision.chosen == "float32"
+    assert "accuracy points" in decision.reason
+    assert "QuantizeLinear" not in _ops(conv_model)
+    card = _card(conv_model)
+    assert card.notes["variant"] == "float32" and card.notes["variant_reason"] == decision.reason
+    assert card.metrics["float32_accuracy"] == 1.0
+    assert card.metrics["int8_accuracy"] < 1.0  # both variants' figures are recorded
+    assert {"int8_top1_agreement", "int8_images_per_second_b1"} <= set(card.metrics)
+    assert card.labels == ModelCard.from_props(_props_of(before)).labels  # type: ignore[union-attr]
+
+
+def _props_of(data: bytes) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+
+
+def test_auto_falls_back_when_int8_is_not_measured_faster(conv_model: Path) -> None:
+    decision = select_variant(
+        conv_model, colour_images(30).images, colour_images(30, seed=3),
+        budget_points=100.0, min_speedup=1000.0, seconds=0.02,
+    )  # fmt: skip
+    assert decision is not None and decision.chosen == "float32"
+    assert "as fast here" in decision.reason
+    assert _card(conv_model).metrics["int8_speedup"] == pytest.approx(
+        decision.measured.speedup, rel=1e-3
+    )
+
+
+def test_auto_publishes_int8_within_budget_and_int8_mode_forces_it(conv_model: Path) -> None:
+    auto = select_variant(
+        conv_model, colour_images(30).images, colour_images(30, seed=3),
+        budget_points=100.0, min_speedup=0.0, seconds=0.02,
+    )  # fmt: skip
+    assert auto is not None and auto.chosen == "int8"
+    assert "QuantizeLinear" in _ops(conv_model) and _card(conv_model).notes["variant"] == "int8"
+    forced = build_conv_classifier(conv_model.with_name("forced.onnx"))
+    decision = select_variant(
+        forced, colour_images(30).images, None, mode="int8", min_speedup=1000.0, seconds=0.02
+    )
+    assert decision is not None and decision.chosen == "int8" and "asked for" in decision.reason
+    assert select_variant(forced, colour_images(3).images, None, mode="none") is None
+
+
+def test_decide_needs_held_out_labels_to_choose_a_variant() -> None:
+    from tlserve.training.variants import Figures, Measured
+
+    measured = Measured(
+        Figures("float32", None, {1: 100.0}), Figures("int8", None, {1: 300.0}), 1.0, 0, "cpu", "h"
+    )
+    assert decide("auto", "int8", measured)[0] == "float32"
+    assert decide("int8", "int8", measured)[0] == "int8"
+
+
+def test_fp16_variant_runs_on_cpu_through_the_same_functions(conv_model: Path) -> None:
+    target = conv_model.with_name("fp16.onnx")
+    convert_fp16(conv_model, target)
+    assert _io(target) == _io(conv_model) and _props(target) == _props(conv_model)
+    weights = {t.name: t.data_type for t in onnx.load(str(target)).graph.initializer}
+    assert weights["conv1"] == TensorProto.FLOAT16 and weights["head"] == TensorProto.FLOAT
+    decision = select_variant(
+        conv_model, colour_images(3).images, colour_images(30, seed=3),
+        mode="fp16", providers=["CPUExecutionProvider"], seconds=0.02,
+    )  # fmt: skip
+    assert decision is not None and decision.chosen == "fp16"
+    assert decision.measured.candidate.accuracy == 1.0
+    assert decision.measured.provider == "CPUExecutionProvider"  # measured where it ran
+    assert _card(conv_model).notes["variant"] == "fp16"
+
+
+def test_gpu_providers_pick_fp16_only_where_a_gpu_provider_exists() -> None:
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert gpu_providers(cuda) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert gpu_providers(["CPUExecutionProvider"]) == ()
+
+
+@pytest.mark.gpu
+def test_fp16_on_a_real_gpu(conv_model: Path) -> None:
+    gpu = gpu_providers()
+    if not gpu:
+        pytest.skip("no CUDA/TensorRT provider in this onnxruntime")
+    decision = select_variant(
+        conv_model, colour_images(3).images, colour_images(30, seed=3), mode="auto", seconds=0.2
+    )
+    assert decision is not None and decision.variant == "fp16"
+    assert decision.measured.provider in gpu
+
+
+def test_calibration_images_are_drawn_from_every_class() -> None:
+    samples = [
+        (Path(f"{label}-{i}.png"), label) for label in range(3) for i in range(50 * label + 5)
+    ]
+    picked = stratified(samples, 12, seed=1)
+    assert len(picked) == 12
+    assert sorted(p.name.split("-")[0] for p in picked) == ["0"] * 4 + ["1"] * 4 + ["2"] * 4
+    assert stratified(samples, 12, seed=1) == picked  # reproducible
+
+
+def _colour_folder(root: Path) -> Path:
+    """train/ and test/ folders of PNGs of the three colours."""
+    from PIL import Image
+
+    for split, n, seed in (("train", 30, 0), ("test", 30, 7)):
+        images = colour_images(n, seed)
+        for i, (image, label) in enumerate(zip(images.images, images.labels, strict=True)):
+            folder = root / split / LABELS[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.png")
+    return root
+
+
+def test_quantize_a_published_model_from_the_command_line(
+    conv_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tlserve.training.publish import publish
+
+    data = _colour_folder(tmp_path / "colours")
+    report = {"data": {"root": str(data)}, "name": "colours"}
+    published = publish(
+        conv_model, tmp_path / "models", "colours",
+        {"report.json": json.dumps(report).encode(), "report.md": b"# report"},
+    )  # fmt: skip
+    code = main(["quantize", str(published), "--variant", "int8"])
+    assert code == 0, capsys.readouterr().err
+    version = tmp_path / "models" / "colours" / "2"
+    card = _card(version / "model.onnx")
+    assert card.notes["variant"] == "int8" and card.labels == LABELS
+    assert card.metrics["int8_accuracy"] == 1.0  # 30 held-out PNGs from test/
+    assert _io(version / "model.onnx") == _io(conv_model)
+    assert json.loads((version / "report.json").read_text())["variant"]["chosen"] == "int8"
+    assert (version / "report.md").read_bytes() == b"# report"
+    assert "int8" in capsys.readouterr().out
+    with pytest.raises(InvalidInput, match="already the int8 variant"):
+        quantize_published(version)
+    assert main(["quantize", str(tmp_path / "models" / "colours" / "9")]) == 1  # no model there
+
+
+@pytest.mark.slow
+def test_train_publishes_the_variant_auto_chose(shapes_folder: Path, tmp_path: Path) -> None:
+    from tlserve.training import train
+
+    repo = tmp_path / "models"
+    result = train(
+        shapes_folder, model_repository=repo, name="shapes", backbone=TINY_BACKBONE,
+        quantize="int8",
+    )  # fmt: skip
+    card = _card(result.model_path)
+    assert card.notes["variant"] == "int8"
+    assert {"float32_accuracy", "int8_accuracy", "int8_top1_agreement"} <= set(card.metrics)
+    report = json.loads((result.version_dir / "report.json").read_text())
+    assert report["variant"]["chosen"] == "int8"

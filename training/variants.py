@@ -1,0 +1,297 @@
+"""What a faster model variant shares, whatever its number format.
+
+- which nodes stay in float (:func:`float_regions`),
+- the images it is checked on (:func:`stratified`, :func:`load_labelled`),
+- how it is measured against the float32 model (:func:`compare_variants`:
+  held-out accuracy, top-1 agreement, images/s in alternating passes),
+- and how the figures land in the model card (:func:`record_decision`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from tlserve.contract.card import ModelCard, Preprocessing
+from tlserve.contract.errors import InvalidInput
+from tlserve.contract.images import prepare_image
+from tlserve.contract.rules import INPUT_IMAGES, OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES
+
+__all__ = [
+    "COMPUTE_OPS",
+    "SPEED_BATCHES",
+    "Figures",
+    "HeldOut",
+    "Measured",
+    "compare_variants",
+    "float_regions",
+    "load_labelled",
+    "name_nodes",
+    "record_decision",
+    "stratified",
+]
+
+#: The ops whose arithmetic a variant speeds up; what lies before the first
+#: and after the last of them stays float.
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+#: Batch sizes the speed is measured at: concurrency-1 serving and a typical batch.
+SPEED_BATCHES = (1, 8)
+_PASSES = 3
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Labelled images the variants are scored on: uint8 ``[N, H, W, 3]``, labels ``[N]``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One variant's held-out accuracy (None without labels) and images/s by batch size."""
+
+    name: str
+    accuracy: float | None
+    images_per_second: dict[int, float]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Float32 reference vs the candidate variant, measured here."""
+
+    reference: Figures
+    candidate: Figures
+    agreement: float  # top-1 agreement of the two on the held-out images
+    held_out: int
+    provider: str
+    host: str
+
+    @property
+    def speedup(self) -> float:
+        """The smallest images/s ratio over the measured batch sizes (conservative)."""
+        return min(
+            self.candidate.images_per_second[b] / self.reference.images_per_second[b]
+            for b in self.reference.images_per_second
+        )
+
+    @property
+    def accuracy_drop_points(self) -> float | None:
+        """Accuracy points lost (negative: gained); None without held-out labels."""
+        ref, cand = self.reference.accuracy, self.candidate.accuracy
+        return None if ref is None or cand is None else 100 * (ref - cand)
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain values for report.json."""
+        return {
+            "agreement": self.agreement,
+            "held_out": self.held_out,
+            "provider": self.provider,
+            "host": self.host,
+            "speedup": self.speedup,
+            "variants": {
+                f.name: {"accuracy": f.accuracy, "images_per_second": f.images_per_second}
+                for f in (self.reference, self.candidate)
+            },
+        }
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give unnamed nodes unique names: quantizers and converters exclude nodes by name."""
+    taken = {node.name for node in model.graph.node if node.name}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"tlserve_{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def float_regions(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes to keep float: no compute op upstream, or none downstream.
+
+    Upstream of the first convolution is the in-graph normalisation of the
+    uint8 input (kept exact); downstream of the last one are pooling, the
+    embeddings, the classifier head and any other output's nodes. Nodes
+    consuming ``embeddings`` count as head even when they are MatMuls.
+    """
+    nodes = list(model.graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    head = _reach([OUTPUT_EMBEDDINGS], consumers, nodes, downstream=True)
+    body = [i for i, n in enumerate(nodes) if n.op_type in COMPUTE_OPS and i not in head]
+    after = _reach([out for i in body for out in nodes[i].output], consumers, nodes, True)
+    before = _reach([inp for i in body for inp in nodes[i].input], producer, nodes, False)
+    compute_downstream = before | set(body)
+    compute_upstream = after | set(body)
+    return {
+        nodes[i].name
+        for i in range(len(nodes))
+        if i not in compute_downstream or i not in compute_upstream
+    }
+
+
+def _reach(
+    start: Sequence[str],
+    links: dict[str, list[int]] | dict[str, int],
+    nodes: list[onnx.NodeProto],
+    downstream: bool,
+) -> set[int]:
+    """Indices of nodes reachable from tensors ``start``, following consumers or producers."""
+    seen: set[int] = set()
+    stack = list(start)
+    while stack:
+        found = links.get(stack.pop())
+        for i in found if isinstance(found, list) else [] if found is None else [found]:
+            if i not in seen:
+                seen.add(i)
+                stack.extend(nodes[i].output if downstream else nodes[i].input)
+    return seen
+
+
+def stratified(samples: Sequence[tuple[Path, int]], limit: int, seed: int = 0) -> list[Path]:
+    """Up to ``limit`` paths, the same share from every class (round-robin over shuffled ones)."""
+    by_class: dict[int, list[Path]] = {}
+    for path, label in samples:
+        by_class.setdefault(label, []).append(path)
+    rng = random.Random(seed)
+    for paths in by_class.values():
+        rng.shuffle(paths)
+    picked: list[Path] = []
+    queues = [by_class[label] for label in sorted(by_class)]
+    while len(picked) < limit and any(queues):
+        for queue in queues:
+            if queue and len(picked) < limit:
+                picked.append(queue.pop())
+    return picked
+
+
+def load_labelled(
+    samples: Sequence[tuple[Path, int]], spec: Preprocessing
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every readable image as the model's uint8 input, with its label; unreadable ones skipped."""
+    rows, labels = [], []
+    for path, label in samples:
+        try:
+            rows.append(prepare_image(path, spec))
+        except (InvalidInput, OSError):
+            continue
+        labels.append(label)
+    if not rows:
+        raise InvalidInput("none of the images to check a model variant on could be read")
+    return np.stack(rows), np.asarray(labels, dtype=np.int64)
+
+
+def compare_variants(
+    reference: Path,
+    candidate: Path,
+    held_out: HeldOut | None,
+    *,
+    name: str,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    seconds: float = 0.4,
+) -> Measured:
+    """Score both on ``held_out`` and time them in alternating passes on this host.
+
+    ``name`` is the candidate's (``int8``, ``fp16``); the reference is float32.
+    """
+    import onnxruntime as ort
+
+    sessions = [
+        ort.InferenceSession(str(p), providers=list(providers)) for p in (reference, candidate)
+    ]
+    shape = [d if isinstance(d, int) else 1 for d in sessions[0].get_inputs()[0].shape]
+    probe = held_out.images if held_out is not None else np.zeros(shape, np.uint8)
+    predictions = [_predict(s, probe) for s in sessions]
+    accuracies = [
+        None if held_out is None else float(np.mean(p == held_out.labels)) for p in predictions
+    ]
+    speeds = _speeds(sessions, probe, seconds)
+    return Measured(
+        reference=Figures("float32", accuracies[0], speeds[0]),
+        candidate=Figures(name, accuracies[1], speeds[1]),
+        agreement=float(np.mean(predictions[0] == predictions[1])),
+        held_out=0 if held_out is None else len(held_out.labels),
+        provider=sessions[1].get_providers()[0],
+        host=_host(),
+    )
+
+
+def _predict(session: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    chunks = [
+        session.run([OUTPUT_PROBABILITIES], {INPUT_IMAGES: images[i : i + batch]})[0]
+        for i in range(0, len(images), batch)
+    ]
+    return np.asarray(np.concatenate(chunks).argmax(axis=1), dtype=np.int64)
+
+
+def _speeds(sessions: list[Any], images: np.ndarray, seconds: float) -> list[dict[int, float]]:
+    """Median images/s of each session per batch size; passes alternate between sessions,
+    so drift on a shared machine hits both alike."""
+    runs: list[dict[int, list[float]]] = [{b: [] for b in SPEED_BATCHES} for _ in sessions]
+    for _ in range(_PASSES):
+        for batch in SPEED_BATCHES:
+            feed = {INPUT_IMAGES: np.resize(images, (batch, *images.shape[1:]))}
+            for session, found in zip(sessions, runs, strict=True):
+                session.run(None, feed)  # warm this shape
+                count, started = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - started) < seconds or count == 0:
+                    session.run(None, feed)
+                    count += batch
+                found[batch].append(count / elapsed)
+    return [{b: statistics.median(v) for b, v in found.items()} for found in runs]
+
+
+def _host() -> str:
+    """The CPU and the instruction sets int8 speed depends on."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()[:40]  # the first CPU's
+        info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        model, flags = info.get("model name", model), set(info.get("flags", "").split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_fp16")
+    return f"{model} [{' '.join(f for f in wanted if f in flags) or 'no VNNI/AMX flags'}]"
+
+
+def record_decision(path: Path, chosen: str, variant: str, reason: str, measured: Measured) -> None:
+    """Write the variants' figures into the card of the model file at ``path``."""
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    card = ModelCard.from_props(props)
+    if card is None:
+        raise InvalidInput(f"{path} carries no tlserve model card to record the variants in")
+    metrics = dict(card.metrics)
+    for figures in (measured.reference, measured.candidate):
+        if figures.accuracy is not None:
+            metrics[f"{figures.name}_accuracy"] = figures.accuracy
+        for batch, speed in figures.images_per_second.items():
+            metrics[f"{figures.name}_images_per_second_b{batch}"] = round(speed, 1)
+    metrics[f"{variant}_top1_agreement"] = measured.agreement
+    metrics[f"{variant}_speedup"] = round(measured.speedup, 3)
+    notes = {
+        **card.notes,
+        "variant": chosen,
+        "variant_reason": reason,
+        "variant_measured_on": f"{measured.provider}, {measured.host}",
+    }
+    props.update(dataclasses.replace(card, metrics=metrics, notes=notes).to_props())
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))

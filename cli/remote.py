@@ -170,11 +170,18 @@ def _classify(args: argparse.Namespace) -> int:
                 preprocess=args.preprocess,
             )  # fmt: skip
             for path, labels in zip(chunk, results, strict=True):
+                # Client-side preprocessing ranks probabilities only: no score there.
+                score = getattr(labels, "ood_score", None)
+                flagged = bool(getattr(labels, "out_of_distribution", False))
                 if args.json:
-                    print(json.dumps({"file": str(path), "labels": [vars(p) for p in labels]}))
+                    print(json.dumps({
+                        "file": str(path), "labels": [vars(p) for p in labels],
+                        "ood_score": score, "out_of_distribution": flagged,
+                    }))  # fmt: skip
                 else:
                     best = "  ".join(f"{p.label} {p.score:.3f}" for p in labels)
-                    print(f"{path}\t{best}")
+                    unusual = "\tout of distribution" if flagged else ""
+                    print(f"{path}\t{best}{unusual}")
     return EXIT_OK
 
 

@@ -13,9 +13,10 @@ from PIL import Image
 
 from tlserve.contract.card import ModelCard
 from tlserve.contract.errors import InvalidInput, TlserveError
-from tlserve.contract.predictions import Prediction
+from tlserve.contract.predictions import Classification, Prediction
 
 __all__ = [
+    "Classification",
     "ImageInput",
     "ModelMetadata",
     "ModelStatus",
@@ -69,11 +70,12 @@ class StreamResult:
     """The answer to the ``index``-th image of a stream.
 
     A failed image does not end the stream: ``error`` holds its typed error
-    and ``predictions`` is empty.
+    and ``predictions`` is empty. ``predictions.ood_score`` and
+    ``predictions.out_of_distribution`` say how unlike the training data it is.
     """
 
     index: int
-    predictions: list[Prediction]
+    predictions: Classification
     error: TlserveError | None = None
 
 

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tlserve.client.results import ImageInput, Prediction, StreamResult, TensorMetadata, to_pil
+from tlserve.client.results import (
+    Classification,
+    ImageInput,
+    Prediction,
+    StreamResult,
+    TensorMetadata,
+    to_pil,
+)
 from tlserve.contract.card import Preprocessing
 from tlserve.contract.errors import ServerError, from_status_message
 from tlserve.contract.images import prepare_decoded, prepare_image
@@ -37,16 +44,22 @@ def model_rows(images: Sequence[ImageInput], spec: Preprocessing) -> np.ndarray:
     return np.stack([model_row(image, spec) for image in images])
 
 
-def predictions(result: v1.Classification) -> list[Prediction]:
-    return [Prediction(s.label, s.index, s.score) for s in result.labels]
+def predictions(result: v1.Classification) -> Classification:
+    """The labels of one image, with its ``ood_score`` (None when the model has none)."""
+    return Classification(
+        (Prediction(s.label, s.index, s.score) for s in result.labels),
+        ood_score=result.ood_score if result.HasField("ood_score") else None,
+        out_of_distribution=result.out_of_distribution,
+    )
 
 
 def stream_result(index: int, reply: v1.ClassifyStreamResponse) -> StreamResult:
     if reply.error_message:
-        return StreamResult(index, [], from_status_message(reply.error_message))
+        return StreamResult(index, Classification(), from_status_message(reply.error_message))
     results = reply.response.results
     if len(results) != 1:
-        return StreamResult(index, [], ServerError(f"expected 1 result, got {len(results)}"))
+        failed = ServerError(f"expected 1 result, got {len(results)}")
+        return StreamResult(index, Classification(), failed)
     return StreamResult(index, predictions(results[0]))
 
 

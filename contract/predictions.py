@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Prediction", "top_k"]
+__all__ = [
+    "OOD_THRESHOLD_METRIC",
+    "Classification",
+    "Prediction",
+    "is_out_of_distribution",
+    "ood_threshold",
+    "top_k",
+]
+
+#: The model card metric holding the ``ood_score`` above which an image is
+#: flagged out of distribution (written at export, read when serving).
+OOD_THRESHOLD_METRIC = "ood_threshold"
 
 
 @dataclass(frozen=True)
@@ -17,6 +28,44 @@ class Prediction:
     label: str
     index: int
     score: float
+
+
+class Classification(list[Prediction]):
+    """The top-k :class:`Prediction` s of one image, best first, and how unusual the image is.
+
+    A list, so code that iterates or indexes the predictions is unchanged.
+    ``ood_score`` is how unlike the model's training data the image is
+    (higher: less like it), None for a model without that output;
+    ``out_of_distribution`` says it is above the model's threshold.
+    """
+
+    def __init__(
+        self,
+        predictions: Iterable[Prediction] = (),
+        *,
+        ood_score: float | None = None,
+        out_of_distribution: bool = False,
+    ) -> None:
+        super().__init__(predictions)
+        self.ood_score = ood_score
+        self.out_of_distribution = out_of_distribution
+
+    def __repr__(self) -> str:
+        return (
+            f"Classification({list.__repr__(self)}, ood_score={self.ood_score!r}, "
+            f"out_of_distribution={self.out_of_distribution!r})"
+        )
+
+
+def ood_threshold(metrics: Mapping[str, float]) -> float | None:
+    """The threshold in a model card's metrics, None when the model has none."""
+    value = metrics.get(OOD_THRESHOLD_METRIC)
+    return None if value is None else float(value)
+
+
+def is_out_of_distribution(score: float | None, threshold: float | None) -> bool:
+    """A score above the threshold; never flagged when either is missing."""
+    return score is not None and threshold is not None and score > threshold
 
 
 def top_k(row: np.ndarray, labels: Sequence[str], k: int) -> list[Prediction]:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = POOL.AddSerializedFile(b'\n\x1ftlserve/protos/tlserve_v1.proto\x12\ntlserve.v1\"g\n\x0f\x43lassifyRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x03(\x0c\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\n\n\x02id\x18\x05 \x01(\t\":\n\x0bScoredLabel\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"9\n\x0e\x43lassification\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.tlserve.v1.ScoredLabel\"v\n\x10\x43lassifyResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12+\n\x07results\x18\x03 \x03(\x0b\x32\x1a.tlserve.v1.Classification\x12\n\n\x02id\x18\x04 \x01(\t\"_\n\x16\x43lassifyStreamResponse\x12\x15\n\rerror_message\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1c.tlserve.v1.ClassifyResponse\"I\n\x0c\x45mbedRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x03(\x0c\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"e\n\rEmbedResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12)\n\nembeddings\x18\x03 \x03(\x0b\x32\x15.tlserve.v1.Embedding2\xf0\x01\n\x0cImageService\x12G\n\x08\x43lassify\x12\x1b.tlserve.v1.ClassifyRequest\x1a\x1c.tlserve.v1.ClassifyResponse\"\x00\x12W\n\x0e\x43lassifyStream\x12\x1b.tlserve.v1.ClassifyRequest\x1a\".tlserve.v1.ClassifyStreamResponse\"\x00(\x01\x30\x01\x12>\n\x05\x45mbed\x12\x18.tlserve.v1.EmbedRequest\x1a\x19.tlserve.v1.EmbedResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = POOL.AddSerializedFile(b'\n\x1ftlserve/protos/tlserve_v1.proto\x12\ntlserve.v1\"g\n\x0f\x43lassifyRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x03(\x0c\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\n\n\x02id\x18\x05 \x01(\t\":\n\x0bScoredLabel\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"|\n\x0e\x43lassification\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.tlserve.v1.ScoredLabel\x12\x16\n\tood_score\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x13out_of_distribution\x18\x03 \x01(\x08\x42\x0c\n\n_ood_score\"v\n\x10\x43lassifyResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12+\n\x07results\x18\x03 \x03(\x0b\x32\x1a.tlserve.v1.Classification\x12\n\n\x02id\x18\x04 \x01(\t\"_\n\x16\x43lassifyStreamResponse\x12\x15\n\rerror_message\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1c.tlserve.v1.ClassifyResponse\"I\n\x0c\x45mbedRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x03(\x0c\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"e\n\rEmbedResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12)\n\nembeddings\x18\x03 \x03(\x0b\x32\x15.tlserve.v1.Embedding2\xf0\x01\n\x0cImageService\x12G\n\x08\x43lassify\x12\x1b.tlserve.v1.ClassifyRequest\x1a\x1c.tlserve.v1.ClassifyResponse\"\x00\x12W\n\x0e\x43lassifyStream\x12\x1b.tlserve.v1.ClassifyRequest\x1a\".tlserve.v1.ClassifyStreamResponse\"\x00(\x01\x30\x01\x12>\n\x05\x45mbed\x12\x18.tlserve.v1.EmbedRequest\x1a\x19.tlserve.v1.EmbedResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREDLABEL']._serialized_start=152
   _globals['_SCOREDLABEL']._serialized_end=210
   _globals['_CLASSIFICATION']._serialized_start=212
-  _globals['_CLASSIFICATION']._serialized_end=269
-  _globals['_CLASSIFYRESPONSE']._serialized_start=271
-  _globals['_CLASSIFYRESPONSE']._serialized_end=389
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=391
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=486
-  _globals['_EMBEDREQUEST']._serialized_start=488
-  _globals['_EMBEDREQUEST']._serialized_end=561
-  _globals['_EMBEDDING']._serialized_start=563
-  _globals['_EMBEDDING']._serialized_end=590
-  _globals['_EMBEDRESPONSE']._serialized_start=592
-  _globals['_EMBEDRESPONSE']._serialized_end=693
-  _globals['_IMAGESERVICE']._serialized_start=696
-  _globals['_IMAGESERVICE']._serialized_end=936
+  _globals['_CLASSIFICATION']._serialized_end=336
+  _globals['_CLASSIFYRESPONSE']._serialized_start=338
+  _globals['_CLASSIFYRESPONSE']._serialized_end=456
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=458
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=553
+  _globals['_EMBEDREQUEST']._serialized_start=555
+  _globals['_EMBEDREQUEST']._serialized_end=628
+  _globals['_EMBEDDING']._serialized_start=630
+  _globals['_EMBEDDING']._serialized_end=657
+  _globals['_EMBEDRESPONSE']._serialized_start=659
+  _globals['_EMBEDRESPONSE']._serialized_end=760
+  _globals['_IMAGESERVICE']._serialized_start=763
+  _globals['_IMAGESERVICE']._serialized_end=1003
 # @@protoc_insertion_point(module_scope)

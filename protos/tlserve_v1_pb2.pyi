@@ -31,10 +31,14 @@ class ScoredLabel(_message.Message):
     def __init__(self, label: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Classification(_message.Message):
-    __slots__ = ("labels",)
+    __slots__ = ("labels", "ood_score", "out_of_distribution")
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    OOD_SCORE_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedCompositeFieldContainer[ScoredLabel]
-    def __init__(self, labels: _Optional[_Iterable[_Union[ScoredLabel, _Mapping]]] = ...) -> None: ...
+    ood_score: float
+    out_of_distribution: bool
+    def __init__(self, labels: _Optional[_Iterable[_Union[ScoredLabel, _Mapping]]] = ..., ood_score: _Optional[float] = ..., out_of_distribution: _Optional[bool] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("model_name", "model_version", "results", "id")

@@ -19,9 +19,9 @@ import numpy as np
 from tlserve.contract.card import Preprocessing
 from tlserve.contract.codec import datatype_of
 from tlserve.contract.errors import InvalidInput, TlserveError
-from tlserve.contract.predictions import Prediction
+from tlserve.contract.predictions import Classification, is_out_of_distribution, ood_threshold
 from tlserve.contract.predictions import top_k as ranked
-from tlserve.contract.rules import OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES
+from tlserve.contract.rules import OUTPUT_EMBEDDINGS, OUTPUT_OOD_SCORE, OUTPUT_PROBABILITIES
 from tlserve.server.decode import ImageDecoder, ImageHeader
 from tlserve.server.lifecycle import ModelRegistry
 from tlserve.server.metrics import ServerMetrics
@@ -113,24 +113,50 @@ class InferenceCore:
         *,
         top_k: int = DEFAULT_TOP_K,
         deadline: float | None = None,
-    ) -> tuple[LoadedModel, list[list[Prediction]]]:
-        """Decode and resize the images as the model was trained, then classify."""
+    ) -> tuple[LoadedModel, list[Classification]]:
+        """Decode and resize the images as the model was trained, then classify.
+
+        A model with an ``ood_score`` output also says how unlike its training
+        data each image is, flagged against its card's threshold.
+        """
         with self.registry.acquire(name, version) as loaded:
-            probabilities = await self._images_to(loaded, images, OUTPUT_PROBABILITIES, deadline)
-            labels = loaded.model.card.labels if loaded.model.card else ()
+            outputs = await self._images_to(loaded, images, OUTPUT_PROBABILITIES, deadline)
+            card = loaded.model.card
+            labels = card.labels if card else ()
+            threshold = ood_threshold(card.metrics) if card else None
+            scores = outputs.get(OUTPUT_OOD_SCORE)
             k = top_k or DEFAULT_TOP_K
-            return loaded, [ranked(row, labels, k) for row in probabilities]
+            results = []
+            for i, row in enumerate(outputs[OUTPUT_PROBABILITIES]):
+                score = None if scores is None else float(scores[i])
+                flagged = is_out_of_distribution(score, threshold)
+                results.append(Classification(ranked(row, labels, k), ood_score=score,
+                                              out_of_distribution=flagged))  # fmt: skip
+            if scores is not None and threshold:
+                self._count_ood(loaded, results, threshold)
+            return loaded, results
+
+    def _count_ood(
+        self, loaded: LoadedModel, results: list[Classification], threshold: float
+    ) -> None:
+        histogram = self.metrics.ood_score.labels(loaded.name)
+        for result in results:
+            histogram.observe((result.ood_score or 0.0) / threshold)
+        flagged = sum(r.out_of_distribution for r in results)
+        self.metrics.ood_flagged.labels(loaded.name, loaded.version).inc(flagged)
 
     async def embed(
         self, name: str, version: str, images: Sequence[bytes], *, deadline: float | None = None
     ) -> tuple[LoadedModel, np.ndarray]:
         """Decode and resize the images, then return the model's ``embeddings`` rows."""
         with self.registry.acquire(name, version) as loaded:
-            return loaded, await self._images_to(loaded, images, OUTPUT_EMBEDDINGS, deadline)
+            outputs = await self._images_to(loaded, images, OUTPUT_EMBEDDINGS, deadline)
+            return loaded, outputs[OUTPUT_EMBEDDINGS]
 
     async def _images_to(
         self, loaded: LoadedModel, images: Sequence[bytes], output: str, deadline: float | None
-    ) -> np.ndarray:
+    ) -> Arrays:
+        """Every output of the model on ``images`` (which must include ``output``)."""
         card = loaded.model.card
         if card is None:
             raise InvalidInput(
@@ -149,7 +175,7 @@ class InferenceCore:
         batch = await self._prepare(images, card.preprocessing)
         self.metrics.preprocess_duration.labels(loaded.name).observe(time.perf_counter() - started)
         feeds = {loaded.model.inputs[0].name: batch}
-        return (await self._run(loaded, feeds, deadline, validate=False))[output]
+        return await self._run(loaded, feeds, deadline, validate=False)
 
     async def _run(
         self, loaded: LoadedModel, inputs: Arrays, deadline: float | None, *, validate: bool

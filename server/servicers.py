@@ -12,7 +12,7 @@ from typing import Any
 
 from tlserve.contract.codec import decode_request_inputs, encode_response_outputs
 from tlserve.contract.errors import InvalidInput
-from tlserve.contract.predictions import Prediction
+from tlserve.contract.predictions import Classification
 from tlserve.contract.rules import tlserve_version
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
@@ -190,7 +190,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _classify_response(
-    loaded: LoadedModel, results: list[list[Prediction]], request_id: str
+    loaded: LoadedModel, results: list[Classification], request_id: str
 ) -> v1.ClassifyResponse:
     return v1.ClassifyResponse(
         model_name=loaded.name,
@@ -198,7 +198,9 @@ def _classify_response(
         id=request_id,
         results=[
             v1.Classification(
-                labels=[v1.ScoredLabel(label=s.label, index=s.index, score=s.score) for s in row]
+                labels=[v1.ScoredLabel(label=s.label, index=s.index, score=s.score) for s in row],
+                ood_score=row.ood_score,  # None (absent) for a model without the output
+                out_of_distribution=row.out_of_distribution,
             )
             for row in results
         ],

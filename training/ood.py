@@ -34,6 +34,7 @@ from sklearn.metrics import roc_auc_score
 from tlserve.contract.card import ModelCard, Preprocessing
 from tlserve.contract.errors import ExportError
 from tlserve.contract.images import prepare_decoded
+from tlserve.contract.predictions import OOD_THRESHOLD_METRIC, ood_threshold
 from tlserve.contract.rules import OUTPUT_EMBEDDINGS, OUTPUT_OOD_SCORE
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "OodScorer",
     "add_ood_output",
     "compare_ood",
+    "describe",
     "fit_ood",
     "knn_distance",
     "ood_auroc",
@@ -93,7 +95,7 @@ class OodScorer:
         """Metrics and notes for the model card (threshold, AUROC, how it was fitted)."""
         metrics: dict[str, float] = {}
         if self.threshold is not None:
-            metrics["ood_threshold"] = self.threshold
+            metrics[OOD_THRESHOLD_METRIC] = self.threshold
         if self.auroc is not None:
             metrics["ood_auroc"] = self.auroc
         notes = {
@@ -160,6 +162,7 @@ def add_ood_output(proto: onnx.ModelProto, scorer: OodScorer, *, batch_axis: str
     graph = proto.graph
     if OUTPUT_EMBEDDINGS not in {o.name for o in graph.output}:
         raise ValueError(f"the graph has no {OUTPUT_EMBEDDINGS!r} output to score")
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     p = _PREFIX
     graph.initializer.extend(
         [
@@ -172,21 +175,28 @@ def add_ood_output(proto: onnx.ModelProto, scorer: OodScorer, *, batch_axis: str
     )
     graph.node.extend(
         [
-            helper.make_node("ReduceL2", [OUTPUT_EMBEDDINGS, p + "axis1"], [p + "norm"]),
+            _reduce("ReduceL2", OUTPUT_EMBEDDINGS, 1, p + "norm", opset, keepdims=1),
             helper.make_node("Max", [p + "norm", p + "eps"], [p + "norm_eps"]),
             helper.make_node("Div", [OUTPUT_EMBEDDINGS, p + "norm_eps"], [p + "unit"]),
             helper.make_node("MatMul", [p + "unit", p + "whitening"], [p + "z"]),
             helper.make_node("Unsqueeze", [p + "z", p + "axis1"], [p + "z3"]),  # [N, 1, D]
             helper.make_node("Sub", [p + "z3", p + "centres"], [p + "diff"]),  # [N, C, D]
             helper.make_node("Mul", [p + "diff", p + "diff"], [p + "sq"]),
-            helper.make_node("ReduceSum", [p + "sq", p + "axis2"], [p + "d2"], keepdims=0),
-            helper.make_node("ReduceMin", [p + "d2", p + "axis1"], [p + "min"], keepdims=0),
+            _reduce("ReduceSum", p + "sq", 2, p + "d2", opset, keepdims=0),
+            _reduce("ReduceMin", p + "d2", 1, p + "min", opset, keepdims=0),
             helper.make_node("Sqrt", [p + "min"], [OUTPUT_OOD_SCORE]),
         ]
     )
     graph.output.append(
         helper.make_tensor_value_info(OUTPUT_OOD_SCORE, TensorProto.FLOAT, [batch_axis])
     )
+
+
+def _reduce(op: str, x: str, axis: int, out: str, opset: int, *, keepdims: int) -> onnx.NodeProto:
+    """A reduction over ``axis``: its axes became an input in opset 18 (ReduceSum's in 13)."""
+    if opset >= (13 if op == "ReduceSum" else 18):
+        return helper.make_node(op, [x, f"{_PREFIX}axis{axis}"], [out], keepdims=keepdims)
+    return helper.make_node(op, [x], [out], axes=[axis], keepdims=keepdims)
 
 
 def compare_ood(onnx_scores: np.ndarray, reference: np.ndarray) -> float:
@@ -237,7 +247,7 @@ def reference_ood_images(spec: Preprocessing) -> np.ndarray | None:
 
 def describe(metrics: Mapping[str, float]) -> str:
     """One line about a card's OOD figures, for a person."""
-    threshold, auroc = metrics.get("ood_threshold"), metrics.get("ood_auroc")
+    threshold, auroc = ood_threshold(metrics), metrics.get("ood_auroc")
     if threshold is None:
         return "no out-of-distribution score"
     text = f"ood_score threshold {threshold:.3g}"

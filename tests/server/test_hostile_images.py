@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tlserve.contract.card import Preprocessing
 from tlserve.contract.errors import InvalidInput
@@ -128,3 +128,15 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header() -> None:
     claims = _png(5000, 5000, empty=True)
     with pytest.raises(InvalidInput, match="5000x5000 pixels"):
         ImageDecoder(max_pixels=1_000_000).read_headers([_png(10, 10), claims])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientations_are_applied_as_before(orientation: int) -> None:
+    image = Image.open(io.BytesIO(_saved("JPEG", (50, 30))))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes())
+    data = buffer.getvalue()
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(decode_image(data)), np.asarray(expected))

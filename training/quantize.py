@@ -19,33 +19,29 @@ published file records both variants' figures (``metrics``/``notes``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from tlserve.contract.card import Preprocessing
 from tlserve.contract.errors import InvalidInput
 from tlserve.contract.rules import INPUT_IMAGES
-from tlserve.training.data import Dataset
 from tlserve.training.variants import (
     HeldOut,
     Measured,
     compare_variants,
     float_regions,
-    load_labelled,
     name_nodes,
     record_decision,
-    stratified,
 )
 
 __all__ = [
-    "CALIBRATION_IMAGES",
     "DEFAULT_BUDGET_POINTS",
     "DEFAULT_MIN_SPEEDUP",
     "QUANTIZE_MODES",
@@ -53,7 +49,6 @@ __all__ = [
     "decide",
     "make_variant",
     "quantize_int8",
-    "select_for_dataset",
     "select_variant",
 ]
 
@@ -62,9 +57,6 @@ log = logging.getLogger(__name__)
 QUANTIZE_MODES = ("none", "int8", "fp16", "auto")
 DEFAULT_BUDGET_POINTS = 0.5
 DEFAULT_MIN_SPEEDUP = 1.2
-# A few hundred images pin the activation ranges; more adds calibration time
-# (one forward pass each) without moving MinMax ranges much.
-CALIBRATION_IMAGES = 256
 _CALIBRATION_BATCH = 16
 
 
@@ -109,7 +101,7 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray) -> list[s
     model = onnx.load(str(source))
     name_nodes(model)
     kept = sorted(float_regions(model))
-    with tempfile.TemporaryDirectory(prefix="tlserve-quantize-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tlserve-quantize-") as tmp, _quiet_root():
         named = Path(tmp) / "named.onnx"
         onnx.save(model, str(named))
         quantize_static(
@@ -134,6 +126,23 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray) -> list[s
         len(kept),
     )
     return kept
+
+
+@contextlib.contextmanager
+def _quiet_root() -> Iterator[None]:
+    """Drop what onnxruntime's quantizer logs on the root logger below ERROR: a line per
+    adjusted weight scale, and advice to pre-process the model (measured on lite0: the
+    pre-processed model quantized no faster, so it is not done)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.name != "root" or record.levelno >= logging.ERROR
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 class _Batches:
@@ -258,32 +267,3 @@ def select_variant(
     record_decision(exported, decision.chosen, decision.variant, decision.reason, measured)
     log.info("variant: publishing %s: %s", chosen, reason)
     return decision
-
-
-def select_for_dataset(
-    exported: Path,
-    dataset: Dataset,
-    spec: Preprocessing,
-    *,
-    mode: str = "auto",
-    seed: int = 0,
-    budget_points: float = DEFAULT_BUDGET_POINTS,
-    min_speedup: float = DEFAULT_MIN_SPEEDUP,
-) -> Decision | None:
-    """:func:`select_variant` with calibration images drawn stratified from ``dataset.train``
-    and the held-out check on ``dataset.test`` (else ``val``)."""
-    if mode == "none":
-        return None
-    calibration, _ = load_labelled(
-        [(p, 0) for p in stratified(dataset.train, CALIBRATION_IMAGES, seed)], spec
-    )
-    scored = dataset.test or dataset.val
-    held_out = HeldOut(*load_labelled(scored, spec)) if scored else None
-    return select_variant(
-        exported,
-        calibration,
-        held_out,
-        mode=mode,
-        budget_points=budget_points,
-        min_speedup=min_speedup,
-    )

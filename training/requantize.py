@@ -1,10 +1,14 @@
-"""``tlserve quantize REPO/NAME/VERSION``: a faster variant of a model already published.
+"""Faster variants checked on a dataset: at training time, and for published models.
 
-Versions are immutable (a server may be serving this one), so the result is
-published as the next version of the same model, beside its report files,
-after the same measurement as at training time
-(:func:`tlserve.training.quantize.select_for_dataset`). The images come from
-the folder the version was trained on (``report.json``), or ``data_dir``.
+:func:`select_for_dataset` draws the calibration images stratified from the
+training split and scores on the held-out split; training calls it through
+:func:`variant_report` on the file it just exported.
+
+``tlserve quantize REPO/NAME/VERSION`` (:func:`quantize_published`): versions
+are immutable (a server may be serving this one), so the result is published
+as the next version of the same model, beside its report files, after the
+same measurement as at training time. The images come from the folder the
+version was trained on (``report.json``), or ``data_dir``.
 """
 
 from __future__ import annotations
@@ -17,23 +21,65 @@ from pathlib import Path
 
 import onnx
 
-from tlserve.contract.card import ModelCard
+from tlserve.contract.card import ModelCard, Preprocessing
 from tlserve.contract.errors import InvalidInput
 from tlserve.contract.rules import MODEL_FILE, valid_model_name
-from tlserve.training.data import load_dataset
+from tlserve.training.data import Dataset, load_dataset
 from tlserve.training.publish import publish
 from tlserve.training.quantize import (
     DEFAULT_BUDGET_POINTS,
     DEFAULT_MIN_SPEEDUP,
     Decision,
-    select_for_dataset,
+    select_variant,
 )
+from tlserve.training.variants import HeldOut, load_labelled, stratified
 
-__all__ = ["quantize_published"]
+__all__ = ["CALIBRATION_IMAGES", "quantize_published", "select_for_dataset", "variant_report"]
 
 log = logging.getLogger(__name__)
 
 _REPORT = "report.json"
+# A few hundred images pin the activation ranges; more adds calibration time
+# (one forward pass each) without moving MinMax ranges much.
+CALIBRATION_IMAGES = 256
+
+
+def select_for_dataset(
+    exported: Path,
+    dataset: Dataset,
+    spec: Preprocessing,
+    *,
+    mode: str = "auto",
+    seed: int = 0,
+    budget_points: float = DEFAULT_BUDGET_POINTS,
+    min_speedup: float = DEFAULT_MIN_SPEEDUP,
+) -> Decision | None:
+    """:func:`select_variant` with calibration images drawn stratified from ``dataset.train``
+    and the held-out check on ``dataset.test`` (else ``val``)."""
+    if mode == "none":
+        return None
+    calibration, _ = load_labelled(
+        [(p, 0) for p in stratified(dataset.train, CALIBRATION_IMAGES, seed)], spec
+    )
+    scored = dataset.test or dataset.val
+    held_out = HeldOut(*load_labelled(scored, spec)) if scored else None
+    return select_variant(
+        exported,
+        calibration,
+        held_out,
+        mode=mode,
+        budget_points=budget_points,
+        min_speedup=min_speedup,
+    )
+
+
+def variant_report(
+    exported: Path, dataset: Dataset, spec: Preprocessing, *, mode: str = "auto", seed: int = 0
+) -> dict[str, object] | None:
+    """The training hook: :func:`select_for_dataset` on the file just exported, as the
+    ``variant`` entry of report.json (None when ``mode`` is ``none``)."""
+    decision = select_for_dataset(exported, dataset, spec, mode=mode, seed=seed)
+    return decision.to_dict() if decision else None
 
 
 def quantize_published(

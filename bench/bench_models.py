@@ -92,3 +92,46 @@ def fast_model(out: Path, size: int = 64, classes: int = 10) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def int8_model(float_path: Path) -> tuple[Path, dict[str, object]]:
+    """The int8 variant of a bench model beside it, as model ``<name>-int8``, with its figures.
+
+    lite0 is calibrated and scored on the Fashion-MNIST sample it was trained
+    on (held-out accuracy of both variants); the fast model has random
+    weights, so only its top-1 agreement means anything.
+    """
+    import json
+
+    from tlserve.training.data import load_dataset
+    from tlserve.training.quantize import select_variant
+    from tlserve.training.requantize import select_for_dataset
+
+    name = float_path.parent.parent.name
+    path = float_path.parent.parent.parent / f"{name}-int8" / "1" / "model.onnx"
+    figures_file = path.with_name("figures.json")
+    if path.is_file() and figures_file.is_file():
+        return path, json.loads(figures_file.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(float_path, path)
+    card = ModelCard.from_props(_props(float_path))
+    assert card is not None
+    if name == "lite0":
+        dataset = load_dataset(ROOT / "examples" / "fashion-mnist", seed=0)
+        decision = select_for_dataset(path, dataset, card.preprocessing, mode="int8")
+    else:
+        spec = card.preprocessing
+        calibration = np.random.default_rng(0).integers(
+            0, 256, (64, spec.height, spec.width, 3), dtype=np.uint8
+        )
+        decision = select_variant(path, calibration, None, mode="int8")
+    assert decision is not None
+    figures = decision.to_dict()
+    figures_file.write_text(json.dumps(figures, indent=2, default=str))
+    return path, figures
+
+
+def _props(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}

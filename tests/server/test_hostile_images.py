@@ -108,10 +108,10 @@ def test_allowed_formats_are_jpeg_and_png() -> None:
 
 
 def test_decoder_failures_of_any_kind_are_invalid_input(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(self: object, *args: object) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
         raise NotImplementedError("a plugin that cannot")
 
-    monkeypatch.setattr(Image.Image, "convert", broken)
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken)
     with pytest.raises(InvalidInput, match="NotImplementedError: a plugin that cannot"):
         decode_image(_saved("PNG"))
 

@@ -481,6 +481,31 @@ def test_a_stream_of_garbage_is_answered_message_by_message(served: Served) -> N
     assert all(a.error_message.startswith("INVALID_ARGUMENT: ") for a in answers)
 
 
+STREAMS = {
+    INV + "ModelStreamInfer": (pb.ModelStreamInferResponse.FromString, "infer_response"),
+    CLASSIFY + "Stream": (v1.ClassifyStreamResponse.FromString, "response"),
+}
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    method=st.sampled_from(sorted(STREAMS)),
+    messages=st.lists(st.one_of(st.binary(max_size=64), st.just(b"")), min_size=1, max_size=6),
+    good_at=st.integers(0, 6),
+)
+def test_a_stream_answers_every_message_whatever_its_bytes(
+    served: Served, method: str, messages: list[bytes], good_at: int
+) -> None:
+    parse, _ = STREAMS[method]
+    good = VALID[0][1] if "Infer" in method else VALID[1][1]
+    messages.insert(min(good_at, len(messages)), good)
+    answers = _stream(served, method, parse, messages)
+    assert len(answers) == len(messages)
+    for answer in answers:
+        code = answer.error_message.split(":")[0]  # type: ignore[attr-defined]
+        assert code in {"", "INVALID_ARGUMENT", "NOT_FOUND"}, answer
+
+
 def test_health_watch_refuses_bytes_that_do_not_parse(served: Served) -> None:
     watch = served.channel.unary_stream("/grpc.health.v1.Health/Watch")
     with pytest.raises(grpc.RpcError) as caught:

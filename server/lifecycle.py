@@ -29,6 +29,7 @@ from tlserve.server.config import ServerConfig
 from tlserve.server.metrics import ServerMetrics
 from tlserve.server.repository import (
     LoadedModel,
+    file_identity,
     load_version,
     retire,
     scan_repository,
@@ -60,6 +61,8 @@ class ModelRegistry:
         self._serving: dict[str, dict[str, LoadedModel]] = {}
         self._loading: set[tuple[str, str]] = set()
         self._errors: dict[tuple[str, str], str] = {}  # last load failure per version
+        # The model file each failure was seen with: a changed file is retried.
+        self._failed_files: dict[tuple[str, str], tuple[int, int, int] | None] = {}
         self.failed: dict[str, str] = {}  # models with nothing serving after a failure
         self._locks: dict[str, asyncio.Lock] = {}
         self._poller: asyncio.Task[None] | None = None
@@ -193,11 +196,16 @@ class ModelRegistry:
             self._metrics.model_loads.labels(name, "unloaded").inc()
 
     async def _load_version(self, name: str, version: str) -> LoadedModel | None:
+        # Taken before loading: a file replaced during the load is new again.
+        identity = await asyncio.to_thread(
+            file_identity, self.config.model_repository, name, version
+        )
         self._loading.add((name, version))
         try:
             loaded = await load_version(self.config, self._metrics, name, version)
         except Exception as exc:
             log.exception("model %r version %s failed to load", name, version)
+            self._failed_files[(name, version)] = identity
             # The index is readable by clients: no server paths in the reason.
             reason = str(exc).replace(str(self.config.model_repository), "<repository>")
             self._errors[(name, version)] = f"{type(exc).__name__}: {reason}"
@@ -206,19 +214,32 @@ class ModelRegistry:
         finally:
             self._loading.discard((name, version))
         self._errors.pop((name, version), None)
+        self._failed_files.pop((name, version), None)
         self._metrics.model_loads.labels(name, "ok").inc()
         return loaded
 
     async def poll_once(self) -> None:
         """Bring every model in line with the repository once (the poller's step)."""
         found = await asyncio.to_thread(scan_repository, self.config.model_repository)
+        changed = await asyncio.to_thread(self._changed_failures)
         for name in sorted(set(found) | set(self._serving) | set(self.failed)):
             versions = found.get(name, [])
             current = set(self._serving.get(name, {}))
             wanted = {str(v) for v in self.policy.select(versions)}
-            retry = any((name, v) in self._errors for v in wanted)
-            if wanted != current and not (retry and name not in self.failed and current):
+            # A version that failed to load is tried again once its file
+            # changes (fixed in place), or while the model has nothing serving.
+            stuck = {v for v in wanted if (name, v) in self._errors and (name, v) not in changed}
+            if wanted != current and not (stuck and name not in self.failed and current):
                 await self._sync(name, versions)
+
+    def _changed_failures(self) -> set[tuple[str, str]]:
+        """Failed versions whose model file is not the one that failed (runs in a thread)."""
+        root = self.config.model_repository
+        return {
+            key
+            for key, identity in self._failed_files.items()
+            if file_identity(root, *key) != identity
+        }
 
     async def _poll(self) -> None:
         while True:

@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tlserve.contract.errors import DeadlineExceeded, Overloaded, ServerError, Unavailable
+from tlserve.contract.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    Overloaded,
+    ServerError,
+    Unavailable,
+)
 from tlserve.server.batcher import DynamicBatcher
 from tlserve.server.metrics import ServerMetrics
 
@@ -90,6 +96,11 @@ class Rig:
 
     def metric(self, name: str) -> float | None:
         return self.metrics.registry.get_sample_value(name, {"model": "m"})
+
+    def shed(self, reason: str) -> float:
+        labels = {"model": "m", "reason": reason}
+        value = self.metrics.registry.get_sample_value("tlserve_shed_requests_total", labels)
+        return value or 0.0
 
 
 @pytest.fixture
@@ -206,24 +217,89 @@ async def test_a_full_queue_is_overloaded_at_once(rig: Rig) -> None:
     assert_own_rows(await batcher.submit(request(6)), 6)  # room again
 
 
-async def test_a_request_whose_deadline_passed_in_the_queue_never_runs(rig: Rig) -> None:
+async def test_a_request_whose_deadline_passes_in_the_queue_fails_there_and_never_runs(
+    rig: Rig,
+) -> None:
     batcher = await rig.start(max_batch_size=8)
     first = await busy_with_first_request(rig, batcher)
     loop = asyncio.get_running_loop()
     late = asyncio.create_task(batcher.submit(request(7), deadline=loop.time() + 0.05))
-    past = asyncio.create_task(batcher.submit(request(8), deadline=loop.time() - 1))
     on_time = asyncio.create_task(batcher.submit(request(9), deadline=loop.time() + 60))
-    await wait_until(lambda: batcher.queued_rows == 3)
-    await asyncio.sleep(0.1)  # past the first deadline on the loop's clock
+    await wait_until(lambda: batcher.queued_rows == 2)
+    # The model is still held: the queue itself answers at the deadline, as
+    # DeadlineExceeded (not a cancellation), and frees the room.
+    with pytest.raises(DeadlineExceeded, match="deadline passed while queued for model 'm'"):
+        await asyncio.wait_for(late, 10)
+    assert batcher.queued_rows == 1
+    with pytest.raises(DeadlineExceeded, match="deadline passed before reaching model 'm'"):
+        await batcher.submit(request(8), deadline=loop.time() - 1)
     rig.model.open()
 
     assert_own_rows(await first, 0)
-    for task in (late, past):
-        with pytest.raises(DeadlineExceeded, match="deadline passed while queued for model 'm'"):
-            await task
     assert_own_rows(await on_time, 9)
     assert not rig.model.seen(7) and not rig.model.seen(8)
     assert rig.model.sizes == [1, 1]
+    assert rig.shed("expired") == 1 and rig.shed("late") == 1
+
+
+async def test_a_request_the_queue_cannot_answer_in_time_is_refused_without_running(
+    rig: Rig,
+) -> None:
+    # 100 ms of compute per row (as measured): 4 queued rows are 0.5 s of work.
+    batcher = await rig.start(max_batch_size=1, row_seconds=0.1)
+    first = await busy_with_first_request(rig, batcher)
+    queued = [asyncio.create_task(batcher.submit(request(i))) for i in range(1, 5)]
+    await wait_until(lambda: batcher.queued_rows == 4)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(DeadlineExceeded, match=r"cannot answer in time: about 600 ms of work"):
+        await batcher.submit(request(5), deadline=loop.time() + 0.3)
+    assert batcher.queued_rows == 4  # refused before it took room
+    roomy = asyncio.create_task(batcher.submit(request(6), deadline=loop.time() + 60))
+    await wait_until(lambda: batcher.queued_rows == 5)
+    rig.model.open()
+    assert_own_rows(await first, 0)
+    for ident, task in enumerate(queued, start=1):
+        assert_own_rows(await task, ident)
+    assert_own_rows(await roomy, 6)
+    assert not rig.model.seen(5)
+    assert rig.shed("late") == 1
+
+
+async def test_a_request_that_can_never_fit_the_queue_is_invalid_not_overloaded(
+    rig: Rig,
+) -> None:
+    batcher = await rig.start(max_batch_size=4, max_queue_size=8)
+    with pytest.raises(InvalidInput, match=r"9 rows can never fit: model 'm' queues at most 8"):
+        await batcher.submit(request(1, rows=9))
+    assert_own_rows(await batcher.submit(request(2, rows=8)), 2, rows=8)  # split, fits
+    assert not rig.model.seen(1)
+    assert rig.shed("too_large") == 1
+
+
+async def test_under_sustained_overload_the_freshest_requests_run_first(rig: Rig) -> None:
+    # standing=0: any wait counts as a queue that does not drain.
+    batcher = await rig.start(max_batch_size=2, standing=0.0)
+    first = await busy_with_first_request(rig, batcher)
+    queued = {i: asyncio.create_task(batcher.submit(request(i))) for i in range(1, 6)}
+    await wait_until(lambda: batcher.queued_rows == 5)
+    rig.model.open()
+    assert_own_rows(await first, 0)
+    for ident, task in queued.items():
+        assert_own_rows(await task, ident)
+    # Newest first, two at a time; rows within a batch in arrival order.
+    assert [b[:, 0].tolist() for b in rig.model.batches[1:]] == [[4, 5], [2, 3], [1]]
+
+
+async def test_in_arrival_order_while_the_queue_drains(rig: Rig) -> None:
+    batcher = await rig.start(max_batch_size=2, fresh_first=False)
+    first = await busy_with_first_request(rig, batcher)
+    queued = {i: asyncio.create_task(batcher.submit(request(i))) for i in range(1, 6)}
+    await wait_until(lambda: batcher.queued_rows == 5)
+    rig.model.open()
+    assert_own_rows(await first, 0)
+    for ident, task in queued.items():
+        assert_own_rows(await task, ident)
+    assert [b[:, 0].tolist() for b in rig.model.batches[1:]] == [[1, 2], [3, 4], [5]]
 
 
 async def test_a_carried_over_request_whose_deadline_passed_never_runs(rig: Rig) -> None:

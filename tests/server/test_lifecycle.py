@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -12,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import TINY_SIZE, ServerThread, build_tiny_classifier
 from tests.server.gates import install_gate
@@ -156,6 +161,126 @@ def test_a_broken_new_version_leaves_the_old_one_serving(server_manual: ServerTh
     [v2] = [m for m in models if m.version == "2"]
     assert v2.state == "UNAVAILABLE" and "parsing failed" in v2.reason
     assert str(server_manual.config.model_repository) not in v2.reason
+
+
+def test_a_broken_version_fixed_in_place_is_loaded_and_no_request_fails_meanwhile(
+    server_manual: ServerThread,
+) -> None:
+    repo = server_manual.config.model_repository
+    registry = server_manual.running.core.registry
+    outcomes: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        with grpc.insecure_channel(server_manual.target) as channel:
+            stub = _stub(channel)
+            while not stop.is_set():
+                try:
+                    outcomes[stub.ModelInfer(_request(), timeout=10).model_version] += 1
+                except grpc.RpcError as exc:
+                    outcomes[exc.code().name] += 1
+
+    def settle(more: int = 10) -> None:
+        seen = sum(outcomes.values())
+        while sum(outcomes.values()) < seen + more:
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        settle()
+        (repo / "tiny" / "2").mkdir()
+        (repo / "tiny" / "2" / "model.onnx").write_bytes(b"not a model")
+        server_manual.call(registry.poll_once())
+        server_manual.call(registry.poll_once())  # the same broken file: not tried again
+        settle()
+        assert registry.get("tiny").version == "1"
+        # Fixed in place the way a careful operator does it: write beside, rename over.
+        build_tiny_classifier(repo / "tiny" / ".fix" / "model.onnx")
+        (repo / "tiny" / ".fix" / "model.onnx").replace(repo / "tiny" / "2" / "model.onnx")
+        server_manual.call(registry.poll_once())
+        assert registry.get("tiny").version == "2"
+        settle()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert set(outcomes) == {"1", "2"}, outcomes  # no failure of any kind
+    page = urllib.request.urlopen(server_manual.metrics_url, timeout=5).read().decode()
+    assert 'tlserve_model_loads_total{model="tiny",outcome="failed"} 1.0' in page
+    assert 'tlserve_model_loads_total{model="tiny",outcome="ok"} 2.0' in page
+    with grpc.insecure_channel(server_manual.target) as channel:
+        assert _index(_stub(channel)) == [("tiny", "1", "UNAVAILABLE"), ("tiny", "2", "READY")]
+
+
+def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "server.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tlserve.cli.main", "serve", "--model-repository",
+             str(model_repo), "--grpc-port", "0", "--metrics-port", "0",
+             "--drain-delay", "2", "--grace", "10"],
+            stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (found := re.search(r"gRPC on (\S+:\d+)", log.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        target = found.group(1)
+        with grpc.insecure_channel(target) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            while check(health_pb2.HealthCheckRequest(), timeout=10).status != 1:  # SERVING
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        before: Counter[str] = Counter()
+        after: Counter[str] = Counter()
+        signalled, not_serving = threading.Event(), threading.Event()
+
+        def client_loop() -> None:
+            # As a caller behind a load balancer: it stops sending once the
+            # server reports NOT_SERVING (the drain delay is for that).
+            with grpc.insecure_channel(target) as channel:
+                stub = _stub(channel)
+                while not not_serving.is_set():
+                    seen = after if signalled.is_set() else before
+                    try:
+                        stub.ModelInfer(_request(), timeout=10)
+                        seen["OK"] += 1
+                    except grpc.RpcError as exc:
+                        seen[exc.code().name] += 1
+
+        def watch_health() -> None:
+            with grpc.insecure_channel(target) as channel:
+                check = health_pb2_grpc.HealthStub(channel).Check
+                while check(health_pb2.HealthCheckRequest(), timeout=10).status == 1:
+                    time.sleep(0.01)
+            not_serving.set()
+
+        threads = [threading.Thread(target=client_loop) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        while before["OK"] < 50:
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.01)
+        watcher = threading.Thread(target=watch_health)
+        watcher.start()
+        signalled.set()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        for thread in [watcher, *threads]:
+            thread.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert set(before) == {"OK"}, before
+    # Every call made before the drain was announced, and those in flight, answered.
+    assert set(after) == {"OK"}, after
+    assert "stopped" in log.read_text()
 
 
 @pytest.fixture

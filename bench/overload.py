@@ -1,0 +1,268 @@
+"""Overload benchmark: goodput under 10x overload, and how fast a refusal comes.
+
+``make bench-overload``. Starts ``tlserve serve`` as its own process on
+127.0.0.1 with a small model (a conv net on 224 px images: each request is
+one 150 KB uint8 tensor, so receiving and parsing it is a real cost), then
+drives it from separate load-generator processes over grpc.aio:
+
+- capacity: 16 calls in flight (30 s deadlines): OK answers per second;
+- overload: 2,000 calls in flight with 2 s deadlines, the generator at the
+  server's CPU priority and then at a lower one (``os.nice`` in the
+  generator): goodput = OK answers per second, beside capacity;
+- meanwhile a light caller (its own process, one call at a time) measures
+  how long a RESOURCE_EXHAUSTED takes to come back (p50/p99);
+- the server's RSS (VmRSS now, VmHWM peak) after each phase.
+
+Each of the 2,000 in-flight slots behaves as the SDK does: a refused call
+is retried after the server's ``retry-after-ms`` hint, or a jittered
+exponential backoff when there is none, never past its 2 s deadline; then
+the slot starts a fresh call. ``--no-backoff`` makes them retry at once (a
+hostile caller). Everything is bounded: each phase stops by itself.
+
+Targets (2 cores): goodput >= 80% of capacity with the generator at lower
+priority and >= 50% at equal priority; the light caller's RESOURCE_EXHAUSTED
+p99 < 50 ms. On a shared machine the figures are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Run as a script (`make bench-overload`), so this folder is on sys.path.
+from bench_models import fast_model
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "build" / "bench"
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+SIZE = 224
+
+
+def _payload() -> bytes:
+    from tlserve.contract.codec import encode_request_inputs
+    from tlserve.protos import grpc_service_pb2 as pb
+
+    images = np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE, 3), np.uint8)
+    request = pb.ModelInferRequest(model_name="fast")
+    encode_request_inputs(request, {"images": images})
+    return request.SerializeToString()
+
+
+def _retry_after(error: Any) -> float | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            return int(value) / 1000.0
+    return None
+
+
+async def _generate(args: argparse.Namespace) -> dict[str, Any]:
+    """Keep ``inflight`` calls going for ``seconds``; count outcomes (runs in its own process)."""
+    import grpc
+
+    payload = _payload()
+    channels = [
+        grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(max(1, args.inflight // 500))
+    ]
+    calls = [ch.unary_unary(METHOD) for ch in channels]  # bytes in, bytes out
+    outcomes: dict[str, int] = {}
+    latencies: list[float] = []
+    refusals: list[float] = []
+    answered: list[float] = []  # every outcome's latency: the light caller's view
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    end = start + args.seconds
+
+    async def slot(index: int) -> None:
+        call = calls[index % len(calls)]
+        while loop.time() < end:
+            deadline, attempt = loop.time() + args.deadline, 0
+            began = loop.time()
+            while True:
+                attempt, sent, wait = attempt + 1, loop.time(), None
+                try:
+                    await call(payload, timeout=max(0.001, deadline - sent))
+                    code = "OK"
+                except grpc.aio.AioRpcError as error:
+                    code = error.code().name
+                    wait = _retry_after(error)
+                done = loop.time()
+                if done <= end:  # answers after the window are not counted
+                    outcomes[code] = outcomes.get(code, 0) + 1
+                    if code == "OK":
+                        latencies.append(done - began)
+                    elif code == "RESOURCE_EXHAUSTED":
+                        refusals.append(done - sent)
+                    answered.append(done - sent)
+                if code != "RESOURCE_EXHAUSTED" or args.light:
+                    break
+                if args.no_backoff:
+                    wait = 0.0
+                elif wait is None:  # the SDK's jittered exponential backoff
+                    wait = random.uniform(0.0, min(2.0, 0.05 * 2 ** (attempt - 1)))
+                if loop.time() + wait >= deadline:
+                    break
+                await asyncio.sleep(wait)
+            if args.light:  # one call at a time, a few per second
+                await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(slot(i) for i in range(args.inflight)))
+    for channel in channels:
+        await channel.close()
+    return {
+        "seconds": args.seconds,
+        "outcomes": outcomes,
+        "ok_per_s": outcomes.get("OK", 0) / args.seconds,
+        "ok_ms": _percentiles(latencies),
+        "refused_ms": _percentiles(refusals),
+        "any_ms": _percentiles(answered),
+    }
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    if not seconds:
+        return {"n": 0}
+    ms = np.asarray(seconds) * 1e3
+    return {"n": len(ms), "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+
+
+def _start_generator(target: str, inflight: int, deadline: float, seconds: float,
+                     nice: int = 0, *, light: bool = False,
+                     no_backoff: bool = False) -> subprocess.Popen[str]:  # fmt: skip
+    command = [sys.executable, __file__, "--generate", "--target", target,
+               "--inflight", str(inflight), "--deadline", str(deadline),
+               "--seconds", str(seconds), "--nice", str(nice)]  # fmt: skip
+    command += ["--light"] if light else []
+    command += ["--no-backoff"] if no_backoff else []
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+
+def _result(process: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, f"generator failed ({process.returncode})"
+    return dict(json.loads(out))
+
+
+def _rss_mb(pid: int) -> dict[str, float]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+class Server:
+    """``tlserve serve`` in its own process on free loopback ports, until ready."""
+
+    def __init__(self, repo: Path, flags: list[str]) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        self.target = f"127.0.0.1:{port}"
+        self.log = (OUT / "server-overload.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tlserve.cli.main", "serve", "--model-repository", str(repo),
+             "--grpc-port", str(port), "--metrics-port", "0", "--drain-delay", "0",
+             "--grace", "2", "--device", "cpu", *flags],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        with grpc.insecure_channel(self.target) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            while True:
+                assert self.process.poll() is None, "the server exited; see its log"
+                assert time.monotonic() < deadline, "the server never became ready"
+                try:
+                    if check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+
+    def stop(self) -> int:
+        self.process.terminate()
+        code = self.process.wait(timeout=60)
+        self.log.close()
+        return code
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    repo = fast_model(OUT / "overload", size=SIZE).parent.parent.parent
+    server = Server(repo, args.server_flags.split())
+    pid = server.process.pid
+    figures: dict[str, Any] = {"rss_mb": {"start": _rss_mb(pid)}}
+    try:
+        # Warm up, then capacity: the server busy, no queue to speak of.
+        _result(_start_generator(server.target, 16, 30.0, 2.0), 60)
+        capacity = _result(_start_generator(server.target, 16, 30.0, args.seconds), 120)
+        figures["capacity"] = capacity
+        print(f"capacity (16 in flight): {capacity['ok_per_s']:.0f} req/s, p50 "
+              f"{capacity['ok_ms'].get('p50', 0):.1f} ms", flush=True)  # fmt: skip
+        for label, nice in (("equal", 0), ("lower", 10)):
+            time.sleep(3)  # let the last phase's calls drain
+            load = _start_generator(server.target, args.inflight, 2.0, args.seconds, nice,
+                                    no_backoff=args.no_backoff)  # fmt: skip
+            time.sleep(min(2.0, args.seconds / 4))  # the light caller measures under overload
+            light = _start_generator(server.target, 1, 2.0, args.seconds - 3.0, light=True)
+            overload, refusals = _result(load, args.seconds + 60), _result(light, args.seconds + 60)
+            figures[f"overload_{label}"] = {"load": overload, "light": refusals,
+                                            "rss_mb": _rss_mb(pid)}  # fmt: skip
+            ratio = overload["ok_per_s"] / capacity["ok_per_s"]
+            target = 0.8 if label == "lower" else 0.5
+            refused = refusals["refused_ms"]
+            print(f"overload, generator at {label} priority (nice {nice}), {args.inflight} in "
+                  f"flight, 2 s deadlines: goodput {overload['ok_per_s']:.0f} req/s = {ratio:.0%} "
+                  f"of capacity (>= {target:.0%}: {'met' if ratio >= target else 'MISSED'}); "
+                  f"outcomes {overload['outcomes']}", flush=True)  # fmt: skip
+            p50, p99 = refused.get("p50", float("nan")), refused.get("p99", float("nan"))
+            print(f"  light caller: RESOURCE_EXHAUSTED in p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+                  f"over {refused['n']} refusals (p99 < 50 ms: "
+                  f"{'met' if p99 < 50 else 'MISSED'}); its outcomes {refusals['outcomes']} in "
+                  f"p50 {refusals['any_ms'].get('p50', 0):.1f} / p99 "
+                  f"{refusals['any_ms'].get('p99', 0):.1f} ms; "
+                  f"server RSS {figures[f'overload_{label}']['rss_mb']}", flush=True)  # fmt: skip
+    finally:
+        figures["server_exit"] = server.stop()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=12.0, help="per phase")
+    parser.add_argument("--inflight", type=int, default=2000)
+    parser.add_argument("--no-backoff", action="store_true", help="refused calls retry at once")
+    parser.add_argument("--server-flags", default="", help="extra `tlserve serve` flags")
+    # The load generator's own process (started by the benchmark itself):
+    parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--light", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, default=2.0, help=argparse.SUPPRESS)
+    parser.add_argument("--nice", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.generate:
+        os.nice(args.nice)
+        print(json.dumps(asyncio.run(_generate(args))))
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    figures = run(args)
+    (OUT / "overload.json").write_text(json.dumps(figures, indent=2))
+    print(f"figures: {OUT / 'overload.json'}")
+
+
+if __name__ == "__main__":
+    main()

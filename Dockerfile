@@ -18,6 +18,7 @@ FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos/ protos/
+COPY contract/ contract/
 COPY client/ client/
 COPY server/ server/
 COPY training/ training/

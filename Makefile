@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint typecheck proto wheel bench bench-train bench-serve bench-calibration k8s image clean
+.PHONY: setup demo test lint typecheck image-test proto wheel bench bench-train bench-serve bench-calibration k8s image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,8 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m tlserve.cli.demo
 
-test: lint typecheck
-	$(VENV)/bin/pytest
+test: lint typecheck image-test
+	$(VENV)/bin/pytest -m "not image"
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -66,6 +66,14 @@ wheel: setup
 # Kubernetes manifests as the cluster gets them (validated in `make test`).
 k8s:
 	kubectl kustomize deploy/overlays/gpu
+
+# The serve-cpu image as production runs it, built and run with podman (no
+# Docker engine needed): tests/deploy/test_image.py. podman, runc and
+# debootstrap come from apt where missing; the stand-in base image and the
+# build's layers stay in podman's store between runs.
+image-test: setup
+	bash deploy/podman/install.sh
+	$(VENV)/bin/pytest -m image tests/deploy/test_image.py
 
 # Needs a Docker engine (none on the development machines).
 image: wheel

@@ -49,6 +49,18 @@ def test_the_wheel_is_built_as_make_wheel_builds_it() -> None:
     assert normalised(docker.group(1)) == normalised(make.group(1))
 
 
+def test_the_build_stage_copies_every_package_folder() -> None:
+    # A folder pyproject.toml maps but the build stage does not copy makes a
+    # wheel without that package, and an image that fails at its first import.
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    copied = set(re.findall(r"^COPY (\S+)/ \1/$", _stages()["build"], flags=re.MULTILINE))
+    assert copied == set(setuptools["package-dir"].values())
+    # Nothing the build copies is left out of the context by .dockerignore.
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert not (copied | {"pyproject.toml", "README.md"}) & ignored
+
+
 def test_each_target_installs_the_wheel_with_its_extra() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"

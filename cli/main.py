@@ -91,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--preferred-batch-sizes", help='e.g. "4,8": run at once at these sizes')
     serve.add_argument("--instances", type=int, help="concurrent executions per model")
+    serve.add_argument("--intra-op-threads", type=int, help="threads per run (0: onnxruntime's)")
+    serve.add_argument(
+        "--tune",
+        choices=("auto", "on", "off"),
+        help="measure threads x instances x batch size at load (auto: models >= 1 ms)",
+    )
+    serve.add_argument("--tune-seconds", type=float, help="time bound of tuning per model")
+    serve.add_argument("--trt-cache-dir", help="keep TensorRT engines here across restarts")
     serve.add_argument(
         "--version-policy", help='"latest:N" (default latest:1), "specific:1,3", "all"'
     )
@@ -298,7 +306,11 @@ def _serve(args: argparse.Namespace) -> int:
         "max_streams_per_connection", "preferred_batch_sizes",
         "instances", "version_policy", "model_control", "poll_interval", "drain_delay", "grace",
         "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
+        "intra_op_threads", "tune", "tune_seconds", "trt_cache_dir",
     )}  # fmt: skip
+    from tlserve.server.eventloop import install_event_loop
+
+    install_event_loop()
     serve(ServerConfig.load(overrides))
     return 0
 

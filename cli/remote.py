@@ -70,8 +70,11 @@ def _connection_flags() -> argparse.ArgumentParser:
     flags = argparse.ArgumentParser(add_help=False)
     group = flags.add_argument_group("connection (flags override TLSERVE_* variables)")
     add = group.add_argument
-    add("--target", default=_env("TLSERVE_TARGET", "127.0.0.1:8001"), metavar="HOST:PORT",
-        help="server address (TLSERVE_TARGET; default: %(default)s)")  # fmt: skip
+    # Beside a server (a container's HEALTHCHECK), its own TLSERVE_GRPC_PORT is the default.
+    local = f"127.0.0.1:{_env('TLSERVE_GRPC_PORT', '8001')}"
+    add("--target", default=_env("TLSERVE_TARGET", local), metavar="HOST:PORT",
+        help="server address (TLSERVE_TARGET, else 127.0.0.1:TLSERVE_GRPC_PORT; "
+        "default: %(default)s)")  # fmt: skip
     add(
         "--timeout",
         type=float,

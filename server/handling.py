@@ -106,6 +106,11 @@ def record(core: InferenceCore, api: str, model_name: str, outcome: str, started
     core.metrics.request_duration.labels(model, api).observe(time.perf_counter() - started)
 
 
+# Seconds left at which a cancelled call counts as expired: gRPC's deadline
+# timer and time.time() may disagree by a hair.
+_EXPIRED = 0.001
+
+
 def _cancelled_outcome(expired: bool) -> str:
     # gRPC cancels the handler's task when the deadline passes; that is the
     # caller's deadline, and alerts watch for DEADLINE_EXCEEDED.
@@ -131,7 +136,8 @@ async def counted(
         refused(api, exc.code, str(exc))
         raise
     except asyncio.CancelledError:
-        expired = deadline is not None and asyncio.get_running_loop().time() >= deadline
+        now = asyncio.get_running_loop().time()
+        expired = deadline is not None and now > deadline - _EXPIRED
         outcome = _cancelled_outcome(expired)
         raise
     except BaseException:
@@ -163,7 +169,7 @@ def handled(
                 await context.abort(exc.code, details(exc), trailing_metadata=retry_trailer(exc))
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
-                outcome = _cancelled_outcome(remaining is not None and remaining <= 0)
+                outcome = _cancelled_outcome(remaining is not None and remaining < _EXPIRED)
                 raise
             except Exception:
                 outcome = "INTERNAL"

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint typecheck image-test proto wheel bench bench-train bench-serve bench-calibration k8s image clean
+.PHONY: setup demo test lint typecheck image-test proto wheel bench bench-train bench-serve bench-calibration bench-overload k8s image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ proto:
 	mkdir -p build/gen
 	$(PY) -m grpc_tools.protoc -Itlserve/protos=protos \
 		--python_out=build/gen --pyi_out=build/gen --grpc_python_out=build/gen \
-		protos/grpc_service.proto protos/tlserve_v1.proto
+		protos/grpc_service.proto protos/tlserve_v1.proto protos/health.proto
 	sed -i -e 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/DESCRIPTOR = POOL.AddSerializedFile(/' \
 		-e 's/^from google.protobuf.internal import builder as _builder$$/&\nfrom tlserve.protos._pool import POOL/' \
 		build/gen/tlserve/protos/*_pb2.py
@@ -58,6 +58,11 @@ bench-serve: setup
 
 bench-calibration: setup
 	$(PY) bench/calibration.py
+
+# Goodput under 10x overload (2,000 calls in flight, 2 s deadlines) against a
+# `tlserve serve` process, and how fast a light caller is refused.
+bench-overload: setup
+	$(PY) bench/overload.py
 
 # The wheel the Docker images install (Dockerfile, stage "build").
 wheel: setup

@@ -77,6 +77,7 @@ async def _generate(args: argparse.Namespace) -> dict[str, Any]:
     ]
     calls = [ch.unary_unary(METHOD) for ch in channels]  # bytes in, bytes out
     outcomes: dict[str, int] = {}
+    details: dict[str, str] = {}  # the first message of each failure code
     latencies: list[float] = []
     refusals: list[float] = []
     answered: list[float] = []  # every outcome's latency: the light caller's view
@@ -96,6 +97,7 @@ async def _generate(args: argparse.Namespace) -> dict[str, Any]:
                     code = "OK"
                 except grpc.aio.AioRpcError as error:
                     code = error.code().name
+                    details.setdefault(code, str(error.details())[:120])
                     wait = _retry_after(error)
                 done = loop.time()
                 if done <= end:  # answers after the window are not counted
@@ -123,6 +125,7 @@ async def _generate(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "seconds": args.seconds,
         "outcomes": outcomes,
+        "details": details,
         "ok_per_s": outcomes.get("OK", 0) / args.seconds,
         "ok_ms": _percentiles(latencies),
         "refused_ms": _percentiles(refusals),
@@ -152,6 +155,12 @@ def _result(process: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     out, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, f"generator failed ({process.returncode})"
     return dict(json.loads(out))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_mb(pid: int) -> dict[str, float]:
@@ -209,17 +218,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         # Warm up, then capacity: the server busy, no queue to speak of.
         _result(_start_generator(server.target, 16, 30.0, 2.0), 60)
+        cpu = _cpu_seconds(pid)
         capacity = _result(_start_generator(server.target, 16, 30.0, args.seconds), 120)
+        capacity["server_cpu_s"] = _cpu_seconds(pid) - cpu
         figures["capacity"] = capacity
         print(f"capacity (16 in flight): {capacity['ok_per_s']:.0f} req/s, p50 "
-              f"{capacity['ok_ms'].get('p50', 0):.1f} ms", flush=True)  # fmt: skip
+              f"{capacity['ok_ms'].get('p50', 0):.1f} ms; server CPU "
+              f"{capacity['server_cpu_s'] / args.seconds:.0%} of a core", flush=True)  # fmt: skip
         for label, nice in (("equal", 0), ("lower", 10)):
             time.sleep(3)  # let the last phase's calls drain
+            cpu = _cpu_seconds(pid)
             load = _start_generator(server.target, args.inflight, 2.0, args.seconds, nice,
                                     no_backoff=args.no_backoff)  # fmt: skip
             time.sleep(min(2.0, args.seconds / 4))  # the light caller measures under overload
             light = _start_generator(server.target, 1, 2.0, args.seconds - 3.0, light=True)
             overload, refusals = _result(load, args.seconds + 60), _result(light, args.seconds + 60)
+            overload["server_cpu_s"] = _cpu_seconds(pid) - cpu
             figures[f"overload_{label}"] = {"load": overload, "light": refusals,
                                             "rss_mb": _rss_mb(pid)}  # fmt: skip
             ratio = overload["ok_per_s"] / capacity["ok_per_s"]
@@ -228,7 +242,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"overload, generator at {label} priority (nice {nice}), {args.inflight} in "
                   f"flight, 2 s deadlines: goodput {overload['ok_per_s']:.0f} req/s = {ratio:.0%} "
                   f"of capacity (>= {target:.0%}: {'met' if ratio >= target else 'MISSED'}); "
-                  f"outcomes {overload['outcomes']}", flush=True)  # fmt: skip
+                  f"outcomes {overload['outcomes']}; server CPU "
+                  f"{overload['server_cpu_s'] / args.seconds:.0%} of a core",
+                  flush=True)  # fmt: skip
             p50, p99 = refused.get("p50", float("nan")), refused.get("p99", float("nan"))
             print(f"  light caller: RESOURCE_EXHAUSTED in p50 {p50:.1f} ms, p99 {p99:.1f} ms "
                   f"over {refused['n']} refusals (p99 < 50 ms: "

@@ -30,7 +30,7 @@ from tlserve.protos import (
     tlserve_v1_pb2,
     tlserve_v1_pb2_grpc,
 )
-from tlserve.protos._pool import POOL
+from tlserve.protos import health_pb2 as own_health_pb2
 from tlserve.server.config import ServerConfig
 from tlserve.server.control import ModelControl
 from tlserve.server.core import InferenceCore
@@ -52,12 +52,11 @@ _SERVICES = (
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
-    """tlserve's private pool (see tlserve.protos._pool), plus health for reflection."""
-    try:
-        POOL.FindFileByName(health_pb2.DESCRIPTOR.name)
-    except KeyError:
-        POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
-    return POOL
+    """tlserve's private pool (see tlserve.protos._pool), health included, for reflection."""
+    # tlserve.protos.health_pb2 registered grpc.health.v1 in POOL on import (the
+    # client uses it too); grpc_health's own copy lives in protobuf's default pool.
+    pool: descriptor_pool.DescriptorPool = own_health_pb2.DESCRIPTOR.pool
+    return pool
 
 
 @dataclass
@@ -126,6 +125,9 @@ async def start_server(
     )
     server = grpc.aio.server(
         interceptors=interceptors,
+        # Past this many calls gRPC answers RESOURCE_EXHAUSTED before the
+        # message is read: under overload, a refusal costs almost nothing.
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -133,6 +135,8 @@ async def start_server(
             # alive; allow it rather than answering GOAWAY "too many pings".
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # A caller's calls past this wait on its side of the connection.
+            ("grpc.max_concurrent_streams", config.max_streams_per_connection),
         ],
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(

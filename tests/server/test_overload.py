@@ -1,0 +1,115 @@
+"""Shedding load on a real server: the RPC bound, requests that never fit, late requests.
+
+The model is held at a :class:`Gate`, so "the server is full" and "the queue
+is long" are states the test sets up; assertions are on codes and counts,
+never on durations.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from tests.conftest import TINY_SIZE, ServerThread
+from tests.server.gates import install_gate
+from tlserve.contract.codec import encode_request_inputs
+from tlserve.protos import grpc_service_pb2 as pb
+from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
+from tlserve.server.config import CONTROL_RPC_ROOM, ServerConfig
+
+
+def _request(rows: int = 1, seed: int = 0) -> pb.ModelInferRequest:
+    images = np.random.default_rng(seed).integers(0, 256, (rows, TINY_SIZE, TINY_SIZE, 3), np.uint8)
+    request = pb.ModelInferRequest(model_name="tiny")
+    encode_request_inputs(request, {"images": images})
+    return request
+
+
+def _metric(running: ServerThread, line: str) -> bool:
+    return line in urllib.request.urlopen(running.metrics_url, timeout=5).read().decode()
+
+
+def test_the_rpc_bound_defaults_to_what_the_queue_and_batches_hold(tmp_path: Path) -> None:
+    config = ServerConfig.load(
+        {"model_repository": tmp_path, "max_queue_size": 100, "max_batch_size": 8, "instances": 2},
+        environ={},
+    )
+    assert config.max_concurrent_rpcs == 100 + 2 * 8 + CONTROL_RPC_ROOM
+    assert config.max_streams_per_connection == config.max_concurrent_rpcs // 4
+    assert ServerConfig.load({"model_repository": tmp_path}, environ={}).max_concurrent_rpcs == (
+        256 + 32 + CONTROL_RPC_ROOM
+    )
+    env = {"TLSERVE_MAX_CONCURRENT_RPCS": "12"}
+    assert ServerConfig.load({"model_repository": tmp_path}, environ=env).max_concurrent_rpcs == 12
+
+
+def test_calls_past_the_rpc_bound_are_refused_before_they_reach_the_model(
+    model_repo: Path,
+) -> None:
+    running = ServerThread(model_repo, max_concurrent_rpcs=3, max_streams_per_connection=10)
+    try:
+        gate = install_gate(running.running)
+        batcher = running.running.core.registry.get("tiny").batcher
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            held = [stub.ModelInfer.future(_request(seed=i), timeout=30) for i in range(3)]
+            gate.wait_entered(1)
+            deadline = time.monotonic() + 30
+            while batcher.queued_rows < 2:  # all three are inside the server
+                assert time.monotonic() < deadline, "the calls never reached the queue"
+                time.sleep(0.002)
+            for _ in range(20):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.ModelInfer(_request(), timeout=5)
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            gate.open()
+            assert [f.result(timeout=10).model_name for f in held] == ["tiny"] * 3
+            stub.ModelInfer(_request(), timeout=10)  # room again
+        assert gate.rows == 4  # the refused calls never reached the model
+    finally:
+        running.stop()
+
+
+def test_a_request_that_can_never_fit_the_queue_is_invalid(model_repo: Path) -> None:
+    running = ServerThread(model_repo, max_queue_size=4, max_batch_size=2)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(_request(rows=5), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details = caught.value.details()
+            assert "5 rows can never fit: model 'tiny' queues at most 4 rows" in details
+            assert not any(k == "retry-after-ms" for k, _ in caught.value.trailing_metadata())
+            assert stub.ModelInfer(_request(rows=4), timeout=10).outputs[0].shape[0] == 4
+        assert _metric(running, 'tlserve_shed_requests_total{model="tiny",reason="too_large"} 1.0')
+    finally:
+        running.stop()
+
+
+def test_a_request_the_queue_cannot_answer_in_time_is_refused_without_running(
+    server: ServerThread,
+) -> None:
+    gate = install_gate(server.running)
+    batcher = server.running.core.registry.get("tiny").batcher
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        busy = stub.ModelInfer.future(_request(), timeout=30)
+        gate.wait_entered(1)
+        batcher.speed.row_seconds = 10.0  # as if each row took 10 s to compute
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(_request(seed=1), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "cannot answer in time" in caught.value.details()
+        assert batcher.queued_rows == 0  # refused before it took room
+        gate.open()
+        assert busy.result(timeout=10).model_name == "tiny"
+        # Without a deadline nothing is refused for being slow.
+        assert stub.ModelInfer(_request(seed=2)).model_name == "tiny"
+    assert gate.rows == 2  # the late request never ran
+    assert _metric(server, 'tlserve_shed_requests_total{model="tiny",reason="late"} 1.0')

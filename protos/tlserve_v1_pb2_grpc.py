@@ -63,7 +63,9 @@ class ImageServiceServicer:
 
     def ClassifyStream(self, request_iterator, context):
         """A flow of images: each request on the stream is answered in order; a
-        failed request is reported in error_message and the stream goes on.
+        failed request, or a message that is not a valid ClassifyRequest at all,
+        is reported in error_message ("INVALID_ARGUMENT: ...") and the stream
+        goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -68,6 +68,7 @@ def model_config(loaded: LoadedModel, config: ServerConfig) -> pb.ModelConfig:
         kind=pb.ModelInstanceGroup.KIND_GPU if on_gpu else pb.ModelInstanceGroup.KIND_CPU,
         gpus=[0] if on_gpu else [],
     )
+    _parameters(result, loaded)
     policy = config.version_policy
     if policy.kind == "latest":
         result.version_policy.latest.num_versions = policy.latest
@@ -76,6 +77,22 @@ def model_config(loaded: LoadedModel, config: ServerConfig) -> pb.ModelConfig:
     else:
         result.version_policy.all.SetInParent()
     return result
+
+
+def _parameters(result: pb.ModelConfig, loaded: LoadedModel) -> None:
+    """The settings this version serves with, where each came from, and its variant."""
+    tuning = loaded.tuning
+    if tuning is not None:
+        for setting, value in tuning.settings().items():
+            result.parameters[setting].string_value = str(value)
+            result.parameters[f"{setting}_source"].string_value = tuning.sources.get(
+                setting, "default"
+            )
+        if tuning.reason:
+            result.parameters["tuning"].string_value = tuning.reason
+    card = loaded.model.card
+    if card is not None:
+        result.parameters["variant"].string_value = card.notes.get("variant", "float32")
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:

@@ -96,6 +96,11 @@ def test_the_server_serves_with_the_tuned_choice_and_shows_it(model_repo: Path) 
             config = stub.ModelConfig(pb.ModelConfigRequest(name="tiny"), timeout=5).config
         assert config.max_batch_size == tuning.max_batch_size
         assert config.instance_group[0].count == 1
+        parameters = {k: v.string_value for k, v in config.parameters.items()}
+        assert parameters["intra_op_threads"] == str(tuning.intra_op_threads)
+        assert parameters["max_batch_size_source"] == "tuned"
+        assert parameters["instances_source"] == "explicit"
+        assert parameters["variant"] == "float32"
         page = urllib.request.urlopen(running.metrics_url, timeout=5).read().decode()
         line = (
             f'tlserve_model_setting{{model="tiny",setting="max_batch_size",source="tuned",'

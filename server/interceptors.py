@@ -22,6 +22,7 @@ every other client see the same messages.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
@@ -88,36 +89,58 @@ async def _abort(context: _Context, error: InvalidInput) -> NoReturn:
 
 
 def _guard_unary(handler: grpc.RpcMethodHandler[Any, Any], parse: _Parser) -> Any:
-    # grpc's stubs type behaviours as sync; on a grpc.aio server they are coroutines.
-    behaviour: Any = handler.unary_unary or handler.unary_stream
     kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
-
     if handler.unary_unary is not None:
+        # grpc's stubs type behaviours as sync; on a grpc.aio server they are coroutines.
+        behaviour: Any = handler.unary_unary
 
         async def unary(raw: bytes, context: _Context) -> Any:
             try:
                 request = parse(raw)
             except InvalidInput as error:
                 await _abort(context, error)
-            return await behaviour(request, context)
+            answer = behaviour(request, context)
+            return await answer if inspect.isawaitable(answer) else answer
 
         return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    streaming: Any = handler.unary_stream
+    if inspect.isasyncgenfunction(streaming):
 
-    async def unary_stream(raw: bytes, context: _Context) -> AsyncIterator[Any]:
-        try:
-            request = parse(raw)
-        except InvalidInput as error:
-            await _abort(context, error)
-        async for response in behaviour(request, context):
-            yield response
+        async def unary_stream(raw: bytes, context: _Context) -> AsyncIterator[Any]:
+            try:
+                request = parse(raw)
+            except InvalidInput as error:
+                await _abort(context, error)
+            async for response in streaming(request, context):
+                yield response
 
-    return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+    if inspect.iscoroutinefunction(streaming):  # writes with context.write (health's Watch)
+
+        async def unary_writer(raw: bytes, context: _Context) -> None:
+            try:
+                request = parse(raw)
+            except InvalidInput as error:
+                await _abort(context, error)
+            await streaming(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_writer, **kwargs)
+    return handler  # a sync generator: left to gRPC's own parsing
 
 
 def _guard_stream(
     handler: grpc.RpcMethodHandler[Any, Any], parse: _Parser, per_message: bool
 ) -> Any:
     kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+    behaviour: Any = handler.stream_unary or handler.stream_stream
+    iterates = (
+        inspect.iscoroutinefunction(behaviour)
+        if handler.stream_unary is not None
+        else inspect.isasyncgenfunction(behaviour)
+    )
+    if not iterates:
+        # It may read with context.read() (or run sync): it must get parsed messages.
+        return handler
 
     async def requests(raws: AsyncIterator[bytes], context: _Context) -> AsyncIterator[Any]:
         async for raw in raws:
@@ -129,16 +152,14 @@ def _guard_stream(
                 yield Undecodable(error, parse.message_class())
 
     if handler.stream_unary is not None:
-        behaviour: Any = handler.stream_unary
 
         async def stream_unary(raws: AsyncIterator[bytes], context: _Context) -> Any:
             return await behaviour(requests(raws, context), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
-    streaming: Any = handler.stream_stream
 
     async def stream_stream(raws: AsyncIterator[bytes], context: _Context) -> AsyncIterator[Any]:
-        async for response in streaming(requests(raws, context), context):
+        async for response in behaviour(requests(raws, context), context):
             yield response
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)

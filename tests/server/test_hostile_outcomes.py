@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.conftest import TINY_SIZE, ServerThread, png_bytes
 from tests.server.gates import install_gate
@@ -33,10 +35,17 @@ def _counted(server: ServerThread, api: str, outcome: str, model: str = "tiny") 
     return value or 0.0
 
 
-def _eventually(check: object, timeout: float = 5.0) -> None:
+def _eventually(check: object, server: ServerThread, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "never happened"
+        samples = [
+            (sample.labels, sample.value)
+            for metric in server.running.core.metrics.registry.collect()
+            if metric.name == "tlserve_requests"
+            for sample in metric.samples
+            if sample.name == "tlserve_requests_total"
+        ]
+        assert time.monotonic() < deadline, f"never happened: {samples}"
         time.sleep(0.02)
 
 
@@ -58,7 +67,7 @@ def test_a_deadline_that_passes_in_the_queue_is_counted_as_deadline_exceeded(
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
     gate.open()
     # The alert on DEADLINE_EXCEEDED fires: nothing is counted as CANCELLED.
-    _eventually(lambda: _counted(server, "ModelInfer", "DEADLINE_EXCEEDED") == 3)
+    _eventually(lambda: _counted(server, "ModelInfer", "DEADLINE_EXCEEDED") == 3, server)
     assert _counted(server, "ModelInfer", "CANCELLED") == 0
 
 
@@ -69,7 +78,7 @@ def test_a_call_the_caller_cancels_is_counted_as_cancelled(
     call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(_request(), timeout=30)
     gate.wait_entered(1)
     call.cancel()
-    _eventually(lambda: _counted(server, "ModelInfer", "CANCELLED") == 1)
+    _eventually(lambda: _counted(server, "ModelInfer", "CANCELLED") == 1, server)
     gate.open()
     assert _counted(server, "ModelInfer", "DEADLINE_EXCEEDED") == 0
 
@@ -84,7 +93,7 @@ def test_stream_messages_past_the_deadline_are_counted_as_deadline_exceeded(
         list(stream(iter([request] * 2), timeout=0.5))
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
     gate.open()
-    _eventually(lambda: _counted(server, "ClassifyStream", "DEADLINE_EXCEEDED") == 2)
+    _eventually(lambda: _counted(server, "ClassifyStream", "DEADLINE_EXCEEDED") == 2, server)
 
 
 def test_a_20_kb_model_name_is_not_found_with_a_short_message(
@@ -131,7 +140,7 @@ def test_bad_input_logs_one_warning_line_a_second_and_no_traceback(
     assert not [r for r in caplog.records if r.exc_info]
     assert _counted(server, "ModelInfer", "INVALID_ARGUMENT", model="unknown") == 40
     # Counted as the answer goes out: the last one may land just after the caller has it.
-    _eventually(lambda: _counted(server, "Classify", "INVALID_ARGUMENT") == 40)
+    _eventually(lambda: _counted(server, "Classify", "INVALID_ARGUMENT") == 40, server)
 
 
 def test_an_unknown_method_is_unimplemented_and_counted(
@@ -141,10 +150,31 @@ def test_an_unknown_method_is_unimplemented_and_counted(
         with pytest.raises(grpc.RpcError) as caught:
             channel.unary_unary(method)(b"", timeout=10)
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
-    _eventually(lambda: _counted(server, "unknown", "UNIMPLEMENTED", model="unknown") == 2)
+    _eventually(lambda: _counted(server, "unknown", "UNIMPLEMENTED", model="unknown") == 2, server)
 
 
 def test_a_typed_client_still_gets_answers(server: ServerThread, channel: grpc.Channel) -> None:
     # The pass-through deserializer changes nothing a well-formed caller sees.
     answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_request(), timeout=10)
     assert np.frombuffer(answer.raw_output_contents[0], np.float32).shape == (3,)
+
+
+def test_health_watch_still_streams_its_status(server: ServerThread, channel: grpc.Channel) -> None:
+    # Watch writes with context.write (a coroutine, not a generator): guarded all the same.
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+
+def test_reflection_answers_and_refuses_bytes_that_do_not_parse(
+    server: ServerThread, channel: grpc.Channel
+) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    [answer] = list(stub.ServerReflectionInfo(iter([ask]), timeout=10))
+    names = {s.name for s in answer.list_services_response.service}
+    assert "tlserve.v1.ImageService" in names
+    raw = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    with pytest.raises(grpc.RpcError) as caught:
+        list(raw(iter([b"\x0a\x7f"]), timeout=10))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]

@@ -128,18 +128,27 @@ def load_or_export(
     path = directory / f"embedder-{embedder_key(embedder)}.onnx" if directory else None
     if path is not None and path.is_file():
         try:
-            fast = OnnxEmbedder(path)
-        except (OSError, RuntimeError) as exc:  # onnxruntime raises RuntimeError subclasses
-            log.warning("ignoring unreadable embedder cache %s: %s", path, exc)
-        else:
+            fast = _session(path)
             check_against_torch(fast, embedder, images)
+        except ExportError as exc:
+            log.warning("ignoring the cached export %s: %s", path, exc)
+        else:
             return fast
     model = export_embedder(embedder, images)
-    fast = OnnxEmbedder(model)
+    fast = _session(model)
     check_against_torch(fast, embedder, images)
     if path is not None:
         _save(path, model)
     return fast
+
+
+def _session(model: bytes | Path) -> OnnxEmbedder:
+    try:
+        return OnnxEmbedder(model)
+    # onnxruntime's own errors (Fail, InvalidGraph, NoSuchFile...) derive from
+    # Exception only; any of them means this export cannot be used.
+    except Exception as exc:
+        raise ExportError(f"onnxruntime cannot load the exported embedder: {exc}") from exc
 
 
 def check_against_torch(fast: Embed, embedder: ImageEmbedder, images: np.ndarray) -> float:
@@ -147,7 +156,10 @@ def check_against_torch(fast: Embed, embedder: ImageEmbedder, images: np.ndarray
     sample = np.ascontiguousarray(images[:_CHECK_IMAGES])
     with torch.inference_mode():
         expected = embedder(torch.from_numpy(sample.copy())).numpy()
-    got = fast(sample)
+    try:
+        got = fast(sample)
+    except Exception as exc:  # onnxruntime's errors, as in _session
+        raise ExportError(f"onnxruntime cannot run the exported embedder: {exc}") from exc
     if got.shape != expected.shape:
         raise ExportError(f"onnxruntime gave {got.shape}, torch {expected.shape}")
     difference = np.abs(got - expected)

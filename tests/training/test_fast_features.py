@@ -92,6 +92,27 @@ def test_the_export_is_cached_by_weights(
     assert embedder_key(other) != embedder_key(embedder)  # fresh random weights
 
 
+def test_a_broken_cached_export_is_replaced(
+    embedder: ImageEmbedder,
+    samples: list[Sample],
+    exported: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (good,) = exported.iterdir()
+    model = good.read_bytes()
+    broken = tmp_path / good.name
+    broken.write_bytes(b"half an onnx file")
+    monkeypatch.setattr(onnx_features, "export_embedder", lambda *_: model)
+    features = extract_features(
+        embedder, samples[:2], engine="onnxruntime", export_dir=tmp_path, workers=0
+    )
+    assert len(features.labels) == 2
+    assert "ignoring the cached export" in caplog.text
+    assert broken.read_bytes() == model
+
+
 def test_auto_does_not_export_for_a_few_images(
     embedder: ImageEmbedder, samples: list[Sample], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

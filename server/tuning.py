@@ -24,9 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
-import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +33,15 @@ from tlserve.contract.rules import GPU_PROVIDERS
 from tlserve.server.config import ServerConfig
 from tlserve.server.metrics import ServerMetrics
 from tlserve.server.runtime import OnnxModel, load_model
+from tlserve.server.tuning_search import (
+    MIN_RUNS,
+    Trial,
+    candidate_batches,
+    measure,
+    pick,
+    search,
+    thread_counts,
+)
 
 __all__ = [
     "AUTO_MIN_BATCH1_SECONDS",
@@ -54,22 +60,8 @@ log = logging.getLogger(__name__)
 
 AUTO_MIN_BATCH1_SECONDS = 0.001
 SETTINGS = ("intra_op_threads", "instances", "max_batch_size")
-# Throughputs this close to the best count as equal; the cheaper setting wins.
-_TIE = 0.03
-_MIN_RUNS = 3
 
 Loader = Callable[..., OnnxModel]
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One measured combination: images/s with ``instances`` runs at once, median batch time."""
-
-    intra_op_threads: int
-    instances: int
-    batch: int
-    images_per_second: float
-    batch_seconds: float
 
 
 @dataclass(frozen=True)
@@ -98,59 +90,6 @@ class Tuning:
                 f"{t.images_per_second:>8.1f} {1e3 * t.batch_seconds:>8.2f}"
             )
         return "\n".join(lines)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def candidate_batches(max_batch_size: int) -> list[int]:
-    """Batch sizes worth trying: 1, powers of 4 and the largest allowed."""
-    sizes = {1, max_batch_size}
-    size = 4
-    while size < max_batch_size:
-        sizes.add(size)
-        size *= 4
-    return sorted(sizes)
-
-
-def pick(trials: list[Trial], latency_cap: float) -> Trial:
-    """Best throughput among the trials within the cap (the fastest batch if none is);
-    near-ties go to fewer threads x instances, then the smaller batch."""
-    within = [t for t in trials if t.batch_seconds <= latency_cap]
-    if not within:
-        return min(trials, key=lambda t: t.batch_seconds)
-    best = max(t.images_per_second for t in within)
-    close = [t for t in within if t.images_per_second >= (1 - _TIE) * best]
-    return min(close, key=lambda t: (t.intra_op_threads * t.instances, t.batch))
-
-
-def _measure(model: OnnxModel, threads: int, instances: int, batch: int, seconds: float) -> Trial:
-    """``instances`` threads running batches of ``batch`` for about ``seconds``."""
-    feeds = model.dummy_inputs(batch)
-    model.run(feeds)  # this shape's first run allocates; not timed
-    times: list[list[float]] = [[] for _ in range(instances)]
-    stop_at = time.perf_counter() + seconds
-
-    def loop(out: list[float]) -> None:
-        while len(out) < _MIN_RUNS or time.perf_counter() < stop_at:
-            started = time.perf_counter()
-            model.run(feeds)
-            out.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    workers = [threading.Thread(target=loop, args=(out,)) for out in times]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    elapsed = time.perf_counter() - started
-    runs = sum(len(out) for out in times)
-    every = [t for out in times for t in out]
-    return Trial(threads, instances, batch, runs * batch / elapsed, statistics.median(every))
 
 
 def warm_up(model: OnnxModel, batch_sizes: list[int]) -> None:
@@ -183,7 +122,7 @@ def tune_model(
     feeds = model.dummy_inputs()
     model.run(feeds)  # the first run allocates and picks kernels
     batch1 = float("inf")
-    for _ in range(_MIN_RUNS):  # the fastest of a few: a busy host inflates single runs
+    for _ in range(MIN_RUNS):  # the fastest of a few: a busy host inflates single runs
         probe = time.perf_counter()
         model.run(feeds)
         batch1 = min(batch1, time.perf_counter() - probe)
@@ -198,27 +137,31 @@ def tune_model(
             warm_up(model, list(range(1, config.max_batch_size + 1)))
         return model, _finish(untuned, skip, started)
     deadline = started + config.tune_seconds
-    threads = [config.intra_op_threads] if "intra_op_threads" in fixed or on_gpu else _threads()
+    threads = (
+        [config.intra_op_threads] if "intra_op_threads" in fixed or on_gpu else thread_counts()
+    )
     instances = [config.instances] if "instances" in fixed else [1, 2]
     batches = (
         [config.max_batch_size]
         if "max_batch_size" in fixed or not model.batchable
         else candidate_batches(config.max_batch_size)
     )
-    slice_s = max(0.02, config.tune_seconds / (2 * len(threads) * len(instances) * len(batches)))
-    trials: list[Trial] = []
+    planned = 2 * len(threads) * len(instances) + len(batches) - 1
+    slice_s = max(0.02, config.tune_seconds / (2 * planned))
     sessions: dict[int, OnnxModel] = {}
-    for count in threads:
-        if time.perf_counter() >= deadline and trials:
-            break
-        sessions[count] = (
-            model if len(threads) == 1 else loader(path, config, metrics, intra_op_threads=count)
-        )
-        for n in instances:
-            for batch in batches:
-                if time.perf_counter() + slice_s > deadline and trials:
-                    break
-                trials.append(_measure(sessions[count], count, n, batch, slice_s))
+
+    def trial(count: int, n: int, batch: int) -> Trial:
+        if count not in sessions:  # one session per thread count, made when first needed
+            sessions[count] = (
+                model
+                if len(threads) == 1
+                else loader(path, config, metrics, intra_op_threads=count)
+            )
+        return measure(sessions[count], count, n, batch, slice_s)
+
+    trials, cut = search(
+        trial, threads, instances, batches, config.tune_latency_cap, deadline, slice_s
+    )
     chosen = pick(trials, config.tune_latency_cap)
     model = sessions[chosen.intra_op_threads]
     tuned = {
@@ -237,16 +180,10 @@ def tune_model(
     )
     if on_gpu and model.batchable:
         warm_up(model, list(range(1, tuning.max_batch_size + 1)))
-    done = len(trials) == len(threads) * len(instances) * len(batches)
     reason = f"best throughput with batches within {1e3 * config.tune_latency_cap:.0f} ms" + (
-        "" if done else f"; time bound reached after {len(trials)} trials"
+        f"; time bound reached after {len(trials)} of {planned} trials" if cut else ""
     )
     return model, _finish(tuning, reason, started)
-
-
-def _threads() -> list[int]:
-    cores = _cores()
-    return sorted({cores, max(1, cores // 2), 1}, reverse=True)
 
 
 def _why_not(config: ServerConfig, fixed: set[str], batch1: float, on_gpu: bool) -> str:

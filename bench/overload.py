@@ -31,10 +31,12 @@ import asyncio
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +121,13 @@ async def _generate(args: argparse.Namespace) -> dict[str, Any]:
             if args.light:  # one call at a time, a few per second
                 await asyncio.sleep(0.05)
 
-    await asyncio.gather(*(slot(i) for i in range(args.inflight)))
+    tasks = [asyncio.ensure_future(slot(i)) for i in range(args.inflight)]
+    # Bounded even when starved of CPU: calls still out after the last
+    # deadline could have passed are cancelled.
+    _, late = await asyncio.wait(tasks, timeout=args.seconds + args.deadline + 5)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
     for channel in channels:
         await channel.close()
     return {
@@ -152,7 +160,13 @@ def _start_generator(target: str, inflight: int, deadline: float, seconds: float
 
 
 def _result(process: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    out, _ = process.communicate(timeout=timeout)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # starved of CPU past any use: no figures
+        process.kill()
+        process.communicate()
+        return {"ok_per_s": float("nan"), "outcomes": {"generator timed out": 1},
+                "refused_ms": {"n": 0}, "any_ms": {"n": 0}, "ok_ms": {"n": 0}}  # fmt: skip
     assert process.returncode == 0, f"generator failed ({process.returncode})"
     return dict(json.loads(out))
 
@@ -198,10 +212,29 @@ class Server:
                 assert time.monotonic() < deadline, "the server never became ready"
                 try:
                     if check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                        return
+                        break
                 except grpc.RpcError:
                     pass
                 time.sleep(0.2)
+
+        found = re.search(
+            r"metrics on (http://\S+/metrics)", (OUT / "server-overload.log").read_text()
+        )
+        assert found, "the server did not log its metrics address"
+        self.metrics_url = found.group(1)
+
+    def counts(self) -> dict[str, float]:
+        """The server's own request outcomes and shed reasons, from /metrics."""
+        counts: dict[str, float] = {}
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        for metric, label in (("tlserve_requests_total", "outcome"),
+                              ("tlserve_shed_requests_total", "reason")):  # fmt: skip
+            for found in re.finditer(
+                rf'^{metric}{{[^}}]*{label}="(\w+)"[^}}]*}} (\S+)$', text, re.M
+            ):
+                key = f"{label}:{found.group(1)}"
+                counts[key] = counts.get(key, 0.0) + float(found.group(2))
+        return counts
 
     def stop(self) -> int:
         self.process.terminate()
@@ -227,13 +260,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{capacity['server_cpu_s'] / args.seconds:.0%} of a core", flush=True)  # fmt: skip
         for label, nice in (("equal", 0), ("lower", 10)):
             time.sleep(3)  # let the last phase's calls drain
-            cpu = _cpu_seconds(pid)
+            cpu, counted = _cpu_seconds(pid), server.counts()
             load = _start_generator(server.target, args.inflight, 2.0, args.seconds, nice,
                                     no_backoff=args.no_backoff)  # fmt: skip
             time.sleep(min(2.0, args.seconds / 4))  # the light caller measures under overload
             light = _start_generator(server.target, 1, 2.0, args.seconds - 3.0, light=True)
             overload, refusals = _result(load, args.seconds + 60), _result(light, args.seconds + 60)
             overload["server_cpu_s"] = _cpu_seconds(pid) - cpu
+            overload["server_counts"] = {
+                k: v - counted.get(k, 0.0) for k, v in server.counts().items()
+                if v - counted.get(k, 0.0)
+            }  # fmt: skip
             figures[f"overload_{label}"] = {"load": overload, "light": refusals,
                                             "rss_mb": _rss_mb(pid)}  # fmt: skip
             ratio = overload["ok_per_s"] / capacity["ok_per_s"]
@@ -245,6 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"outcomes {overload['outcomes']}; server CPU "
                   f"{overload['server_cpu_s'] / args.seconds:.0%} of a core",
                   flush=True)  # fmt: skip
+            print(f"  the server counted {overload['server_counts']}", flush=True)
             p50, p99 = refused.get("p50", float("nan")), refused.get("p99", float("nan"))
             print(f"  light caller: RESOURCE_EXHAUSTED in p50 {p50:.1f} ms, p99 {p99:.1f} ms "
                   f"over {refused['n']} refusals (p99 < 50 ms: "

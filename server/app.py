@@ -31,7 +31,8 @@ from tlserve.protos import (
     tlserve_v1_pb2_grpc,
 )
 from tlserve.protos import health_pb2 as own_health_pb2
-from tlserve.server.config import ServerConfig
+from tlserve.server.admission import InferenceAdmission
+from tlserve.server.config import CONTROL_RPC_ROOM, ServerConfig
 from tlserve.server.control import ModelControl
 from tlserve.server.core import InferenceCore
 from tlserve.server.gpu import register_gpu_metrics
@@ -118,6 +119,8 @@ async def start_server(
         if token
         else []
     )
+    # Before anything reads the message: a refused call costs almost nothing.
+    interceptors.append(_admission(config, registry, metrics))
     # Last, so it wraps the servicers' own handlers: requests that do not
     # parse and unknown methods get a clear code and are counted.
     interceptors.append(
@@ -125,9 +128,9 @@ async def start_server(
     )
     server = grpc.aio.server(
         interceptors=interceptors,
-        # Past this many calls gRPC answers RESOURCE_EXHAUSTED before the
-        # message is read: under overload, a refusal costs almost nothing.
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        # The hard bound on every call, answered by gRPC before the message is
+        # read; the inference bound above keeps CONTROL_RPC_ROOM free of it.
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs + CONTROL_RPC_ROOM,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -183,6 +186,20 @@ async def start_server(
     else:
         log.error("not ready: models failed to load: %s", registry.failed)
     return running
+
+
+def _admission(
+    config: ServerConfig, registry: ModelRegistry, metrics: ServerMetrics
+) -> InferenceAdmission:
+    def retry_after() -> float:  # the longest drain of any serving queue
+        batchers = [m.batcher for n in registry.names() for m in registry.versions(n)]
+        return max((b.retry_after() for b in batchers), default=0.1)
+
+    return InferenceAdmission(
+        config.max_concurrent_rpcs,
+        retry_after,
+        lambda api: metrics.requests.labels("unknown", api, "RESOURCE_EXHAUSTED").inc(),
+    )
 
 
 def serve(config: ServerConfig) -> None:

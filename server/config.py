@@ -33,7 +33,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 GPU_FALLBACKS = ("fail", "cpu")
 TUNE_MODES = ("auto", "on", "off")
-# RPCs beyond the inference work the derived max_concurrent_rpcs leaves room for.
+# Calls past max_concurrent_rpcs that gRPC itself still takes: health checks,
+# metadata and reflection, which the inference bound never refuses.
 CONTROL_RPC_ROOM = 32
 
 
@@ -57,14 +58,14 @@ class ServerConfig:
     max_queue_delay: float = 0.0
     # Images queued per model before new requests get RESOURCE_EXHAUSTED.
     max_queue_size: int = 256
-    # RPCs the server holds at once; past it gRPC answers RESOURCE_EXHAUSTED
-    # itself, before the message is read into Python: overload costs little.
-    # 0 = derived: what one model's queue and running batches hold, plus
-    # CONTROL_RPC_ROOM for health, metadata and streams (see derived_rpc_limit).
+    # Inference calls (ModelInfer, Classify, Embed, streams) the server works
+    # on at once; one more is refused with RESOURCE_EXHAUSTED before its
+    # message is read (server/admission.py); health and metadata calls never
+    # are. 0 = derived: three batches per instance, at least 32 (derived_rpc_limit).
     max_concurrent_rpcs: int = 0
     # Calls one connection may have open at once; more wait on the caller's
     # side (HTTP/2 flow control), costing the server nothing, and leave room
-    # for other callers. 0 = derived: a quarter of max_concurrent_rpcs.
+    # for other callers. 0 = derived: a quarter of max_concurrent_rpcs, at least 16.
     max_streams_per_connection: int = 0
     # Batch sizes the batcher runs at once, without waiting out max_queue_delay
     # ("4,8" in flags and env); empty: none preferred. See server/batcher.py.
@@ -185,14 +186,14 @@ class ServerConfig:
 
 
 def derived_rpc_limit(config: ServerConfig) -> int:
-    """The default RPC bound: every call that one model's queue and batches can hold.
+    """The default bound on inference calls: three batches per instance.
 
-    One row per call fills ``max_queue_size`` queued rows plus ``instances``
-    running batches; more calls than that could only wait to be refused, so
-    gRPC refuses them before they cost a parse. CONTROL_RPC_ROOM more are
-    left for health checks, metadata and streams.
+    One running and two waiting keep the model busy; a call past that would
+    only wait (or be refused) after costing a parse, and the answers of the
+    ones in the server come sooner (at least 32 calls, for small batches).
+    Requests of many rows are bounded by ``max_queue_size`` rows too.
     """
-    return config.max_queue_size + config.instances * config.max_batch_size + CONTROL_RPC_ROOM
+    return max(32, 3 * config.instances * config.max_batch_size)
 
 
 def _derive_call_bounds(config: ServerConfig) -> None:
@@ -203,7 +204,7 @@ def _derive_call_bounds(config: ServerConfig) -> None:
     if config.max_concurrent_rpcs == 0:
         object.__setattr__(config, "max_concurrent_rpcs", derived_rpc_limit(config))
     if config.max_streams_per_connection == 0:
-        streams = max(1, config.max_concurrent_rpcs // 4)
+        streams = max(16, config.max_concurrent_rpcs // 4)
         object.__setattr__(config, "max_streams_per_connection", streams)
 
 

@@ -14,13 +14,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import TINY_SIZE, ServerThread
 from tests.server.gates import install_gate
 from tlserve.contract.codec import encode_request_inputs
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
-from tlserve.server.config import CONTROL_RPC_ROOM, ServerConfig
+from tlserve.server.config import ServerConfig
 
 
 def _request(rows: int = 1, seed: int = 0) -> pb.ModelInferRequest:
@@ -34,21 +35,23 @@ def _metric(running: ServerThread, line: str) -> bool:
     return line in urllib.request.urlopen(running.metrics_url, timeout=5).read().decode()
 
 
-def test_the_rpc_bound_defaults_to_what_the_queue_and_batches_hold(tmp_path: Path) -> None:
+def test_the_call_bounds_default_to_three_batches_and_a_quarter_per_connection(
+    tmp_path: Path,
+) -> None:
     config = ServerConfig.load(
-        {"model_repository": tmp_path, "max_queue_size": 100, "max_batch_size": 8, "instances": 2},
-        environ={},
+        {"model_repository": tmp_path, "max_batch_size": 32, "instances": 2}, environ={}
     )
-    assert config.max_concurrent_rpcs == 100 + 2 * 8 + CONTROL_RPC_ROOM
-    assert config.max_streams_per_connection == config.max_concurrent_rpcs // 4
-    assert ServerConfig.load({"model_repository": tmp_path}, environ={}).max_concurrent_rpcs == (
-        256 + 32 + CONTROL_RPC_ROOM
-    )
-    env = {"TLSERVE_MAX_CONCURRENT_RPCS": "12"}
-    assert ServerConfig.load({"model_repository": tmp_path}, environ=env).max_concurrent_rpcs == 12
+    assert config.max_concurrent_rpcs == 3 * 2 * 32
+    assert config.max_streams_per_connection == 3 * 2 * 32 // 4
+    config = ServerConfig.load({"model_repository": tmp_path, "max_batch_size": 1}, environ={})
+    assert (config.max_concurrent_rpcs, config.max_streams_per_connection) == (32, 16)
+    assert ServerConfig.load({"model_repository": tmp_path}, environ={}).max_concurrent_rpcs == 96
+    env = {"TLSERVE_MAX_CONCURRENT_RPCS": "12", "TLSERVE_MAX_STREAMS_PER_CONNECTION": "5"}
+    config = ServerConfig.load({"model_repository": tmp_path}, environ=env)
+    assert (config.max_concurrent_rpcs, config.max_streams_per_connection) == (12, 5)
 
 
-def test_calls_past_the_rpc_bound_are_refused_before_they_reach_the_model(
+def test_inference_calls_past_the_bound_are_refused_unread_and_health_still_answers(
     model_repo: Path,
 ) -> None:
     running = ServerThread(model_repo, max_concurrent_rpcs=3, max_streams_per_connection=10)
@@ -63,14 +66,23 @@ def test_calls_past_the_rpc_bound_are_refused_before_they_reach_the_model(
             while batcher.queued_rows < 2:  # all three are inside the server
                 assert time.monotonic() < deadline, "the calls never reached the queue"
                 time.sleep(0.002)
-            for _ in range(20):
+            garbage = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            for call, message in ((stub.ModelInfer, _request()), (garbage, b"\xff" * 64)):
                 with pytest.raises(grpc.RpcError) as caught:
-                    stub.ModelInfer(_request(), timeout=5)
+                    call(message, timeout=5)
+                # RESOURCE_EXHAUSTED, not INVALID_ARGUMENT: the bytes were never parsed.
                 assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "3 inference calls, its limit" in caught.value.details()
+                assert any(k == "retry-after-ms" for k, _ in caught.value.trailing_metadata())
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1  # SERVING
+            assert stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny"), timeout=5).name
             gate.open()
             assert [f.result(timeout=10).model_name for f in held] == ["tiny"] * 3
             stub.ModelInfer(_request(), timeout=10)  # room again
         assert gate.rows == 4  # the refused calls never reached the model
+        refusals = 'tlserve_requests_total{api="ModelInfer",model="unknown",'
+        assert _metric(running, refusals + 'outcome="RESOURCE_EXHAUSTED"} 2.0')
     finally:
         running.stop()
 

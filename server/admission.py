@@ -1,0 +1,124 @@
+"""Admission before the message is read: a bound on inference calls in the server.
+
+Under overload the expensive part of a refused call is everything before the
+refusal: reading a 150 KB message into Python, parsing it, finding the
+model. :class:`InferenceAdmission` counts the inference calls the server is
+working on (ModelInfer, Classify, Embed and the two streams) and refuses one
+more, past ``limit``, with RESOURCE_EXHAUSTED and a ``retry-after-ms`` hint,
+before anything parses its bytes.
+
+Health checks, reflection and metadata calls are never refused here: a
+Kubernetes probe must not fail because the model is busy. gRPC's own
+``maximum_concurrent_rpcs`` (set ``CONTROL_RPC_ROOM`` higher, see
+:mod:`tlserve.server.app`) stays as the hard bound on every call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
+
+import grpc
+
+from tlserve.contract.errors import Overloaded, retry_trailer
+from tlserve.protos import grpc_service_pb2, tlserve_v1_pb2
+
+__all__ = ["INFERENCE_METHODS", "InferenceAdmission"]
+
+_V2 = "/" + grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_V1 = "/" + tlserve_v1_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
+#: The calls that do model work, and so count against the bound.
+INFERENCE_METHODS = frozenset(
+    {f"{_V2}/ModelInfer", f"{_V2}/ModelStreamInfer"}
+    | {f"{_V1}/{name}" for name in ("Classify", "Embed", "ClassifyStream")}
+)
+
+if TYPE_CHECKING:  # grpc's classes are generic only in its stubs
+    _Continuation: TypeAlias = Callable[
+        [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+    ]
+    _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+#: Called with the method's name for each refused call (for counting).
+Refused = Callable[[str], None]
+
+
+class InferenceAdmission(grpc.aio.ServerInterceptor):
+    """Refuses inference calls past ``limit`` before they are read; see the module docstring.
+
+    ``retry_after()`` gives the hint in seconds (how long the queues need to
+    drain); ``on_refused(api)`` counts each refusal. Install it before any
+    interceptor that parses requests.
+    """
+
+    def __init__(self, limit: int, retry_after: Callable[[], float], on_refused: Refused) -> None:
+        self.limit = limit
+        self.inflight = 0
+        self._retry_after = retry_after
+        self._on_refused = on_refused
+
+    async def intercept_service(
+        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        if method not in INFERENCE_METHODS:
+            return await continuation(handler_call_details)
+        if self.inflight >= self.limit:
+            refusal: grpc.RpcMethodHandler[Any, Any] = self._refusal(method)
+            return refusal
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        counted: grpc.RpcMethodHandler[Any, Any] = self._counted(handler)
+        return counted
+
+    def _refusal(self, method: str) -> Any:
+        api = method.rsplit("/", 1)[-1]
+        self._on_refused(api)
+        error = Overloaded(
+            f"the server is working on {self.inflight} inference calls, its limit; retry later",
+            retry_after=self._retry_after(),
+        )
+
+        async def refuse(request: Any, context: _Context) -> NoReturn:
+            await context.abort(error.code, str(error), trailing_metadata=retry_trailer(error))
+            raise AssertionError("unreachable: context.abort raises")
+
+        async def refuse_stream(requests: Any, context: _Context) -> AsyncIterator[Any]:
+            await refuse(requests, context)
+            yield  # pragma: no cover - makes this an async generator
+
+        # No deserializer: the refused message is never parsed.
+        if method.endswith("Stream") or method.endswith("StreamInfer"):
+            return grpc.stream_stream_rpc_method_handler(refuse_stream)
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+    def _counted(self, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
+        """The same handler, holding one unit of the bound while its behaviour runs."""
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behaviour: Any = getattr(handler, kind)
+            if behaviour is None:
+                continue
+            if inspect.isasyncgenfunction(behaviour):
+
+                async def generator(request: Any, context: _Context, run: Any = behaviour) -> Any:
+                    self.inflight += 1
+                    try:
+                        async for response in run(request, context):
+                            yield response
+                    finally:
+                        self.inflight -= 1
+
+                return handler._replace(**{kind: generator})  # type: ignore[attr-defined]
+
+            async def coroutine(request: Any, context: _Context, run: Any = behaviour) -> Any:
+                self.inflight += 1
+                try:
+                    answer = run(request, context)
+                    return await answer if inspect.isawaitable(answer) else answer
+                finally:
+                    self.inflight -= 1
+
+            return handler._replace(**{kind: coroutine})  # type: ignore[attr-defined]
+        return handler

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import TINY_SIZE, ServerThread, png_bytes
+from tests.server.gates import install_gate
 from tlserve.client import (
     Client,
     DeadlineExceeded,
@@ -85,11 +86,26 @@ def test_wait_until_ready_returns_promptly_when_ready(server: ServerThread) -> N
 def test_a_full_queue_is_overloaded_and_says_retry(model_repo: Path) -> None:
     running = ServerThread(model_repo, max_queue_size=1)
     try:
-        with Client(running.target) as client:
-            with pytest.raises(Overloaded, match="Retry later") as caught:
+        gate = install_gate(running.running)  # the model is busy until the gate opens
+        batcher = running.running.core.registry.get("tiny").batcher
+        with Client(running.target) as client, ThreadPoolExecutor(2) as pool:
+            # More images than the queue holds can never fit: not "retry later".
+            with pytest.raises(InvalidInput, match="can never fit"):
                 client.classify([png_bytes(RED), png_bytes(BLUE)], model="tiny", timeout=5)
+            busy = pool.submit(client.classify, png_bytes(RED), model="tiny", timeout=30)
+            gate.wait_entered(1)
+            queued = pool.submit(client.classify, png_bytes(GREEN), model="tiny", timeout=30)
+            deadline = time.monotonic() + 30
+            while batcher.queued_rows < 1:
+                assert time.monotonic() < deadline, "the second call never queued"
+                time.sleep(0.002)
+            with pytest.raises(Overloaded, match="Retry later") as caught:
+                client.classify(png_bytes(BLUE), model="tiny", timeout=5)
             _assert_chained(caught.value)
             assert caught.value.retry_after is not None  # the server's hint
+            gate.open()
+            assert busy.result(timeout=10)[0][0].label == "red"
+            assert queued.result(timeout=10)[0][0].label == "green"
             assert client.classify(png_bytes(BLUE), model="tiny", timeout=5)[0][0].label == "blue"
     finally:
         running.stop()

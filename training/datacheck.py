@@ -183,7 +183,7 @@ def check_data(
     counts = {
         split: dict(
             zip(classes, np.bincount(f.labels, minlength=len(classes)).tolist(), strict=True)
-        )  # noqa: E501
+        )
         for split, f in features.items()
     }
     train_counts = np.array(list(counts["train"].values()))

@@ -93,7 +93,7 @@ class ServerConfig:
     # models whose batch-1 run takes at least a millisecond; "on"; "off".
     # Settings given by flag or env are never changed (explicit_keys).
     tune: str = "auto"
-    tune_seconds: float = 10.0
+    tune_seconds: float = 5.0
     tune_latency_cap: float = 0.1
     # TensorRT engine and timing caches; empty: rebuilt on every load.
     trt_cache_dir: str = ""

@@ -1,0 +1,139 @@
+"""The load generator of ``make bench-overload``, run as its own process.
+
+Keeps ``--inflight`` calls to ModelInfer going for ``--seconds`` over
+grpc.aio (pre-serialised bytes: the generator's own cost per call is small),
+each with a ``--deadline``; a refused call is retried as the SDK does (the
+server's ``retry-after-ms`` hint, else jittered exponential backoff, never
+past its deadline), unless ``--no-backoff``. ``--light``: one call at a time,
+never retried (the light caller). ``--nice N`` lowers its CPU priority.
+Prints its figures as one JSON object; stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+from typing import Any
+
+import numpy as np
+
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+SIZE = 224
+
+
+def _payload() -> bytes:
+    from tlserve.contract.codec import encode_request_inputs
+    from tlserve.protos import grpc_service_pb2 as pb
+
+    images = np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE, 3), np.uint8)
+    request = pb.ModelInferRequest(model_name="fast")
+    encode_request_inputs(request, {"images": images})
+    return request.SerializeToString()
+
+
+def _retry_after(error: Any) -> float | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            return int(value) / 1000.0
+    return None
+
+
+async def _generate(args: argparse.Namespace) -> dict[str, Any]:
+    """Keep ``inflight`` calls going for ``seconds``; count outcomes (runs in its own process)."""
+    import grpc
+
+    payload = _payload()
+    channels = [
+        grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(max(1, args.inflight // 500))
+    ]
+    calls = [ch.unary_unary(METHOD) for ch in channels]  # bytes in, bytes out
+    outcomes: dict[str, int] = {}
+    details: dict[str, str] = {}  # the first message of each failure code
+    latencies: list[float] = []
+    refusals: list[float] = []
+    answered: list[float] = []  # every outcome's latency: the light caller's view
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    end = start + args.seconds
+
+    async def slot(index: int) -> None:
+        call = calls[index % len(calls)]
+        while loop.time() < end:
+            deadline, attempt = loop.time() + args.deadline, 0
+            began = loop.time()
+            while True:
+                attempt, sent, wait = attempt + 1, loop.time(), None
+                try:
+                    await call(payload, timeout=max(0.001, deadline - sent))
+                    code = "OK"
+                except grpc.aio.AioRpcError as error:
+                    code = error.code().name
+                    details.setdefault(code, str(error.details())[:120])
+                    wait = _retry_after(error)
+                done = loop.time()
+                if done <= end:  # answers after the window are not counted
+                    outcomes[code] = outcomes.get(code, 0) + 1
+                    if code == "OK":
+                        latencies.append(done - began)
+                    elif code == "RESOURCE_EXHAUSTED":
+                        refusals.append(done - sent)
+                    answered.append(done - sent)
+                if code != "RESOURCE_EXHAUSTED" or args.light:
+                    break
+                if args.no_backoff:
+                    wait = 0.0
+                elif wait is None:  # the SDK's jittered exponential backoff
+                    wait = random.uniform(0.0, min(2.0, 0.05 * 2 ** (attempt - 1)))
+                if loop.time() + wait >= deadline:
+                    break
+                await asyncio.sleep(wait)
+            if args.light:  # one call at a time, a few per second
+                await asyncio.sleep(0.05)
+
+    tasks = [asyncio.ensure_future(slot(i)) for i in range(args.inflight)]
+    # Bounded even when starved of CPU: calls still out after the last
+    # deadline could have passed are cancelled.
+    _, late = await asyncio.wait(tasks, timeout=args.seconds + args.deadline + 5)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+    for channel in channels:
+        await channel.close()
+    return {
+        "seconds": args.seconds,
+        "outcomes": outcomes,
+        "details": details,
+        "ok_per_s": outcomes.get("OK", 0) / args.seconds,
+        "ok_ms": _percentiles(latencies),
+        "refused_ms": _percentiles(refusals),
+        "any_ms": _percentiles(answered),
+    }
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    if not seconds:
+        return {"n": 0}
+    ms = np.asarray(seconds) * 1e3
+    return {"n": len(ms), "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--inflight", type=int, default=2000)
+    parser.add_argument("--deadline", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--nice", type=int, default=0)
+    parser.add_argument("--light", action="store_true")
+    parser.add_argument("--no-backoff", action="store_true")
+    args = parser.parse_args()
+    os.nice(args.nice)
+    print(json.dumps(asyncio.run(_generate(args))))
+
+
+if __name__ == "__main__":
+    main()

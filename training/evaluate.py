@@ -105,7 +105,8 @@ def binned_calibration_error(confidence: np.ndarray, correct: np.ndarray) -> flo
     """ECE from each row's ``confidence`` and whether it was ``correct``.
 
     |accuracy - confidence| in each of 10 equal-width confidence bins,
-    averaged with the bins' sizes as weights.
+    averaged with the bins' sizes as weights. By hand: scikit-learn has no
+    multi-class ECE (``calibration_curve`` bins one binary class's scores).
     """
     bins = np.minimum((confidence * _CALIBRATION_BINS).astype(np.int64), _CALIBRATION_BINS - 1)
     error = 0.0

@@ -14,79 +14,47 @@ All from the frozen backbone's embeddings, which training computes anyway:
 - per-class counts and the **imbalance** ratio, and the **unreadable** files.
 
 Nothing is changed: the check reports (``report.json``'s ``data_check``
-lists suspects by path) and :func:`without_duplicates` drops only when asked.
+lists suspects by path) and :func:`without_duplicates` drops only when asked
+(``tlserve train --drop-duplicates``). The search itself is in
+:mod:`~tlserve.training.suspects`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.decomposition import PCA
 
-from tlserve.training.data import Sample
 from tlserve.training.features import Features, SkippedFile
-from tlserve.training.heads import head_logits, softmax
-from tlserve.training.strategies.linear import fit_logistic_regression
+from tlserve.training.strategies.base import FitContext
+from tlserve.training.suspects import (
+    DUPLICATE_SIMILARITY,
+    DuplicatePair,
+    LabelIssue,
+    confident_learning,
+    label_issues,
+    near_duplicates,
+    without_duplicates,
+)
 
 __all__ = [
     "DUPLICATE_SIMILARITY",
     "DataCheck",
     "DuplicatePair",
     "LabelIssue",
+    "check_before_training",
     "check_data",
+    "check_folder",
     "confident_learning",
     "without_duplicates",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Cosine similarity of two embeddings above which the images are called
-#: near-duplicates. On the example data (28x28 garments, many alike) the most
-#: similar distinct pair is 0.955; a byte copy is 1.0.
-DUPLICATE_SIMILARITY = 0.97
-_FOLDS = 5
-# The probe runs on the embeddings' first principal components: 64 keep
-# nearly all of its accuracy on the example data (82.9% vs 84.8% CV) at a
-# tenth of the time, and the check only has to rank suspects.
-_PROBE_COMPONENTS = 64
-_PROBE_C = (0.01, 0.1, 1.0)
-_CHUNK = 1024  # rows of the similarity matrix computed at a time (memory bound)
-
-
-@dataclass(frozen=True)
-class LabelIssue:
-    """An image whose given label the probe confidently disagrees with.
-
-    ``given_probability`` is the probe's (held-out) probability of the given
-    label: lower is more suspect. ``predicted`` is its best label, with
-    ``predicted_probability``.
-    """
-
-    path: str
-    split: str
-    given: str
-    predicted: str
-    given_probability: float
-    predicted_probability: float
-
-
-@dataclass(frozen=True)
-class DuplicatePair:
-    """Two images with near-identical embeddings; a ``leak`` when in different splits."""
-
-    a: str
-    b: str
-    split_a: str
-    split_b: str
-    similarity: float
-
-    @property
-    def leak(self) -> bool:
-        return self.split_a != self.split_b
 
 
 @dataclass(frozen=True)
@@ -188,7 +156,7 @@ def check_data(
     }
     train_counts = np.array(list(counts["train"].values()))
     imbalance = float(train_counts.max() / max(1, train_counts.min()))
-    issues, method, accuracy = _label_issues(features, classes, seed)
+    issues, method, accuracy = label_issues(features, classes, seed)
     unreadable = tuple(s for f in features.values() for s in f.skipped)
     check = DataCheck(
         n_images=sum(len(f.labels) for f in features.values()),
@@ -203,141 +171,65 @@ def check_data(
     return check
 
 
-def _label_issues(
-    features: Mapping[str, Features], classes: Sequence[str], seed: int
-) -> tuple[tuple[LabelIssue, ...], str, dict[str, float]]:
-    train = features["train"]
-    folds = min(_FOLDS, int(np.bincount(train.labels, minlength=len(classes)).min()))
-    if folds < 2:
-        return (), "skipped: a class has fewer than 2 training images", {}
-    components = min(_PROBE_COMPONENTS, len(train.labels) - 1, train.embeddings.shape[1])
-    pca = PCA(components, random_state=seed).fit(train.embeddings)
-    fit = fit_logistic_regression(
-        pca.transform(train.embeddings).astype(np.float32),
-        train.labels,
-        classes=classes,
-        c_grid=_PROBE_C,
-        folds=folds,
-        seed=seed,
-    )
-    if fit.oof_logits is None:
-        return (), "skipped: no cross-validation folds", {}
-    scored = {"train": softmax(fit.oof_logits)}
-    for split, held in features.items():
-        if split != "train" and len(held.labels):
-            reduced = pca.transform(held.embeddings).astype(np.float32)
-            scored[split] = softmax(head_logits(fit.linear, reduced))
-    finder, method = _finder()
-    issues: list[LabelIssue] = []
-    accuracy: dict[str, float] = {}
-    for split, probabilities in scored.items():
-        labels = features[split].labels
-        accuracy[split] = float((probabilities.argmax(axis=1) == labels).mean())
-        for i in finder(labels, probabilities):
-            row = probabilities[i]
-            issues.append(
-                LabelIssue(
-                    path=str(features[split].paths[i]),
-                    split=split,
-                    given=classes[int(labels[i])],
-                    predicted=classes[int(row.argmax())],
-                    given_probability=round(float(row[labels[i]]), 6),
-                    predicted_probability=round(float(row.max()), 6),
-                )
-            )
-    issues.sort(key=lambda issue: issue.given_probability)
-    how = f"{method} on out-of-fold probabilities of a logistic regression (C={fit.c:g})"
-    return tuple(issues), f"{how} on {components} principal components", accuracy
+def check_before_training(
+    context: FitContext, *, seed: int = 0, drop_duplicates: bool = False
+) -> tuple[DataCheck, FitContext]:
+    """Check the context's splits (frozen features, cached for training), log one line a finding.
 
-
-def _finder() -> tuple[Any, str]:
-    try:
-        from cleanlab.filter import find_label_issues
-    except ImportError:
-        return confident_learning, "confident learning (tlserve's)"
-
-    def find(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        # Every class must appear among the given labels for cleanlab; a split
-        # that lacks one is checked with the same rule, implemented here.
-        if len(np.unique(labels)) < probabilities.shape[1]:
-            return confident_learning(labels, probabilities)
-        found: np.ndarray = find_label_issues(
-            labels, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1
-        )
-        return found
-
-    return find, "cleanlab find_label_issues"
-
-
-def confident_learning(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """Confident learning's rule (Northcutt et al. 2021), most suspect first.
-
-    Each class's threshold is the mean probability the probe gives it on the
-    images labelled with it; an image is suspect when the most probable class
-    whose threshold it reaches is not its given one.
+    Returns the check and the context to train with: the same one, or with
+    ``drop_duplicates`` one whose splits lack one image of each near-duplicate
+    pair (:func:`without_duplicates`; its features are the ones already
+    computed, less those rows). Nothing else is ever changed or dropped.
     """
-    n_classes = probabilities.shape[1]
-    thresholds = np.array(
-        [
-            probabilities[labels == c, c].mean() if np.any(labels == c) else 1.0
-            for c in range(n_classes)
-        ]
-    )
-    above = np.where(probabilities >= thresholds, probabilities, -1.0)
-    confident = above.argmax(axis=1)
-    suspect = np.flatnonzero((above.max(axis=1) >= 0) & (confident != labels))
-    order = np.argsort(probabilities[suspect, labels[suspect]], kind="stable")
-    ranked: np.ndarray = suspect[order]
-    return ranked
-
-
-def near_duplicates(
-    features: Mapping[str, Features], similarity: float = DUPLICATE_SIMILARITY
-) -> tuple[DuplicatePair, ...]:
-    """Pairs of images whose unit embeddings' dot product is at least ``similarity``.
-
-    Leaks (pairs across splits) first, then by similarity, highest first.
-    """
-    splits = [split for split, f in features.items() for _ in f.paths]
-    paths = [str(path) for f in features.values() for path in f.paths]
-    if not paths:
-        return ()
-    x = np.concatenate([f.embeddings for f in features.values()]).astype(np.float32)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    pairs = []
-    for start in range(0, len(x), _CHUNK):
-        block = x[start : start + _CHUNK] @ x.T
-        rows, cols = np.nonzero(block >= similarity)
-        for row, col in zip(rows.tolist(), cols.tolist(), strict=True):
-            i = start + row
-            if col > i:  # each pair once, never an image with itself
-                pairs.append(
-                    DuplicatePair(paths[i], paths[col], splits[i], splits[col],
-                                  round(float(block[row, col]), 6))
-                )  # fmt: skip
-    pairs.sort(key=lambda pair: (not pair.leak, -pair.similarity))
-    return tuple(pairs)
-
-
-def without_duplicates(
-    splits: Mapping[str, list[Sample]], check: DataCheck
-) -> tuple[dict[str, list[Sample]], list[str]]:
-    """The splits less one image of each duplicate pair, and the paths dropped.
-
-    A leak drops the training copy (held-out images stay as they are); a
-    pair within a split drops its second image.
-    """
-    dropped: set[str] = set()
-    for pair in check.duplicates:
-        if pair.a in dropped or pair.b in dropped:
-            continue
-        if pair.leak and pair.split_a == "train":
-            dropped.add(pair.a)
-        else:
-            dropped.add(pair.b)
-    kept = {
-        split: [s for s in samples if str(s[0]) not in dropped] for split, samples in splits.items()
+    features = {
+        split: context.features(split) for split, samples in context.splits.items() if samples
     }
-    for line in sorted(dropped):
-        log.info("dropping near-duplicate %s", line)
-    return kept, sorted(dropped)
+    check = check_data(features, context.classes, seed=seed)
+    log.info("%s", check.summary())
+    for line in check.findings():
+        log.warning("%s", line)
+    if not (drop_duplicates and check.duplicates):
+        return check, context
+    kept, dropped = without_duplicates(context.splits, check.duplicates)
+    gone = set(dropped)
+    cached = {key: _without(found, gone) for key, found in context._cache.items()}
+    log.warning("data check: dropped %d near-duplicates (--drop-duplicates)", len(dropped))
+    return check, dataclasses.replace(context, splits=kept, _cache=cached)
+
+
+def _without(features: Features, gone: set[str]) -> Features:
+    keep = np.array([str(path) not in gone for path in features.paths], dtype=bool)
+    return Features(
+        features.embeddings[keep],
+        features.labels[keep],
+        tuple(p for p, k in zip(features.paths, keep, strict=True) if k),
+        features.skipped,
+    )
+
+
+def check_folder(
+    data_dir: Path,
+    *,
+    backbone: str = "tf_efficientnet_lite0",
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    batch_size: int = 32,
+    workers: int | None = None,
+    cache_dir: Path | None = None,
+) -> DataCheck:
+    """``tlserve check DATA_DIR``: the same check, without training."""
+    from tlserve.training.backbones import create_backbone
+    from tlserve.training.cache import default_cache_dir
+    from tlserve.training.data import load_dataset
+
+    dataset = load_dataset(Path(data_dir), seed=seed, test_fraction=test_fraction)
+    context = FitContext(
+        classes=dataset.classes,
+        backbone=create_backbone(backbone),
+        splits=dataset.splits(),
+        seed=seed,
+        batch_size=batch_size,
+        workers=workers,
+        cache_dir=cache_dir or default_cache_dir(),
+    )
+    return check_before_training(context, seed=seed)[0]

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tlserve.training.backbones import Backbone
+from tlserve.training.data import load_dataset
 from tlserve.training.datacheck import (
     DataCheck,
+    check_before_training,
     check_data,
     confident_learning,
     without_duplicates,
 )
 from tlserve.training.features import Features, SkippedFile
+from tlserve.training.strategies import FitContext
 from tlserve.training.thumbnails import data_check_files, data_check_markdown
 
 FLIPS = 4
@@ -123,7 +129,7 @@ def test_drop_duplicates_keeps_the_held_out_copy(
         ],
         "test": [(Path(leaked), 0)],
     }
-    kept, dropped = without_duplicates(splits, check)
+    kept, dropped = without_duplicates(splits, check.duplicates)
     assert kept["test"] == splits["test"]
     assert len(dropped) == len(check.duplicates) and leaked not in dropped
 
@@ -145,3 +151,22 @@ def test_imbalance_is_reported() -> None:
     )
     assert check.imbalance == 4.0
     assert any("imbalanced 4.0:1 (many 40, few 10" in line for line in check.findings())
+
+
+def test_check_before_training_drops_only_when_asked(
+    shapes_folder: Path, tiny_backbone: Backbone, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = shapes_folder / "test" / "circle" / "leaked.png"
+    shutil.copy(sorted((shapes_folder / "train" / "circle").iterdir())[0], copy)
+    dataset = load_dataset(shapes_folder)
+    context = FitContext(
+        classes=dataset.classes, backbone=tiny_backbone, splits=dataset.splits(), workers=0
+    )
+    with caplog.at_level(logging.INFO):
+        check, same = check_before_training(context)
+    assert same is context and len(check.leaks) >= 1
+    assert any("straddle train and held-out" in r.message for r in caplog.records)
+    _, dropped = check_before_training(context, drop_duplicates=True)
+    assert len(dropped.splits["train"]) == len(context.splits["train"]) - len(check.leaks)
+    assert dropped.splits["test"] == context.splits["test"]  # held-out images stay
+    assert len(dropped.features("train").labels) == len(dropped.splits["train"])

@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         help="calls held at once; more are refused before they are read (0: derived)",
     )
     serve.add_argument(
+        "--queue-policy", help="adaptive-lifo: freshest first while the queue stands; or fifo"
+    )
+    serve.add_argument(
         "--max-streams-per-connection",
         type=int,
         help="calls one connection may have open; more wait on the caller's side (0: derived)",
@@ -303,7 +306,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "model_repository", "host", "grpc_port", "metrics_port", "device", "gpu_fallback",
         "max_batch_size", "max_queue_delay", "max_queue_size", "max_concurrent_rpcs",
-        "max_streams_per_connection", "preferred_batch_sizes",
+        "max_streams_per_connection", "queue_policy", "preferred_batch_sizes",
         "instances", "version_policy", "model_control", "poll_interval", "drain_delay", "grace",
         "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
         "intra_op_threads", "tune", "tune_seconds", "trt_cache_dir",

@@ -18,6 +18,7 @@ from tlserve.contract.rules import MAX_IMAGE_PIXELS, MAX_MESSAGE_BYTES
 from tlserve.server.decode import MAX_REQUEST_PIXELS
 from tlserve.server.policy import (
     MODEL_CONTROLS,
+    QUEUE_POLICIES,
     VersionPolicy,
     parse_batch_sizes,
     parse_version_policy,
@@ -67,6 +68,9 @@ class ServerConfig:
     # side (HTTP/2 flow control), costing the server nothing, and leave room
     # for other callers. 0 = derived: a quarter of max_concurrent_rpcs, at least 16.
     max_streams_per_connection: int = 0
+    # Queue order (server/queueing.py): "adaptive-lifo" serves the freshest
+    # requests first while the queue stands; "fifo" always in arrival order.
+    queue_policy: str = "adaptive-lifo"
     # Batch sizes the batcher runs at once, without waiting out max_queue_delay
     # ("4,8" in flags and env); empty: none preferred. See server/batcher.py.
     preferred_batch_sizes: tuple[int, ...] = ()
@@ -210,6 +214,10 @@ def _derive_call_bounds(config: ServerConfig) -> None:
 
 def _check_serving(config: ServerConfig) -> None:
     """Batching and lifecycle settings: a bad one fails at start-up."""
+    if config.queue_policy not in QUEUE_POLICIES:
+        raise ConfigError(
+            f"TLSERVE_QUEUE_POLICY must be one of {QUEUE_POLICIES}, got {config.queue_policy!r}"
+        )
     if config.instances < 1:
         raise ConfigError(f"TLSERVE_INSTANCES must be at least 1, got {config.instances}")
     if config.model_control not in MODEL_CONTROLS:

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 
 __all__ = [
     "MODEL_CONTROLS",
+    "QUEUE_POLICIES",
     "VersionPolicy",
     "parse_batch_sizes",
     "parse_version_policy",
 ]
 
 MODEL_CONTROLS = ("poll", "explicit")
+#: The batcher's queue order (see tlserve.server.queueing).
+QUEUE_POLICIES = ("adaptive-lifo", "fifo")
 
 
 @dataclass(frozen=True)

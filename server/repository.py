@@ -142,6 +142,7 @@ async def load_version(
         instances=tuning.instances,
         stats=stats,
         row_seconds=tuning.batch1_seconds,
+        fresh_first=config.queue_policy == "adaptive-lifo",
     )
     await batcher.start()
     metrics.model_info.labels(name, version, model.provider).set(1)

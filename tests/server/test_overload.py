@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.conftest import TINY_SIZE, ServerThread
 from tests.server.gates import install_gate
 from tlserve.contract.codec import encode_request_inputs
+from tlserve.contract.errors import ConfigError
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.server.config import ServerConfig
@@ -49,6 +50,16 @@ def test_the_call_bounds_default_to_three_batches_and_a_quarter_per_connection(
     env = {"TLSERVE_MAX_CONCURRENT_RPCS": "12", "TLSERVE_MAX_STREAMS_PER_CONNECTION": "5"}
     config = ServerConfig.load({"model_repository": tmp_path}, environ=env)
     assert (config.max_concurrent_rpcs, config.max_streams_per_connection) == (12, 5)
+
+
+def test_the_queue_policy_is_checked_at_start_up(tmp_path: Path) -> None:
+    fifo = ServerConfig.load({"model_repository": tmp_path, "queue_policy": "fifo"}, environ={})
+    assert fifo.queue_policy == "fifo"
+    assert ServerConfig.load({"model_repository": tmp_path}, environ={}).queue_policy == (
+        "adaptive-lifo"
+    )
+    with pytest.raises(ConfigError, match="TLSERVE_QUEUE_POLICY must be one of"):
+        ServerConfig.load({"model_repository": tmp_path}, environ={"TLSERVE_QUEUE_POLICY": "lifo"})
 
 
 def test_inference_calls_past_the_bound_are_refused_unread_and_health_still_answers(

@@ -21,11 +21,14 @@ an image above it is flagged ``out_of_distribution``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from sklearn.covariance import LedoitWolf
@@ -34,8 +37,12 @@ from sklearn.metrics import roc_auc_score
 from tlserve.contract.card import ModelCard, Preprocessing
 from tlserve.contract.errors import ExportError
 from tlserve.contract.images import prepare_decoded
-from tlserve.contract.predictions import OOD_THRESHOLD_METRIC, ood_threshold
+from tlserve.contract.predictions import OOD_THRESHOLD_METRIC
 from tlserve.contract.rules import OUTPUT_EMBEDDINGS, OUTPUT_OOD_SCORE
+
+if TYPE_CHECKING:  # export imports this module, and features imports export
+    from tlserve.training.features import Features
+    from tlserve.training.strategies.base import FitContext, FittedHead
 
 __all__ = [
     "METHOD",
@@ -45,12 +52,14 @@ __all__ = [
     "OodScorer",
     "add_ood_output",
     "compare_ood",
-    "describe",
+    "fit_for_model",
     "fit_ood",
     "knn_distance",
     "ood_auroc",
     "reference_ood_images",
 ]
+
+log = logging.getLogger(__name__)
 
 METHOD = "mahalanobis-shared-covariance"
 #: Held-out in-distribution images scoring above the threshold: 1 in 100.
@@ -245,10 +254,44 @@ def reference_ood_images(spec: Preprocessing) -> np.ndarray | None:
     return np.stack(rows)
 
 
-def describe(metrics: Mapping[str, float]) -> str:
-    """One line about a card's OOD figures, for a person."""
-    threshold, auroc = ood_threshold(metrics), metrics.get("ood_auroc")
-    if threshold is None:
-        return "no out-of-distribution score"
-    text = f"ood_score threshold {threshold:.3g}"
-    return text + (f", AUROC {auroc:.3f} vs {OOD_REFERENCE_SET}" if auroc is not None else "")
+def fit_for_model(context: FitContext, fitted: FittedHead) -> OodScorer:
+    """The scorer a trained model exports: fitted, thresholded and measured.
+
+    Fitted on the training embeddings of the embedder being exported; the
+    threshold is :data:`OOD_PERCENTILE` of the held-out (val and test)
+    images' scores (of the training images' when none is held out); AUROC
+    against :data:`OOD_REFERENCE_SET` when scikit-image is installed.
+    """
+    from tlserve.training.features import extract_features
+
+    def embedded(split: str) -> Features | None:
+        samples = context.splits.get(split, [])
+        if not samples:
+            return None
+        if not fitted.trained_backbone:  # frozen: the features training used, cached
+            return context.features(split, fitted.layer)
+        return extract_features(
+            fitted.embedder, samples, batch_size=context.batch_size, workers=context.workers
+        )
+
+    train = embedded("train")
+    if train is None or not len(train.labels):
+        raise ValueError("no training embeddings to fit the out-of-distribution score on")
+    scorer = fit_ood(train.embeddings, train.labels)
+    held = [f.embeddings for f in map(embedded, ("val", "test")) if f is not None]
+    held_out = np.concatenate(held) if held and sum(map(len, held)) else train.embeddings
+    scorer = scorer.with_threshold(held_out)
+    photos = reference_ood_images(fitted.embedder.preprocessing)
+    if photos is not None:
+        fitted.embedder.eval()
+        with torch.inference_mode():
+            outside = fitted.embedder(torch.from_numpy(photos)).numpy()
+        scorer = dataclasses.replace(
+            scorer, auroc=ood_auroc(scorer.score(held_out), scorer.score(outside))
+        )
+    log.info(
+        "ood_score: threshold %.4g on %d held-out images, AUROC %s vs %s",
+        scorer.threshold, scorer.n_threshold,
+        "n/a" if scorer.auroc is None else f"{scorer.auroc:.4f}", OOD_REFERENCE_SET,
+    )  # fmt: skip
+    return scorer

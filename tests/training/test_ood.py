@@ -13,7 +13,7 @@ import torch
 from tests.training.shapes import TINY_BACKBONE, write_shapes
 from tlserve.contract.card import ModelCard
 from tlserve.contract.errors import ExportError
-from tlserve.training.backbones import create_backbone
+from tlserve.training.backbones import Backbone, create_backbone
 from tlserve.training.data import load_dataset
 from tlserve.training.export import export_onnx
 from tlserve.training.features import extract_features, load_images
@@ -22,11 +22,14 @@ from tlserve.training.ood import (
     OOD_RTOL,
     OodScorer,
     compare_ood,
+    fit_for_model,
     fit_ood,
     knn_distance,
     ood_auroc,
     reference_ood_images,
 )
+from tlserve.training.strategies import FitContext
+from tlserve.training.strategies.linear import LinearProbe
 from tlserve.training.strategies.trees import fit_trees
 
 LABELS = ("circle", "square", "triangle")
@@ -132,3 +135,20 @@ def test_reference_ood_set_is_natural_photos() -> None:
     images = reference_ood_images(spec)
     assert images is not None and images.shape == (90, spec.height, spec.width, 3)
     assert images.dtype == np.uint8
+
+
+def test_fit_for_model_thresholds_on_held_out_and_measures_auroc(
+    shapes_folder: Path, tiny_backbone: Backbone
+) -> None:
+    dataset = load_dataset(shapes_folder)
+    context = FitContext(
+        classes=dataset.classes, backbone=tiny_backbone, splits=dataset.splits(), workers=0
+    )
+    fitted = LinearProbe(c_grid=(0.1,)).fit(context)
+    scorer = fit_for_model(context, fitted)
+    test = context.features("test")
+    assert scorer.n_fitted == len(context.features("train").labels)
+    assert scorer.n_threshold == len(test.labels)
+    assert scorer.threshold == pytest.approx(np.percentile(scorer.score(test.embeddings), 99))
+    # A random network tells shapes from photos only somewhat; the figure is recorded.
+    assert scorer.auroc is not None and 0.0 <= scorer.auroc <= 1.0

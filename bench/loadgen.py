@@ -2,9 +2,10 @@
 
 Keeps ``--inflight`` calls to ModelInfer going for ``--seconds`` over
 grpc.aio (pre-serialised bytes: the generator's own cost per call is small),
-each with a ``--deadline``; a refused call is retried as the SDK does (the
-server's ``retry-after-ms`` hint, else jittered exponential backoff, never
-past its deadline), unless ``--no-backoff``. ``--light``: one call at a time,
+each with a ``--deadline``; a refused call (RESOURCE_EXHAUSTED, UNAVAILABLE)
+is retried as the SDK does (the server's ``retry-after-ms`` hint, else
+jittered exponential backoff, never past its deadline); ``--no-backoff``
+retries at once. ``--light``: one call at a time,
 never retried (the light caller). ``--nice N`` lowers its CPU priority.
 Prints its figures as one JSON object; stops by itself.
 """
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+_RETRIED = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")  # what the SDK retries, with backoff
 SIZE = 224
 
 
@@ -82,7 +84,7 @@ async def _generate(args: argparse.Namespace) -> dict[str, Any]:
                     elif code == "RESOURCE_EXHAUSTED":
                         refusals.append(done - sent)
                     answered.append(done - sent)
-                if code != "RESOURCE_EXHAUSTED" or args.light:
+                if code not in _RETRIED or args.light:
                     break
                 if args.no_backoff:
                     wait = 0.0

@@ -14,7 +14,8 @@ drives it from separate load-generator processes over grpc.aio:
 - the server's RSS (VmRSS now, VmHWM peak) after each phase.
 
 Each of the 2,000 in-flight slots behaves as the SDK does: a refused call
-is retried after the server's ``retry-after-ms`` hint, or a jittered
+(RESOURCE_EXHAUSTED, UNAVAILABLE) is retried after the server's
+``retry-after-ms`` hint, or a jittered
 exponential backoff when there is none, never past its 2 s deadline; then
 the slot starts a fresh call. ``--no-backoff`` makes them retry at once (a
 hostile caller). Everything is bounded: each phase stops by itself.

@@ -22,7 +22,7 @@ from tlserve.contract.codec import encode_request_inputs
 from tlserve.contract.errors import ConfigError
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
-from tlserve.server.config import ServerConfig
+from tlserve.server.config import CONTROL_RPC_ROOM, ServerConfig
 
 
 def _request(rows: int = 1, seed: int = 0) -> pb.ModelInferRequest:
@@ -136,3 +136,33 @@ def test_a_request_the_queue_cannot_answer_in_time_is_refused_without_running(
         assert stub.ModelInfer(_request(seed=2)).model_name == "tiny"
     assert gate.rows == 2  # the late request never ran
     assert _metric(server, 'tlserve_shed_requests_total{model="tiny",reason="late"} 1.0')
+
+
+def test_grpc_itself_refuses_every_call_past_the_bound_plus_room_for_control_calls(
+    model_repo: Path,
+) -> None:
+    running = ServerThread(model_repo, max_concurrent_rpcs=1, max_streams_per_connection=64)
+    hard_bound = 1 + CONTROL_RPC_ROOM
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            # Watch streams stay open: each holds one call in the server.
+            watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(hard_bound)]
+            for watch in watches:
+                assert next(watch).status == 1  # SERVING: the call is inside the server
+            with pytest.raises(grpc.RpcError) as caught:
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for watch in watches:
+                watch.cancel()
+            deadline = time.monotonic() + 30
+            while True:  # the cancelled streams leave the server
+                try:
+                    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() < deadline, "the bound never freed"
+                    time.sleep(0.05)
+    finally:
+        running.stop()

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tlserve.cli.check import add_check
 from tlserve.cli.remote import EXIT_CODES, EXIT_PIPE, add_commands, exit_code_for
 from tlserve.contract.errors import TlserveError
 
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_training_flags(train)
 
     _add_quantize(sub)
+    add_check(sub)  # tlserve check DATA_DIR: tlserve.cli.check
     inspect = sub.add_parser(
         "inspect", help="print a model version's metadata and evaluation report"
     )

@@ -21,6 +21,7 @@ METRICS = {
     "tlserve_requests_total", "tlserve_request_duration_seconds", "tlserve_queue_duration_seconds",
     "tlserve_compute_duration_seconds", "tlserve_preprocess_duration_seconds",
     "tlserve_batch_size", "tlserve_queue_depth", "tlserve_model_loaded",
+    "tlserve_ood_score_ratio", "tlserve_ood_flagged_images_total",
 }  # fmt: skip
 
 needs_kubectl = pytest.mark.skipif(

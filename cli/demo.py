@@ -3,13 +3,15 @@
 Trains a classifier on ``examples/fashion-mnist`` with the pretrained
 backbone, publishes it into a fresh model repository, starts ``tlserve
 serve`` as a real process, classifies every test image through the client
-SDK over gRPC, prints accuracy, latency and a few metric lines, and stops
+SDK over gRPC, prints accuracy, the share of images out of distribution,
+latency and a few metric lines, and stops
 the server with SIGTERM as Kubernetes would.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import shutil
@@ -63,6 +65,29 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
+def _data_check_summary(version_dir: Path, data_dir: Path) -> str:
+    """The data check's one line: from the training report, else checked now (cached features)."""
+    report = json.loads((version_dir / "report.json").read_text())
+    check = report.get("data_check")
+    if check:
+        return str(check["summary"])
+    from tlserve.training.datacheck import check_folder
+
+    return check_folder(data_dir).summary()
+
+
+def _photos_flagged(client: Client) -> tuple[int, int] | None:
+    """How many of scikit-image's natural photos the model flags (None without scikit-image)."""
+    try:
+        import skimage.data
+    except ImportError:
+        return None
+    photos = [getattr(skimage.data, name)() for name in ("astronaut", "chelsea", "coffee",
+              "rocket", "camera", "coins", "moon", "hubble_deep_field")]  # fmt: skip
+    results = client.classify(photos, model="fashion", top_k=1, timeout=30)
+    return sum(bool(getattr(r, "out_of_distribution", False)) for r in results), len(results)
+
+
 def run(data_dir: Path, work_dir: Path) -> None:
     from tlserve.training import train
 
@@ -71,6 +96,7 @@ def run(data_dir: Path, work_dir: Path) -> None:
     print(f"== 1. train on {data_dir} (pretrained tf_efficientnet_lite0, linear head)")
     result = train(data_dir, model_repository=repo, name="fashion")
     print(result.summary())
+    print(_data_check_summary(result.version_dir, data_dir))
 
     print("\n== 2. serve the repository over gRPC")
     process, target, metrics_url = _start_server(repo, work_dir / "server.log")
@@ -85,7 +111,7 @@ def run(data_dir: Path, work_dir: Path) -> None:
 
             print("\n== 3. classify the test images through the client SDK")
             files = sorted((data_dir / "test").rglob("*.png"))
-            correct = 0
+            correct = flagged = 0
             started = time.perf_counter()
             for i in range(0, len(files), _BATCH):
                 chunk = files[i : i + _BATCH]
@@ -93,13 +119,20 @@ def run(data_dir: Path, work_dir: Path) -> None:
                 correct += sum(
                     r[0].label == f.parent.name for f, r in zip(chunk, results, strict=True)
                 )
+                flagged += sum(bool(getattr(r, "out_of_distribution", False)) for r in results)
             batch_seconds = time.perf_counter() - started
+            photos = _photos_flagged(client)
             latencies = []
             for path in files[:100]:
                 t0 = time.perf_counter()
                 client.classify(path, model="fashion", top_k=1, timeout=10)
                 latencies.append((time.perf_counter() - t0) * 1000)
         print(f"test accuracy over gRPC: {correct}/{len(files)} = {correct / len(files):.1%}")
+        print(
+            f"out of distribution: {flagged}/{len(files)} = {flagged / len(files):.1%} of the "
+            "test images (the threshold lets ~1% of training-like images through)"
+            + (f"; {photos[0]}/{photos[1]} natural photos" if photos else "")
+        )
         print(f"batches of {_BATCH}: {len(files) / batch_seconds:.0f} images/s")
         print(
             f"one image per call: p50 {_percentile(latencies, 50):.1f} ms, "
@@ -114,6 +147,8 @@ def run(data_dir: Path, work_dir: Path) -> None:
             "tlserve_batch_size_sum",
             "tlserve_compute_duration_seconds_sum",
             "tlserve_model_loaded{",
+            "tlserve_ood_flagged_images_total{",
+            "tlserve_ood_score_ratio_count{",
         )
         for line in page.splitlines():
             if line.startswith(wanted):

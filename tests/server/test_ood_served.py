@@ -117,3 +117,55 @@ def test_cli_json_prints_score_and_flag(
     assert [r["out_of_distribution"] for r in rows["watched"]] == [False, True]
     assert all(isinstance(r["ood_score"], float) for r in rows["watched"])
     assert [(r["ood_score"], r["out_of_distribution"]) for r in rows["old"]] == [(None, False)] * 2
+
+
+FASHION = Path(__file__).resolve().parents[2] / "examples" / "fashion-mnist"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # embeds 1,300 images with the real backbone on a CPU
+def test_example_model_flags_photos_through_a_real_server(tmp_path: Path) -> None:
+    """The example model, exported with its score, served: photos score above garments."""
+    import io
+
+    from PIL import Image
+
+    from tlserve.training.backbones import create_backbone
+    from tlserve.training.data import load_dataset
+    from tlserve.training.export import export_onnx
+    from tlserve.training.features import load_images
+    from tlserve.training.ood import fit_for_model, ood_auroc, reference_ood_images
+    from tlserve.training.publish import publish
+    from tlserve.training.strategies import FitContext
+    from tlserve.training.strategies.linear import LinearProbe
+
+    dataset = load_dataset(FASHION)
+    net = create_backbone("tf_efficientnet_lite0")
+    context = FitContext(classes=dataset.classes, backbone=net, splits=dataset.splits())
+    fitted = LinearProbe(c_grid=(0.01,)).fit(context)  # the score does not depend on C
+    scorer = fit_for_model(context, fitted)
+    card = ModelCard(labels=dataset.classes, preprocessing=net.preprocessing, strategy="linear")
+    exported = tmp_path / "model.onnx"
+    samples = load_images([p for p, _ in dataset.test], card.preprocessing, limit=4)
+    check = export_onnx(fitted.embedder, fitted.head, card, exported, samples, ood=scorer)
+    assert check.ood_score_max_rel_diff is not None
+    publish(exported, tmp_path / "models", "fashion", {})
+
+    photos = []
+    for row in reference_ood_images(net.preprocessing)[::5]:  # type: ignore[index]
+        buffer = io.BytesIO()
+        Image.fromarray(row).save(buffer, format="PNG")
+        photos.append(buffer.getvalue())
+    garments = [path.read_bytes() for path, _ in dataset.test]
+    server = ServerThread(tmp_path / "models")
+    try:
+        with Client(server.target) as client:
+            inside = client.classify(garments, model="fashion", timeout=120)
+            outside = client.classify(photos, model="fashion", timeout=120)
+    finally:
+        server.stop()
+    scores_in = np.array([r.ood_score for r in inside], np.float64)
+    scores_out = np.array([r.ood_score for r in outside], np.float64)
+    assert ood_auroc(scores_in, scores_out) >= 0.95
+    assert np.mean([r.out_of_distribution for r in outside]) >= 0.9
+    assert np.mean([r.out_of_distribution for r in inside]) <= 0.05

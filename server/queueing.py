@@ -15,17 +15,21 @@ room at once.
 
 Order: a queue that stays long means arrivals outpace the model. Served
 oldest first, every request then waits the whole queue and those served are
-the ones nearest their deadlines; served newest first ("adaptive LIFO", as
-in Facebook's Wangle, with CoDel's idea of a *standing* queue), fresh
-requests, whose callers still wait, are answered in time, and stale ones
-reach their deadlines in the queue and leave without running. So the queue
-is served in arrival order until its oldest request has waited longer than
-``standing`` seconds, and newest first while that lasts.
+the ones nearest their deadlines; served freshest first ("adaptive LIFO", as
+in Facebook's Wangle, with CoDel's idea of a *standing* queue), requests
+whose callers still wait are answered in time, and stale ones reach their
+deadlines in the queue and leave without running. So the queue is served in
+arrival order until its oldest request has waited longer than ``standing``
+seconds, and while that lasts the request with the most time left before
+its deadline goes first (the newest among equals; no deadline counts as the
+most time): a call that waited on the caller's side of the connection is
+not fresh for having just arrived.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,7 +51,7 @@ _MIN_RETRY_S, _MAX_RETRY_S = 0.001, 30.0
 _MIN_LEAD_S = 0.002
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its inputs are arrays
 class Pending:
     """One queued request (or one part of a split one) and its caller's future."""
 
@@ -62,6 +66,11 @@ class Pending:
     def signature(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
         """Requests can share a batch only if all but the first dim agree."""
         return tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(self.inputs.items()))
+
+
+def _time_left(item: Pending) -> tuple[float, float]:
+    """Sort key: its deadline (none: patient, first), then how recently it came."""
+    return (math.inf if item.deadline is None else item.deadline, item.enqueued)
 
 
 @dataclass
@@ -173,11 +182,20 @@ class RequestQueue:
 
     def get_nowait(self) -> Pending:
         """The next request to serve (maybe no longer wanted: see :meth:`take`)."""
-        newest = self.fresh_first_now()
+        if self.fresh_first_now():
+            # The one with the most time left, newest among equals: a call that
+            # waited on the caller's side is not fresh for having just arrived.
+            # The inference bound keeps this scan short.
+            live = [item for item in self._items if not item.future.done()]
+            if live:
+                chosen = max(live, key=_time_left)
+                self._items.remove(chosen)
+                return chosen
+            self._items.clear()
         if not self._items:
             self._ready.clear()
             raise asyncio.QueueEmpty
-        return self._items.pop() if newest else self._items.popleft()
+        return self._items.popleft()
 
     async def get(self) -> Pending:
         while True:

@@ -289,6 +289,23 @@ async def test_under_sustained_overload_the_freshest_requests_run_first(rig: Rig
     assert [b[:, 0].tolist() for b in rig.model.batches[1:]] == [[4, 5], [2, 3], [1]]
 
 
+async def test_under_sustained_overload_the_most_time_left_runs_first(rig: Rig) -> None:
+    batcher = await rig.start(max_batch_size=1, standing=0.0)
+    first = await busy_with_first_request(rig, batcher)
+    loop = asyncio.get_running_loop()
+    # Arrival order 1, 2, 3; time left 60 s, 10 s, 30 s.
+    queued = {
+        ident: asyncio.create_task(batcher.submit(request(ident), deadline=loop.time() + left))
+        for ident, left in ((1, 60), (2, 10), (3, 30))
+    }
+    await wait_until(lambda: batcher.queued_rows == 3)
+    rig.model.open()
+    assert_own_rows(await first, 0)
+    for ident, task in queued.items():
+        assert_own_rows(await task, ident)
+    assert [int(b[0, 0]) for b in rig.model.batches[1:]] == [1, 3, 2]
+
+
 async def test_in_arrival_order_while_the_queue_drains(rig: Rig) -> None:
     batcher = await rig.start(max_batch_size=2, fresh_first=False)
     first = await busy_with_first_request(rig, batcher)

@@ -82,7 +82,8 @@ def _forwards(images: np.ndarray, args: argparse.Namespace, export_dir: Path) ->
         "torch eager float32 NCHW": _torch_forward(eager),
         "torch float32 channels_last": _torch_forward(fast),
         "torch bf16 autocast + channels_last": _torch_forward(fast, bf16=True),
-        "onnxruntime float32 (the limit)": OnnxEmbedder(model),
+        # onnxruntime's default session, as the server runs it:
+        "onnxruntime float32 (the limit)": OnnxEmbedder(model, spinning=True),
     }
     reference = paths["torch eager float32 NCHW"](images[: args.batch_size])
     rates = _rates(paths, images, args.batch_size, args.rounds)

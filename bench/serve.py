@@ -72,7 +72,16 @@ def _ms(latencies: list[float]) -> dict[str, float]:
     return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
-def in_process(session: Any, row: np.ndarray, seconds: float) -> dict[str, float]:
+def in_process(sessions: list[Any], row: np.ndarray, seconds: float) -> dict[str, float]:
+    """The best of ``sessions`` (onnxruntime's default threads, and one thread: on a busy
+    host the default's spinning threads can lose) by batch-1 p50 and by throughput."""
+    found = [_in_process(s, row, seconds / len(sessions)) for s in sessions]
+    fastest = min(found, key=lambda f: f["p50"])
+    best = max(found, key=lambda f: f["throughput"])
+    return {**fastest, "throughput": best["throughput"], "at": best["at"]}
+
+
+def _in_process(session: Any, row: np.ndarray, seconds: float) -> dict[str, float]:
     """onnxruntime in this process: batch-1 latency, best throughput over BATCHES."""
     name = session.get_inputs()[0].name
     latencies: list[float] = []
@@ -158,8 +167,13 @@ def bench_model(name: str, path: Path, passes: int, seconds: float) -> dict[str,
     print(
         f"\n== {name}: {card.preprocessing.height} px; int8: {quantized['reason']} ==", flush=True
     )
+    one_thread = ort.SessionOptions()
+    one_thread.intra_op_num_threads = 1
     sessions = {
-        v: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        v: [
+            ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]),
+            ort.InferenceSession(str(p), one_thread, providers=["CPUExecutionProvider"]),
+        ]
         for v, p in paths.items()
     }
     server = Server(path.parent.parent.parent, {})

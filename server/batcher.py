@@ -119,7 +119,8 @@ class DynamicBatcher:
 
     def retry_after(self, rows: int = 0) -> float:
         """Seconds until the queue (plus ``rows``) drains, at the recent per-row speed."""
-        assert self._queue is not None
+        if self._queue is None:  # not started: nothing queued
+            return self.speed.seconds(rows)
         return self._queue.retry_after(rows)
 
     async def submit(self, inputs: Arrays, *, deadline: float | None = None) -> Arrays:

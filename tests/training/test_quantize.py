@@ -325,3 +325,31 @@ def test_train_publishes_the_variant_auto_chose(shapes_folder: Path, tmp_path: P
     assert {"float32_accuracy", "int8_accuracy", "int8_top1_agreement"} <= set(card.metrics)
     report = json.loads((result.version_dir / "report.json").read_text())
     assert report["variant"]["chosen"] == "int8"
+
+
+def test_the_server_serves_the_int8_version_and_says_so(conv_model: Path, tmp_path: Path) -> None:
+    import grpc
+
+    from tests.conftest import ServerThread
+    from tlserve.client import Client
+    from tlserve.protos import grpc_service_pb2 as pb
+    from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
+
+    repo = tmp_path / "models"
+    target = repo / "colours" / "1" / "model.onnx"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(conv_model.read_bytes())
+    images = colour_images(9, seed=4)
+    select_variant(target, images.images, images, mode="int8", seconds=0.02)
+    running = ServerThread(repo)
+    try:
+        with Client(running.target) as client:
+            outputs = client.infer("colours", {"images": images.images})
+        assert (outputs["probabilities"].argmax(1) == images.labels).all()
+        assert set(outputs) == {"probabilities", "embeddings", "ood_score"}
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            config = stub.ModelConfig(pb.ModelConfigRequest(name="colours"), timeout=5).config
+        assert config.parameters["variant"].string_value == "int8"
+    finally:
+        running.stop()

@@ -66,7 +66,7 @@ class ServerConfig:
     max_concurrent_rpcs: int = 0
     # Calls one connection may have open at once; more wait on the caller's
     # side (HTTP/2 flow control), costing the server nothing, and leave room
-    # for other callers. 0 = derived: half of max_concurrent_rpcs, at least 16.
+    # for other callers. 0 = derived: a quarter of max_concurrent_rpcs, at least 16.
     max_streams_per_connection: int = 0
     # Queue order (server/queueing.py): "adaptive-lifo" serves the freshest
     # requests first while the queue stands; "fifo" always in arrival order.
@@ -208,7 +208,7 @@ def _derive_call_bounds(config: ServerConfig) -> None:
     if config.max_concurrent_rpcs == 0:
         object.__setattr__(config, "max_concurrent_rpcs", derived_rpc_limit(config))
     if config.max_streams_per_connection == 0:
-        streams = max(16, config.max_concurrent_rpcs // 2)
+        streams = max(16, config.max_concurrent_rpcs // 4)
         object.__setattr__(config, "max_streams_per_connection", streams)
 
 

@@ -36,14 +36,14 @@ def _metric(running: ServerThread, line: str) -> bool:
     return line in urllib.request.urlopen(running.metrics_url, timeout=5).read().decode()
 
 
-def test_the_call_bounds_default_to_three_batches_and_half_of_that_per_connection(
+def test_the_call_bounds_default_to_three_batches_and_a_quarter_per_connection(
     tmp_path: Path,
 ) -> None:
     config = ServerConfig.load(
         {"model_repository": tmp_path, "max_batch_size": 32, "instances": 2}, environ={}
     )
     assert config.max_concurrent_rpcs == 3 * 2 * 32
-    assert config.max_streams_per_connection == 3 * 2 * 32 // 2
+    assert config.max_streams_per_connection == 3 * 2 * 32 // 4
     config = ServerConfig.load({"model_repository": tmp_path, "max_batch_size": 1}, environ={})
     assert (config.max_concurrent_rpcs, config.max_streams_per_connection) == (32, 16)
     assert ServerConfig.load({"model_repository": tmp_path}, environ={}).max_concurrent_rpcs == 96

@@ -30,9 +30,10 @@ PY="$VENV/bin/python"
 "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" \
   | tee "$OUT/providers.txt"
 
-echo "== gpu-marked tests (tests/server/test_providers.py)"
+echo "== gpu-marked tests (tests/server/test_providers.py, test_tuning.py: TensorRT engine cache)"
 status=0
-"$PY" -m pytest tests/server/test_providers.py -m gpu -v -p no:cacheprovider -rs \
+"$PY" -m pytest tests/server/test_providers.py tests/server/test_tuning.py -m gpu -v \
+  -p no:cacheprovider -rs \
   --junitxml="$OUT/gpu_tests.xml" || status=$?
 
 echo "== CUDA serving smoke test, NVML metrics, throughput CPU vs CUDA"

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from tlserve.contract.card import ModelCard, Preprocessing
 from tlserve.contract.errors import InvalidInput
+from tlserve.contract.images import prepare_image
 from tlserve.contract.rules import MODEL_FILE, valid_model_name
 from tlserve.training.data import Dataset, load_dataset
 from tlserve.training.publish import publish
@@ -32,9 +36,16 @@ from tlserve.training.quantize import (
     Decision,
     select_variant,
 )
-from tlserve.training.variants import HeldOut, load_labelled, stratified
+from tlserve.training.variants import HeldOut
 
-__all__ = ["CALIBRATION_IMAGES", "quantize_published", "select_for_dataset", "variant_report"]
+__all__ = [
+    "CALIBRATION_IMAGES",
+    "load_labelled",
+    "quantize_published",
+    "select_for_dataset",
+    "stratified",
+    "variant_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,39 @@ _REPORT = "report.json"
 # A few hundred images pin the activation ranges; more adds calibration time
 # (one forward pass each) without moving MinMax ranges much.
 CALIBRATION_IMAGES = 256
+
+
+def stratified(samples: Sequence[tuple[Path, int]], limit: int, seed: int = 0) -> list[Path]:
+    """Up to ``limit`` paths, the same share from every class (round-robin over shuffled ones)."""
+    by_class: dict[int, list[Path]] = {}
+    for path, label in samples:
+        by_class.setdefault(label, []).append(path)
+    rng = random.Random(seed)
+    for paths in by_class.values():
+        rng.shuffle(paths)
+    picked: list[Path] = []
+    queues = [by_class[label] for label in sorted(by_class)]
+    while len(picked) < limit and any(queues):
+        for queue in queues:
+            if queue and len(picked) < limit:
+                picked.append(queue.pop())
+    return picked
+
+
+def load_labelled(
+    samples: Sequence[tuple[Path, int]], spec: Preprocessing
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every readable image as the model's uint8 input, with its label; unreadable ones skipped."""
+    rows, labels = [], []
+    for path, label in samples:
+        try:
+            rows.append(prepare_image(path, spec))
+        except (InvalidInput, OSError):
+            continue
+        labels.append(label)
+    if not rows:
+        raise InvalidInput("none of the images to check a model variant on could be read")
+    return np.stack(rows), np.asarray(labels, dtype=np.int64)
 
 
 def select_for_dataset(

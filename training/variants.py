@@ -1,7 +1,6 @@
 """What a faster model variant shares, whatever its number format.
 
 - which nodes stay in float (:func:`float_regions`),
-- the images it is checked on (:func:`stratified`, :func:`load_labelled`),
 - how it is measured against the float32 model (:func:`compare_variants`:
   held-out accuracy, top-1 agreement, images/s in alternating passes),
 - and how the figures land in the model card (:func:`record_decision`).
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import random
 import statistics
 import time
 from collections.abc import Sequence
@@ -22,9 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from tlserve.contract.card import ModelCard, Preprocessing
+from tlserve.contract.card import ModelCard
 from tlserve.contract.errors import InvalidInput
-from tlserve.contract.images import prepare_image
 from tlserve.contract.rules import INPUT_IMAGES, OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES
 
 __all__ = [
@@ -35,10 +32,8 @@ __all__ = [
     "Measured",
     "compare_variants",
     "float_regions",
-    "load_labelled",
     "name_nodes",
     "record_decision",
-    "stratified",
 ]
 
 #: The ops whose arithmetic a variant speeds up; what lies before the first
@@ -76,10 +71,15 @@ class Measured:
     held_out: int
     provider: str
     host: str
+    # Candidate / reference images/s per batch size: the median of per-pass ratios
+    # (a pass measures both back to back, so host drift cancels within it).
+    ratios: dict[int, float] = dataclasses.field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
         """The smallest images/s ratio over the measured batch sizes (conservative)."""
+        if self.ratios:
+            return min(self.ratios.values())
         return min(
             self.candidate.images_per_second[b] / self.reference.images_per_second[b]
             for b in self.reference.images_per_second
@@ -163,39 +163,6 @@ def _reach(
     return seen
 
 
-def stratified(samples: Sequence[tuple[Path, int]], limit: int, seed: int = 0) -> list[Path]:
-    """Up to ``limit`` paths, the same share from every class (round-robin over shuffled ones)."""
-    by_class: dict[int, list[Path]] = {}
-    for path, label in samples:
-        by_class.setdefault(label, []).append(path)
-    rng = random.Random(seed)
-    for paths in by_class.values():
-        rng.shuffle(paths)
-    picked: list[Path] = []
-    queues = [by_class[label] for label in sorted(by_class)]
-    while len(picked) < limit and any(queues):
-        for queue in queues:
-            if queue and len(picked) < limit:
-                picked.append(queue.pop())
-    return picked
-
-
-def load_labelled(
-    samples: Sequence[tuple[Path, int]], spec: Preprocessing
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every readable image as the model's uint8 input, with its label; unreadable ones skipped."""
-    rows, labels = [], []
-    for path, label in samples:
-        try:
-            rows.append(prepare_image(path, spec))
-        except (InvalidInput, OSError):
-            continue
-        labels.append(label)
-    if not rows:
-        raise InvalidInput("none of the images to check a model variant on could be read")
-    return np.stack(rows), np.asarray(labels, dtype=np.int64)
-
-
 def compare_variants(
     reference: Path,
     candidate: Path,
@@ -220,10 +187,16 @@ def compare_variants(
     accuracies = [
         None if held_out is None else float(np.mean(p == held_out.labels)) for p in predictions
     ]
-    speeds = _speeds(sessions, probe, seconds)
+    passes = _speeds(sessions, probe, seconds)
+    speeds = [{b: statistics.median(v) for b, v in found.items()} for found in passes]
+    ratios = {
+        b: statistics.median(c / r for c, r in zip(passes[1][b], passes[0][b], strict=True))
+        for b in SPEED_BATCHES
+    }
     return Measured(
         reference=Figures("float32", accuracies[0], speeds[0]),
         candidate=Figures(name, accuracies[1], speeds[1]),
+        ratios=ratios,
         agreement=float(np.mean(predictions[0] == predictions[1])),
         held_out=0 if held_out is None else len(held_out.labels),
         provider=sessions[1].get_providers()[0],
@@ -239,9 +212,11 @@ def _predict(session: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.asarray(np.concatenate(chunks).argmax(axis=1), dtype=np.int64)
 
 
-def _speeds(sessions: list[Any], images: np.ndarray, seconds: float) -> list[dict[int, float]]:
-    """Median images/s of each session per batch size; passes alternate between sessions,
-    so drift on a shared machine hits both alike."""
+def _speeds(
+    sessions: list[Any], images: np.ndarray, seconds: float
+) -> list[dict[int, list[float]]]:
+    """Images/s of each session per batch size, one figure per pass; within a pass the
+    sessions run back to back, so drift on a shared machine hits both alike."""
     runs: list[dict[int, list[float]]] = [{b: [] for b in SPEED_BATCHES} for _ in sessions]
     for _ in range(_PASSES):
         for batch in SPEED_BATCHES:
@@ -253,7 +228,7 @@ def _speeds(sessions: list[Any], images: np.ndarray, seconds: float) -> list[dic
                     session.run(None, feed)
                     count += batch
                 found[batch].append(count / elapsed)
-    return [{b: statistics.median(v) for b, v in found.items()} for found in runs]
+    return runs
 
 
 def _host() -> str:

@@ -22,8 +22,8 @@ from tlserve.contract.card import ModelCard, Preprocessing
 from tlserve.contract.errors import InvalidInput
 from tlserve.training.fp16 import convert_fp16, gpu_providers
 from tlserve.training.quantize import decide, quantize_int8, select_variant
-from tlserve.training.requantize import quantize_published
-from tlserve.training.variants import HeldOut, float_regions, name_nodes, stratified
+from tlserve.training.requantize import quantize_published, stratified
+from tlserve.training.variants import HeldOut, float_regions, name_nodes
 
 SIZE = 16
 LABELS = ("a-red", "b-green", "c-blue")  # sorted, as folder names are

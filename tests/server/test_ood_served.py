@@ -160,8 +160,12 @@ def test_example_model_flags_photos_through_a_real_server(tmp_path: Path) -> Non
     server = ServerThread(tmp_path / "models")
     try:
         with Client(server.target) as client:
-            inside = client.classify(garments, model="fashion", timeout=120)
-            outside = client.classify(photos, model="fashion", timeout=120)
+            inside = [
+                r
+                for i in range(0, len(garments), 50)
+                for r in client.classify(garments[i : i + 50], model="fashion", timeout=120)
+            ]
+            outside = client.classify(photos, model="fashion", timeout=120)  # fmt: skip
     finally:
         server.stop()
     scores_in = np.array([r.ood_score for r in inside], np.float64)

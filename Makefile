@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint typecheck image-test proto wheel bench bench-train bench-serve bench-calibration bench-overload k8s image clean
+.PHONY: setup demo test lint typecheck image-test proto wheel bench bench-train bench-serve bench-calibration bench-overload bench-auto k8s image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ bench-serve: setup
 
 bench-calibration: setup
 	$(PY) bench/calibration.py
+
+# auto vs every single strategy on three small real datasets (slow: trains them all).
+bench-auto: setup
+	$(PY) bench/auto.py
 
 # Goodput under 10x overload (2,000 calls in flight, 2 s deadlines) against a
 # `tlserve serve` process, and how fast a light caller is refused.

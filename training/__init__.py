@@ -2,8 +2,9 @@
 
 ::
 
-    from tlserve.training import train
-    result = train(Path("examples/fashion-mnist"), model_repository=Path("models"), name="fashion")
+    from tlserve.training import TrainConfig, train
+    result = train(TrainConfig(Path("examples/fashion-mnist"), model_repository=Path("models"),
+                               name="fashion", strategy="auto", time_budget=600))
 
 Modules: :mod:`~tlserve.training.data` (find the images),
 :mod:`~tlserve.training.backbones` (pretrained CNNs),
@@ -16,6 +17,7 @@ the server never import it.
 from __future__ import annotations
 
 from tlserve.training.backbones import Backbone, create_backbone
+from tlserve.training.config import TrainConfig
 from tlserve.training.data import DataError, Dataset, load_dataset
 from tlserve.training.train import TrainResult, train
 
@@ -23,6 +25,7 @@ __all__ = [
     "Backbone",
     "DataError",
     "Dataset",
+    "TrainConfig",
     "TrainResult",
     "create_backbone",
     "load_dataset",

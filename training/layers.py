@@ -9,7 +9,9 @@ exported embedder, so the served graph computes exactly what the head saw.
 
 A layer is ``None`` (the model's own pooled embedding) or a negative index
 into the model's ``feature_info`` (``-1`` the last stage, ``-2`` the one
-before, ...), written ``last`` and ``-2`` on the command line.
+before, ...), written ``last`` and ``-2`` on the command line. Several layers
+(a tuple, written ``last,-1,-2``; ``multi`` is :data:`MULTI`) are pooled and
+concatenated: multi-layer features, fine and coarse at once.
 """
 
 from __future__ import annotations
@@ -18,15 +20,37 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["Layer", "PooledFeatures", "format_layer", "layer_channels", "parse_layer"]
+__all__ = [
+    "MULTI",
+    "Layer",
+    "Layers",
+    "PooledFeatures",
+    "format_layer",
+    "layer_channels",
+    "parse_layer",
+]
 
 Layer = int | None
+Layers = Layer | tuple[Layer, ...]
+
+# The embedding and the last three stages' pooled maps.
+MULTI: tuple[Layer, ...] = (None, -1, -2, -3)
 
 
-def parse_layer(text: str | int | None) -> Layer:
-    """``"last"``/None → None; ``"-2"``/-2 → -2. Raises ValueError otherwise."""
+def parse_layer(text: str | int | tuple[Layer, ...] | None) -> Layers:
+    """``"last"``/None → None; ``"-2"``/-2 → -2; ``"last,-2"`` → (None, -2); ``"multi"`` → MULTI.
+
+    Raises ValueError otherwise.
+    """
+    if isinstance(text, tuple):
+        return text
     if text is None or text == "last":
         return None
+    if text == "multi":
+        return MULTI
+    if isinstance(text, str) and "," in text:
+        parts = [parse_layer(part.strip()) for part in text.split(",")]
+        return tuple(part for part in parts if not isinstance(part, tuple))
     try:
         index = int(text)
     except ValueError as exc:
@@ -36,7 +60,9 @@ def parse_layer(text: str | int | None) -> Layer:
     return index
 
 
-def format_layer(layer: Layer) -> str:
+def format_layer(layer: Layers) -> str:
+    if isinstance(layer, tuple):
+        return "multi" if layer == MULTI else ",".join(format_layer(one) for one in layer)
     return "last" if layer is None else str(layer)
 
 

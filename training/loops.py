@@ -3,7 +3,9 @@
 Images live in memory as uint8 ``[N, H, W, 3]`` (decoded once); each epoch
 shuffles them with a generator seeded by ``seed + epoch`` so that every
 DistributedDataParallel rank draws the same permutation and takes its own
-slice. Augmentation runs on the batch, in the training process.
+slice. Augmentation runs on the batch, in the training process. The learning
+rate follows timm's :class:`~timm.scheduler.CosineLRScheduler` (linear
+warmup, then cosine), stepped per optimiser update.
 """
 
 from __future__ import annotations
@@ -17,18 +19,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.scheduler.cosine_lr import CosineLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 __all__ = [
+    "AUGMENT_PRESETS",
     "Augment",
     "EpochStats",
+    "OutOfTime",
+    "augment_for",
+    "cosine_schedule",
     "evaluate_logits",
     "find_lr",
+    "is_grayscale",
     "rank_and_world",
     "train_one_epoch",
-    "warmup_cosine",
 ]
+
+AUGMENT_PRESETS = ("auto", "none", "light", "colour", "flip")
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +50,25 @@ def rank_and_world() -> tuple[int, int]:
 
 
 class Augment:
-    """Light augmentation on uint8 NHWC batches: random resized crop (scale 0.7-1), flip if asked.
+    """Augmentation on uint8 NHWC batches.
 
-    Flips are off by default: they change the meaning of digits and text.
+    ``light``: random resized crop (scale 0.7-1); ``colour`` adds colour
+    jitter (brightness, contrast, saturation 0.2); ``flip`` adds horizontal
+    flips to ``colour``. Flips are never on unless asked: they change the
+    meaning of digits, text and left/right parts, and pixels cannot tell.
     """
 
     def __init__(self, size: tuple[int, int], *, kind: str = "light") -> None:
-        if kind not in ("none", "light", "flip"):
-            raise ValueError(f"augment must be none, light or flip, got {kind!r}")
+        if kind not in AUGMENT_PRESETS or kind == "auto":
+            raise ValueError(f"augment must be none, light, colour or flip, got {kind!r}")
         steps: list[v2.Transform] = []
         if kind != "none":
             steps.append(v2.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True))
+        if kind in ("colour", "flip"):
+            steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2))
         if kind == "flip":
             steps.append(v2.RandomHorizontalFlip())
+        self.kind = kind
         self.transform = v2.Compose(steps) if steps else None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -63,23 +79,60 @@ class Augment:
         return out.permute(0, 2, 3, 1).contiguous()
 
 
+def is_grayscale(images: np.ndarray) -> bool:
+    """True when every pixel of uint8 ``[N, H, W, 3]`` images has R = G = B."""
+    if images.size == 0:
+        return False
+    return bool(
+        (images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all()
+    )
+
+
+def augment_for(kind: str, images: np.ndarray) -> str:
+    """The preset ``auto`` stands for on these images: ``light`` on grayscale, else ``colour``.
+
+    Colour jitter on grayscale images would only invent colours the model
+    never sees when served; flips stay off (see :class:`Augment`).
+    """
+    if kind != "auto":
+        return kind
+    return "light" if is_grayscale(images) else "colour"
+
+
 @dataclass(frozen=True)
 class EpochStats:
     loss: float
     accuracy: float
     seconds: float
+    images_per_second: float
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then cosine to 0 (per optimiser step)."""
+class OutOfTime(Exception):
+    """An epoch was stopped because it would end after the deadline."""
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    def __init__(self, projected_seconds: float, images_per_second: float) -> None:
+        super().__init__(f"the epoch would take {projected_seconds:.0f} s more")
+        self.projected_seconds = projected_seconds
+        self.images_per_second = images_per_second
 
-    return factor
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> CosineLRScheduler:
+    """timm's warmup + cosine to 0 over ``total_steps`` optimiser updates.
+
+    Each param group's ``lr`` is its base rate; timm multiplies a group's
+    ``lr_scale`` in (the layer-wise decay).
+    """
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps),
+        lr_min=0.0,
+        warmup_t=warmup_steps,
+        warmup_lr_init=1e-7 if warmup_steps else 0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
 
 
 def _shard(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
@@ -94,7 +147,7 @@ def _shard(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
 def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: Scheduler,
     images: np.ndarray,
     labels: np.ndarray,
     *,
@@ -104,15 +157,29 @@ def train_one_epoch(
     seed: int,
     set_modes: Callable[[], None],
     epoch_label: str,
+    steps_done: int = 0,
+    deadline: float | None = None,
 ) -> EpochStats:
-    """One pass over this rank's share of ``images``; returns mean loss and accuracy."""
+    """One pass over this rank's share of ``images``; returns mean loss and accuracy.
+
+    ``steps_done`` counts the optimiser updates before this epoch (the
+    schedule's position). With a ``deadline`` (:func:`time.monotonic`), the
+    epoch stops with :class:`OutOfTime` as soon as its measured pace says it
+    would end after it.
+    """
     start = time.perf_counter()
+    began = time.monotonic()
     set_modes()
     batches = _shard(len(images), batch_size, seed)
     total_loss, correct, seen = 0.0, 0, 0
     rank, _ = rank_and_world()
     bar = tqdm(batches, desc=epoch_label, unit="batch", disable=None if rank == 0 else True)
-    for index in bar:
+    for step, index in enumerate(bar):
+        if deadline is not None and step >= 2:  # two batches: a pace to project from
+            pace = (time.monotonic() - began) / step
+            if time.monotonic() + pace * (len(batches) - step) > deadline:
+                bar.close()
+                raise OutOfTime(pace * (len(batches) - step), seen / max(1e-9, pace * step))
         x = augment(torch.from_numpy(images[index.numpy()]))
         y = torch.from_numpy(labels[index.numpy()])
         logits = model(x)
@@ -120,14 +187,15 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        scheduler.step()
+        scheduler.step_update(steps_done + step + 1)
         total_loss += float(loss.detach()) * len(y)
         correct += int((logits.detach().argmax(1) == y).sum())
         seen += len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}")
     bar.close()
+    seconds = time.perf_counter() - start
     return EpochStats(
-        total_loss / max(seen, 1), correct / max(seen, 1), time.perf_counter() - start
+        total_loss / max(seen, 1), correct / max(seen, 1), seconds, seen / max(seconds, 1e-9)
     )
 
 

@@ -20,9 +20,65 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["REPORT_FILENAME", "report_files"]
+from tlserve.training.selection import Score
+
+__all__ = [
+    "REPORT_FILENAME",
+    "candidate_row",
+    "candidates_note",
+    "candidates_table",
+    "report_files",
+]
 
 REPORT_FILENAME = "report.json"
+
+
+def candidate_row(score: Score) -> dict[str, Any]:
+    """One candidate ``auto`` scored, as ``report.json`` lists it."""
+    low, high = score.interval
+    return {
+        "name": score.name,
+        "val_accuracy": round(score.accuracy, 6),
+        "val_interval_95": [round(low, 6), round(high, 6)],
+        "val_rows": score.n,
+        "protocol": score.protocol,
+        "train_seconds": round(score.train_seconds, 2),
+        "serve_ms_per_image": None
+        if score.serve_ms_per_image is None
+        else round(score.serve_ms_per_image, 3),
+        "serve_cost_source": score.serve_cost_source,
+        **score.figures,
+    }
+
+
+def candidates_table(rows: Sequence[Mapping[str, Any]], winner: str = "") -> list[str]:
+    """A Markdown table of the candidates (``report.md``, and ``tlserve train``'s output)."""
+    lines = [
+        "| candidate | val accuracy | 95% interval | rows | train s | serve ms/image |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        low, high = row["val_interval_95"]
+        serve = row["serve_ms_per_image"]
+        mark = " (chosen)" if row["name"] == winner else ""
+        lines.append(
+            f"| {row['name']}{mark} | {row['val_accuracy']:.1%} | [{low:.1%}, {high:.1%}] | "
+            f"{row['val_rows']} | {row['train_seconds']:.0f} | "
+            f"{'n/a' if serve is None else f'{serve:.1f}'} |"
+        )
+    return lines
+
+
+def candidates_note(scores: Sequence[Score]) -> str:
+    """The candidates in one line for the model card: ``name acc [low, high] train_s; ...``."""
+    parts = []
+    for score in scores:
+        low, high = score.interval
+        parts.append(
+            f"{score.name} {score.accuracy:.4f} [{low:.4f}, {high:.4f}] n={score.n} "
+            f"train={score.train_seconds:.0f}s serve={score.serve_ms_per_image or 0:.1f}ms"
+        )
+    return "; ".join(parts)
 
 
 def _png(figure: Figure) -> bytes:
@@ -125,6 +181,14 @@ def _markdown(report: Mapping[str, Any], evaluation: Any, files: Sequence[str]) 
         "",
         str(report.get("reason") or f"chosen by the user: {card['strategy']}"),
         "",
+    ]
+    if report.get("candidates"):
+        winner = str(report.get("params", {}).get("auto_winner", ""))
+        lines += ["## Candidates", "", *candidates_table(report["candidates"], winner), ""]
+        sources = sorted({str(r["serve_cost_source"]) for r in report["candidates"]})
+        protocols = "; ".join(f"{r['name']}: {r['protocol']}" for r in report["candidates"])
+        lines += [f"Scored on: {protocols}. Serving cost {', '.join(sources)}.", ""]
+    lines += [
         "## Data",
         "",
         f"{report['data']['root']} — held out: {report['data']['held_out']}; "

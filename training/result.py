@@ -9,6 +9,8 @@ from typing import Literal
 
 from tlserve.contract.card import ModelCard
 from tlserve.training.features import SkippedFile
+from tlserve.training.report import candidate_row, candidates_table
+from tlserve.training.selection import Score
 
 __all__ = ["TrainResult"]
 
@@ -20,7 +22,8 @@ class TrainResult:
     ``held_out`` says what ``test_accuracy`` was measured on: the ``test/``
     folder (``"test"``) or a stratified split of the training images
     (``"split"``). ``strategy`` is the one that made the model (for ``auto``,
-    the one it chose; ``reason`` says why). ``params`` are its choices.
+    the one it chose; ``reason`` says why, ``candidates`` are what it
+    scored). ``params`` are its choices.
     """
 
     name: str
@@ -44,6 +47,7 @@ class TrainResult:
     ece_before: float | None = None
     ece_after: float | None = None
     calibration_reason: str = ""
+    candidates: tuple[Score, ...] = ()
 
     def summary(self) -> str:
         """A few lines for a person: accuracy, where the model went, what was skipped."""
@@ -59,6 +63,10 @@ class TrainResult:
         ]
         if self.reason:
             lines.insert(1, f"auto: {self.reason}")
+        if self.candidates:
+            winner = str(self.params.get("auto_winner", ""))
+            rows = [candidate_row(s) for s in sorted(self.candidates, key=lambda s: s.cost)]
+            lines[1:1] = candidates_table(rows, winner)
         if self.ece_before is not None and self.ece_after is not None:
             lines.insert(
                 1,

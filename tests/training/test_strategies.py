@@ -15,12 +15,12 @@ from tests.training.shapes import TINY_BACKBONE
 from tlserve.contract.images import prepare_image
 from tlserve.training import train
 from tlserve.training.backbones import Backbone
-from tlserve.training.cache import default_cache_dir
+from tlserve.training.config import cache_root
 from tlserve.training.data import load_dataset
 from tlserve.training.layers import PooledFeatures, layer_channels, parse_layer
 from tlserve.training.strategies import STRATEGIES, FitContext, create_strategy
-from tlserve.training.strategies.auto import Measurements, choose
 from tlserve.training.strategies.finetune import FineTune, Scratch
+from tlserve.training.strategies.scenarios import Measurements, choose
 
 
 def _onnx_accuracy(model_path: Path, root: Path) -> float:
@@ -114,7 +114,7 @@ def test_finetune_lr_auto_and_partial_unfreeze(
     strategy = FineTune(epochs=1, lr="auto", unfreeze=2, augment="flip", bn="train")
     fitted = strategy.fit(_context(shapes_folder, tiny_backbone, tmp_path))
     assert 1e-7 < float(fitted.params["lr"]) < 1.0
-    assert len(fitted.extra["lr_curve"]) > 5
+    assert len(fitted.lr_curve) > 5
     total = sum(p.numel() for p in tiny_backbone.module.parameters())
     assert 0 < int(fitted.params["trainable_parameters"]) < total
 
@@ -128,7 +128,7 @@ def test_scratch_from_random_weights_skips_corrupt_images(
         _context(shapes_folder, tiny_backbone, tmp_path)
     )
     assert fitted.trained_backbone and fitted.history[0]["train_loss"] > 0
-    assert [s.path for s in fitted.extra["skipped"]] == [corrupt]
+    assert [s.path for s in fitted.skipped] == [corrupt]
 
 
 def test_finetune_end_to_end_report_curves_and_calibration(
@@ -160,10 +160,10 @@ def test_finetune_end_to_end_report_curves_and_calibration(
     assert result.card.notes["temperature"] == f"{result.temperature:.6g}"
     assert _onnx_accuracy(result.model_path, shapes_folder) == pytest.approx(result.test_accuracy)
     # Published: its resume checkpoint is gone, folder and all.
-    assert not list((default_cache_dir().parent / "checkpoints").glob("ft-*"))
+    assert not list((cache_root() / "checkpoints").glob("ft-*"))
 
 
-def test_auto_measures_chooses_and_records_why(shapes_folder: Path, tmp_path: Path) -> None:
+def test_auto_scores_every_candidate_and_reports_them(shapes_folder: Path, tmp_path: Path) -> None:
     result = train(
         shapes_folder,
         model_repository=tmp_path / "models",
@@ -172,12 +172,25 @@ def test_auto_measures_chooses_and_records_why(shapes_folder: Path, tmp_path: Pa
         backbone=TINY_BACKBONE,
         workers=0,
         cache=False,
+        time_budget=600,
+        options={"epochs": 2, "lr": 3e-3},
     )
-    assert result.strategy == "linear"  # 12 images per class: small data
-    assert "small data" in result.reason and "CV probe accuracy" in result.reason
-    assert result.card.notes["selected_by"] == "auto"
-    assert "auto_probe_last" in result.params and "auto_probe_earlier" in result.params
-    assert result.reason in (result.version_dir / "report.md").read_text()
+    names = {"linear", "linear@-2", "linear@multi", "trees", "finetune", "scratch"}
+    assert {s.name for s in result.candidates} == names
+    winner = result.params["auto_winner"]
+    assert winner in names and result.strategy == str(winner).split("@")[0]
+    assert result.card.notes["selected_by"] == "auto" and result.reason.startswith(str(winner))
+    report = json.loads((result.version_dir / "report.json").read_text())
+    assert {row["name"] for row in report["candidates"]} == names
+    for row in report["candidates"]:
+        low, high = row["val_interval_95"]
+        assert low <= row["val_accuracy"] <= high and row["train_seconds"] >= 0
+        assert row["serve_ms_per_image"] > 0 and "estimated" in row["serve_cost_source"]
+    markdown = (result.version_dir / "report.md").read_text()
+    assert "## Candidates" in markdown and f"| {winner} (chosen) |" in markdown
+    assert all(f"| {name}" in markdown for name in names)
+    assert "| candidate | val accuracy |" in result.summary()
+    assert all(name in result.card.notes["candidates"] for name in names)
 
 
 @pytest.mark.parametrize(
@@ -203,15 +216,3 @@ def test_registry_has_every_strategy() -> None:
     assert set(STRATEGIES) == {"linear", "trees", "finetune", "scratch", "auto"}
     auto = create_strategy("auto", epochs=2, layer=-3)
     assert auto.options == {"epochs": 2}  # type: ignore[attr-defined]
-
-
-def test_auto_trial_trains_scratch_when_the_data_looks_different(
-    shapes_folder: Path, tiny_backbone: Backbone, tmp_path: Path
-) -> None:
-    # margin=-1: every probe counts as "different" and any trial result beats it.
-    auto = create_strategy("auto", epochs=1, lr=3e-3)
-    auto.margin, auto.trial_min_per_class = -1.0, 5  # type: ignore[attr-defined]
-    fitted = auto.fit(_context(shapes_folder, tiny_backbone, tmp_path))
-    assert fitted.extra["strategy"] == "scratch" and fitted.trained_backbone
-    assert "Trial: scratch reached" in fitted.extra["reason"]
-    assert "auto_trial_val_accuracy" in fitted.params and "auto_probe_earlier" in fitted.params

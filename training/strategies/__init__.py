@@ -2,8 +2,9 @@
 
 Each strategy is a small class implementing :class:`Strategy`: ``linear`` and
 ``trees`` (frozen backbone, last or earlier layer), ``finetune`` and
-``scratch`` (train the backbone), and ``auto``, which measures data size and
-similarity to ImageNet, picks one of the others and says why.
+``scratch`` (train the backbone), and ``auto``, which scores the others on
+one validation protocol within a time budget, keeps the measured best and
+says why.
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ from __future__ import annotations
 from typing import Any
 
 from tlserve.training.strategies.auto import AutoStrategy
-from tlserve.training.strategies.base import FitContext, FittedHead, Strategy
+from tlserve.training.strategies.base import FitContext, FittedHead, HeldOutLogits, Strategy
 from tlserve.training.strategies.finetune import FineTune, Scratch
 from tlserve.training.strategies.linear import LinearProbe
 from tlserve.training.strategies.trees import TreeProbe
 
-__all__ = ["STRATEGIES", "FitContext", "FittedHead", "Strategy", "create_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "FitContext",
+    "FittedHead",
+    "HeldOutLogits",
+    "Strategy",
+    "create_strategy",
+]
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (LinearProbe, TreeProbe, FineTune, Scratch, AutoStrategy)

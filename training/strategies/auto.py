@@ -1,209 +1,282 @@
-"""``auto``: measure the data, pick one of the four transfer-learning scenarios, say why.
+"""``auto``: try the candidates on one validation protocol, keep the measured best, say why.
 
-Figures (all from one forward pass over the training images, which the
-chosen strategy then reuses from the cache):
+Candidates, cheapest first:
 
-- images per class (median and minimum);
-- how ImageNet-like the images look to the pretrained classifier: its mean
-  top-1 confidence and normalised entropy (when the backbone has one);
-- cross-validated linear-probe accuracy on the last layer's features and on
-  an earlier stage's (``earlier``).
+1. ``linear`` on the last layer, on an earlier stage (``earlier``) and on
+   the pooled stages concatenated (``multi``): scored out of fold on the
+   same stratified folds of the training images, all from one forward pass;
+2. ``trees`` on the last layer, on the same folds, if the time budget allows
+   (its cost is projected from one timed fit);
+3. ``finetune`` and ``scratch``, scored on one validation slice held out of
+   train, raced by successive halving: each trains ``rung_epochs``, only the
+   leader continues (to twice as many epochs, and so on, with early
+   stopping), and no epoch starts that the measured pace says would end
+   after the budget. The four-scenario table
+   (:mod:`~tlserve.training.strategies.scenarios`) only decides which of the
+   two goes first.
 
-The mapping (cs231n's table, docs/architecture.md "Training"): *different* when the earlier
-stage probes better than the last by more than ``margin`` or the ImageNet
-classifier is unsure (confidence < ``min_confidence``); *large* when the
-median class has at least ``large_per_class`` images. small+similar →
-``linear``; small+different → ``linear`` on the earlier stage; large+similar
-→ ``finetune``; large+different → ``scratch`` (from pretrained weights).
-
-One measurement is a trial: for small data that looks *different* (and has at
-least ``trial_min_per_class`` images in every class) the table's answer, a
-probe on earlier features, is not trusted blindly — on handwritten digits
-(100 per class) training the whole network beat it by 5 points. ``scratch``
-is trained (on train minus a validation slice) and kept if its validation
-accuracy beats the probe's cross-validated accuracy by ``margin``.
+The winner is chosen by :func:`~tlserve.training.selection.select`: the best
+on common validation rows, or the cheapest candidate within one standard
+error of it. Frozen-feature winners are already refitted on every training
+image; a trained-backbone winner keeps its best epoch (trained on train minus
+the slice, which stays its calibration set). Serving cost is estimated from
+the backbone's forward time measured here (torch, one batch): every
+candidate runs the same network; trees add their measured predict time.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
-from tlserve.training.layers import Layer, format_layer, parse_layer
-from tlserve.training.strategies.base import FitContext, FittedHead, Strategy
+from tlserve.training.data import DataError
+from tlserve.training.features import load_images
+from tlserve.training.heads import head_logits
+from tlserve.training.layers import MULTI, Layer, Layers, format_layer, parse_layer
+from tlserve.training.selection import Score, select
+from tlserve.training.strategies.base import FitContext, FittedHead
 from tlserve.training.strategies.finetune import FineTune, Scratch
-from tlserve.training.strategies.linear import LinearProbe, fit_logistic_regression
+from tlserve.training.strategies.linear import LinearProbe
+from tlserve.training.strategies.run import BackboneRun
+from tlserve.training.strategies.scenarios import choose, measure
+from tlserve.training.strategies.trees import TreeProbe
+from tlserve.training.strategies.validation import prepare_run_images
 
-__all__ = ["AutoStrategy", "Measurements", "choose"]
+__all__ = ["AutoStrategy"]
 
 log = logging.getLogger(__name__)
 
-_PROBE_C_GRID = (0.01, 0.1, 1.0)
-
-
-@dataclass(frozen=True)
-class Measurements:
-    per_class_median: float
-    per_class_min: int
-    imagenet_confidence: float | None
-    imagenet_entropy: float | None
-    probe_last: float | None
-    probe_earlier: float | None
-    earlier_layer: str
-
-    def as_params(self) -> dict[str, float | int | str]:
-        figures: dict[str, float | int | str] = {
-            "auto_images_per_class_median": self.per_class_median,
-            "auto_images_per_class_min": self.per_class_min,
-            "auto_earlier_layer": self.earlier_layer,
-        }
-        for key in ("imagenet_confidence", "imagenet_entropy", "probe_last", "probe_earlier"):
-            value = getattr(self, key)
-            if value is not None:
-                figures[f"auto_{key}"] = round(float(value), 4)
-        return figures
-
-
-def choose(
-    m: Measurements, *, large_per_class: int, margin: float, min_confidence: float
-) -> tuple[str, bool, str]:
-    """(strategy, use the earlier layer, reason) for measurements ``m``."""
-    gain = (
-        m.probe_earlier - m.probe_last
-        if m.probe_earlier is not None and m.probe_last is not None
-        else None
-    )
-    unsure = m.imagenet_confidence is not None and m.imagenet_confidence < min_confidence
-    different = (gain is not None and gain > margin) or unsure
-    large = m.per_class_median >= large_per_class
-    size = "large" if large else "small"
-    why = [f"median {m.per_class_median:.0f} images per class ({size}: from {large_per_class})"]
-    if gain is not None:
-        why.append(
-            f"CV probe accuracy {m.probe_last:.3f} on the last layer vs {m.probe_earlier:.3f} "
-            f"on stage {m.earlier_layer} ({gain:+.3f}; 'different' above {margin:+.3f})"
-        )
-    if m.imagenet_confidence is not None:
-        why.append(
-            f"ImageNet classifier mean confidence {m.imagenet_confidence:.3f}, "
-            f"normalised entropy {m.imagenet_entropy:.3f} "
-            f"({'unsure' if unsure else 'confident enough'}: threshold {min_confidence})"
-        )
-    domain = "different from" if different else "similar to"
-    if large:
-        strategy, earlier = ("scratch" if different else "finetune"), False
-    else:
-        strategy, earlier = "linear", different
-    scenario = f"{'large' if large else 'small'} data, {domain} ImageNet"
-    target = f"{strategy}{' on the earlier stage' if earlier else ''}"
-    return strategy, earlier, f"{scenario} → {target}. " + "; ".join(why) + "."
+# Tie-break order: cheaper to train (and, for trees, to serve) first.
+_COST = {"linear": 1.0, "linear@-2": 1.1, "linear@multi": 1.2, "trees": 2.0}
+_TRAINED_COST = {"finetune": 3.0, "scratch": 3.1}
+# A training step (forward + backward + update) costs about three forwards.
+_TRAIN_STEP_FORWARDS = 3.0
+_EXPORT_SECONDS = 10.0  # export, its check, and publishing, on 2 cores
 
 
 @dataclass
 class AutoStrategy:
-    """Strategy ``auto``: measure, choose among the others, and record why."""
+    """Strategy ``auto``: score every affordable candidate, keep the measured best."""
 
     name: ClassVar[str] = "auto"
     earlier: Layer | str = -2
+    folds: int = 5
+    trees: bool = True
+    trained: tuple[str, ...] = ("finetune", "scratch")
+    rung_epochs: int = 2
     large_per_class: int = 300
     margin: float = 0.01
     min_confidence: float = 0.15
-    trial_min_per_class: int = 20
     options: dict[str, Any] = field(default_factory=dict)  # passed to finetune/scratch
 
     def fit(self, context: FitContext) -> FittedHead:
         earlier = parse_layer(self.earlier)
-        context.probe_layers = (None, earlier)
-        m = self.measure(context, earlier)
-        strategy, use_earlier, reason = choose(
+        staged = _has_stages(context)
+        context.probe_layers = MULTI if staged else (None,)
+        frozen: list[tuple[str, Layers]] = [("linear", None)]
+        if staged:
+            frozen += [(f"linear@{format_layer(earlier)}", earlier), ("linear@multi", MULTI)]
+        # One forward pass embeds every layer the candidates use (FitContext.probe_layers).
+        _progress(context, f"embedding {len(context.splits['train'])} training images")
+        serve_ms = _forward_ms(context)
+        reserve = _EXPORT_SECONDS + serve_ms / 1000 * sum(
+            len(context.splits.get(s, [])) for s in ("val", "test")
+        )
+        deadline = None if context.deadline is None else context.deadline - reserve
+        fits: dict[str, FittedHead] = {}
+        scores: list[Score] = []
+        for name, layer in frozen:
+            _progress(context, f"trying {name} ({self.folds}-fold CV)")
+            started = time.perf_counter()
+            fitted = LinearProbe(layer=layer, folds=self.folds).fit(context)
+            fits[name] = fitted
+            seconds = time.perf_counter() - started
+            scores.append(_frozen_score(context, name, fitted, seconds, serve_ms))
+        probes = {s.name: s.accuracy for s in scores}
+        earlier_name = f"linear@{format_layer(earlier)}"
+        m = measure(context, probes.get("linear"), probes.get(earlier_name), format_layer(earlier))
+        prior, _, scenario = choose(
             m,
             large_per_class=self.large_per_class,
             margin=self.margin,
             min_confidence=self.min_confidence,
         )
+        notes: list[str] = [f"Four-scenario table: {scenario}"]
+        if self.trees:
+            _progress(context, "trying trees")
+            tree = self._trees(context, serve_ms, deadline, notes)
+            if tree is not None:
+                fits["trees"], score = tree
+                scores.append(score)
+        order = sorted(self.trained, key=lambda n: (n != prior, _TRAINED_COST.get(n, 9.0)))
+        probe_c = float(fits["linear"].params["C"])
+        runs = self._race(context, order, probe_c, serve_ms, deadline, notes) if order else {}
+        scores += [_trained_score(name, run, serve_ms) for name, run in runs.items()]
+        selection = select(scores)
+        winner = selection.winner.name
+        chosen = runs[winner].finish() if winner in runs else fits[winner]
+        reason = f"{selection.reason}. " + " ".join(notes)
         log.info("auto: %s", reason)
-        if use_earlier and m.per_class_min >= self.trial_min_per_class:
-            trial = self._trial(context, m, reason)
-            if trial is not None:
-                return trial
-            reason += " A scratch trial did not beat the probe (see the log)."
-        chosen: Strategy
-        if strategy == "linear":
-            chosen = LinearProbe(layer=earlier if use_earlier else None)
-        elif strategy == "finetune":
-            chosen = FineTune(**self.options)
-        else:
-            chosen = Scratch(**self.options)
-        fitted = chosen.fit(context)
-        return FittedHead(
-            head=fitted.head,
-            embedder=fitted.embedder,
-            layer=fitted.layer,
-            trained_backbone=fitted.trained_backbone,
-            params={**m.as_params(), **fitted.params},
-            history=fitted.history,
-            extra={**fitted.extra, "strategy": chosen.name, "reason": reason},
-        )
-
-    def _trial(self, context: FitContext, m: Measurements, reason: str) -> FittedHead | None:
-        """Train ``scratch``; return it if it beats the earlier-stage probe, else None."""
-        probe = m.probe_earlier if m.probe_earlier is not None else 0.0
-        fitted = Scratch(**self.options).fit(context)
-        val = fitted.history[-1].get("val_accuracy") if fitted.history else None
-        verdict = (
-            f" Trial: scratch reached {val:.3f} validation accuracy vs the probe's {probe:.3f}"
-            if val is not None
-            else " Trial: scratch had no validation images"
-        )
-        log.info("auto:%s", verdict)
-        if val is None or val <= probe + self.margin:
-            return None
-        return FittedHead(
-            head=fitted.head,
-            embedder=fitted.embedder,
-            trained_backbone=True,
-            params={**m.as_params(), "auto_trial_val_accuracy": round(val, 4), **fitted.params},
-            history=fitted.history,
-            extra={
-                **fitted.extra,
-                "strategy": Scratch.name,
-                "reason": reason + verdict + " → scratch.",
-            },
-        )
-
-    def measure(self, context: FitContext, earlier: Layer) -> Measurements:
-        last = context.features("train", None)
-        counts = np.bincount(last.labels, minlength=len(context.classes))
-        confidence = entropy = None
-        head = context.backbone.imagenet_head
-        if head is not None and len(last.labels):
-            with torch.inference_mode():
-                p = torch.softmax(head(torch.from_numpy(last.embeddings)), dim=1).numpy()
-            confidence = float(p.max(axis=1).mean())
-            h = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1) / np.log(p.shape[1])
-            entropy = float(h.mean())
-        probes: list[float | None] = []
-        for layer in (None, earlier):
-            features = context.features("train", layer)
-            fit = fit_logistic_regression(
-                features.embeddings,
-                features.labels,
-                classes=context.classes,
-                c_grid=_PROBE_C_GRID,
-                folds=3,
-                seed=context.seed,
+        for score in sorted(scores, key=lambda s: s.cost):
+            low, high = score.interval
+            log.info(
+                "auto: %-13s %.1f%% [%.1f, %.1f] on %d rows, %.0f s",
+                score.name,
+                100 * score.accuracy,
+                100 * low,
+                100 * high,
+                score.n,
+                score.train_seconds,
             )
-            probes.append(fit.cv_accuracy)
-        return Measurements(
-            per_class_median=float(np.median(counts)),
-            per_class_min=int(counts.min()),
-            imagenet_confidence=confidence,
-            imagenet_entropy=entropy,
-            probe_last=probes[0],
-            probe_earlier=probes[1],
-            earlier_layer=format_layer(earlier),
+        return FittedHead(
+            head=chosen.head,
+            embedder=chosen.embedder,
+            strategy=chosen.strategy,
+            layer=chosen.layer,
+            trained_backbone=chosen.trained_backbone,
+            params={**m.as_params(), "auto_winner": winner, **chosen.params},
+            history=chosen.history,
+            calibration=chosen.calibration,
+            skipped=chosen.skipped,
+            lr_curve=chosen.lr_curve,
+            val_images=chosen.val_images,
+            reason=reason,
+            candidates=tuple(scores),
         )
+
+    def _trees(
+        self, context: FitContext, serve_ms: float, deadline: float | None, notes: list[str]
+    ) -> tuple[FittedHead, Score] | None:
+        started = time.perf_counter()
+        left = math.inf if deadline is None else deadline - time.monotonic()
+        fitted = TreeProbe(folds=self.folds).fit_within(context, left)
+        if fitted is None:
+            notes.append("trees not scored: its cross-validation would pass the time budget.")
+            return None
+        seconds = time.perf_counter() - started
+        rows = context.features("train").embeddings[:256]
+        t0 = time.perf_counter()
+        head_logits(fitted.head, rows)
+        predict_ms = 1000 * (time.perf_counter() - t0) / max(1, len(rows))
+        return fitted, _frozen_score(context, "trees", fitted, seconds, serve_ms + predict_ms)
+
+    def _race(
+        self,
+        context: FitContext,
+        order: list[str],
+        probe_c: float,
+        serve_ms: float,
+        deadline: float | None,
+        notes: list[str],
+    ) -> dict[str, BackboneRun]:
+        """Successive halving over the trained-backbone candidates, within ``deadline``."""
+        n_train = len(context.splits["train"])
+        first = _TRAIN_STEP_FORWARDS * serve_ms / 1000 * n_train * self.rung_epochs
+        left = math.inf if deadline is None else deadline - time.monotonic()
+        if first > left:
+            notes.append(
+                f"Time budget spent after the cheap candidates ({max(left, 0):.0f} s left): "
+                f"{', '.join(order)} not tried; {self.rung_epochs} epochs of one were "
+                f"projected at {first:.0f} s from the measured forward time "
+                "(raise --time-budget to try them)."
+            )
+            _progress(context, notes[-1])
+            return {}
+        data = prepare_run_images(context, FineTune.val_fraction)
+        runs: dict[str, BackboneRun] = {}
+        recipes = {"finetune": FineTune(**self.options), "scratch": Scratch(**self.options)}
+        for name in order:
+            _progress(context, f"trying {name}: {self.rung_epochs} epochs")
+            # The head starts from the last-layer probe's C (already chosen by CV).
+            run = BackboneRun(recipes[name], context, data, probe_c=probe_c)
+            run.advance(self.rung_epochs, deadline)
+            if run.epochs_done:
+                runs[name] = run
+            else:
+                notes.append(f"{name} not scored: its first epoch would pass the time budget.")
+        alive = sorted(runs, key=lambda n: -runs[n].stopper.best_accuracy)
+        target = self.rung_epochs
+        while alive:
+            alive = alive[: max(1, math.ceil(len(alive) / 2))]
+            target *= 2
+            for name in alive:
+                run = runs[name]
+                pace = run.epoch_seconds or math.inf
+                left = math.inf if deadline is None else deadline - time.monotonic()
+                affordable = int(left // pace) if math.isfinite(left) else target
+                epochs = min(target - run.epochs_done, affordable)
+                if epochs <= 0 or run.done:
+                    continue
+                _progress(context, f"continuing {name} to epoch {run.epochs_done + epochs}")
+                run.advance(epochs, deadline)
+            alive = [n for n in alive if not runs[n].done and runs[n].epochs_done >= target]
+        return runs
+
+    def __post_init__(self) -> None:
+        unknown = set(self.trained) - set(_TRAINED_COST)
+        if unknown:
+            raise ValueError(f"auto: unknown trained candidates {sorted(unknown)}")
+
+
+def _has_stages(context: FitContext) -> bool:
+    return bool(getattr(context.backbone.module, "feature_info", None)) and hasattr(
+        context.backbone.module, "forward_intermediates"
+    )
+
+
+def _forward_ms(context: FitContext) -> float:
+    """Milliseconds per image of the backbone's forward pass, timed on one training batch."""
+    paths = [path for path, _ in context.splits["train"][: context.batch_size]]
+    images = torch.from_numpy(load_images(paths, context.backbone.preprocessing, limit=len(paths)))
+    embedder = context.embedder
+    embedder.eval()
+    with torch.inference_mode():
+        embedder(images[:2])  # warm-up: first-call allocations
+        start = time.perf_counter()
+        embedder(images)
+    return 1000 * (time.perf_counter() - start) / len(images)
+
+
+def _frozen_score(
+    context: FitContext, name: str, fitted: FittedHead, seconds: float, serve_ms: float
+) -> Score:
+    held = fitted.calibration
+    if held is None:  # a class with one image: no folds, nothing to score on
+        raise DataError(f"auto needs two training images per class to score {name}")
+    paths = [str(p) for p in context.features("train", fitted.layer).paths]
+    return Score(
+        name=name,
+        rows=tuple(paths),
+        correct=held.logits.argmax(axis=1) == held.labels,
+        cost=_COST.get(name, 2.5),
+        protocol=f"{fitted.params.get('folds', '?')}-fold CV on {len(paths)} training images",
+        train_seconds=seconds,
+        serve_ms_per_image=serve_ms,
+        serve_cost_source="estimated from the backbone's measured forward time",
+        figures={k: v for k, v in fitted.params.items() if k in ("C", "layer", "iterations")},
+    )
+
+
+def _trained_score(name: str, run: BackboneRun, serve_ms: float) -> Score:
+    return Score(
+        name=name,
+        rows=run.data.val_rows,
+        correct=run.val_correct(),
+        cost=_TRAINED_COST[name],
+        protocol=f"{len(run.data.val_rows)} validation images held out of train, "
+        f"best of {run.epochs_done} epochs",
+        train_seconds=run.train_seconds + run.data.seconds,
+        serve_ms_per_image=serve_ms,
+        serve_cost_source="estimated from the backbone's measured forward time",
+        figures={"epochs": run.epochs_done, "best_epoch": run.stopper.best_epoch},
+    )
+
+
+def _progress(context: FitContext, what: str) -> None:
+    left = context.seconds_left()
+    log.info("auto [%s]: %s", "no budget" if math.isinf(left) else f"{left:.0f} s left", what)

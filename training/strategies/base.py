@@ -6,28 +6,33 @@ backbone, and cached frozen-backbone features of any layer on demand) and
 returns a :class:`FittedHead`: a head (a torch module from embeddings to
 logits, or a :class:`~tlserve.training.heads.TreeHead`) plus the embedder to
 export (the context's, unless the strategy picked another layer or trained
-the backbone). Every strategy exports through the same
+the backbone), and typed fields for everything ``train()`` reads back
+(held-out logits to calibrate on, skipped files, the candidates ``auto``
+scored). Every strategy exports through the same
 :func:`~tlserve.training.export.export_onnx` and is verified the same way.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
+from sklearn.utils.class_weight import compute_class_weight
 
 from tlserve.training.backbones import Backbone
 from tlserve.training.cache import feature_key, load_features, save_features
 from tlserve.training.data import Sample
-from tlserve.training.features import Features, extract_features
+from tlserve.training.features import Features, SkippedFile, extract_features
 from tlserve.training.heads import Head
-from tlserve.training.layers import Layer, PooledFeatures, format_layer
+from tlserve.training.layers import Layer, Layers, PooledFeatures, format_layer
 from tlserve.training.modules import ImageEmbedder
+from tlserve.training.selection import Score
 
-__all__ = ["FitContext", "FittedHead", "Strategy", "class_weights"]
+__all__ = ["FitContext", "FittedHead", "HeldOutLogits", "Strategy", "class_weights"]
 
 
 @dataclass
@@ -35,8 +40,10 @@ class FitContext:
     """Everything a strategy may use; ``features()`` embeds lazily and caches.
 
     ``probe_layers`` are embedded together in one forward pass whenever any of
-    them is asked for (``auto`` compares the last layer with an earlier one).
+    them is asked for (``auto`` compares the last layer with earlier ones).
     ``cache_dir`` (None: memory only) keeps embeddings across runs.
+    ``deadline`` (a :func:`time.monotonic` instant, None: no limit) is when
+    the time budget runs out; strategies that can stop early respect it.
     """
 
     classes: tuple[str, ...]
@@ -51,24 +58,37 @@ class FitContext:
     checkpoint_dir: Path | None = None
     resume: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    deadline: float | None = None
     _cache: dict[tuple[str, Layer], Features] = field(default_factory=dict, repr=False)
-    _embedders: dict[Layer, ImageEmbedder] = field(default_factory=dict, repr=False)
+    _embedders: dict[Layers, ImageEmbedder] = field(default_factory=dict, repr=False)
 
     @property
     def embedder(self) -> ImageEmbedder:
         """The frozen backbone's own embedding (layer ``last``)."""
         return self.embedder_for(None)
 
-    def embedder_for(self, layer: Layer) -> ImageEmbedder:
+    def seconds_left(self) -> float:
+        """Seconds until ``deadline`` (infinite without one)."""
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def embedder_for(self, layer: Layers) -> ImageEmbedder:
         if layer not in self._embedders:
             module = self.backbone.module
             if layer is not None:
-                module = PooledFeatures(module, (layer,))
+                module = PooledFeatures(module, layer if isinstance(layer, tuple) else (layer,))
             self._embedders[layer] = ImageEmbedder(module, self.backbone.preprocessing)
         return self._embedders[layer]
 
-    def features(self, split: str, layer: Layer = None) -> Features:
-        """Frozen-backbone features of ``split`` at ``layer``, computed once."""
+    def features(self, split: str, layer: Layers = None) -> Features:
+        """Frozen-backbone features of ``split`` at ``layer`` (a tuple: concatenated), once."""
+        if isinstance(layer, tuple):
+            parts = [self.features(split, one) for one in layer]
+            return Features(
+                np.concatenate([p.embeddings for p in parts], axis=1),
+                parts[0].labels,
+                parts[0].paths,
+                parts[0].skipped,
+            )
         if (split, layer) not in self._cache:
             layers = self.probe_layers if layer in self.probe_layers else (layer,)
             for key, features in self._extract(split, layers).items():
@@ -84,7 +104,11 @@ class FitContext:
         if found is None:
             embedder = ImageEmbedder(pooled, self.backbone.preprocessing)
             found = extract_features(
-                embedder, samples, batch_size=self.batch_size, workers=self.workers
+                embedder,
+                samples,
+                batch_size=self.batch_size,
+                workers=self.workers,
+                export_dir=self.cache_dir,  # the exported embedder is cached beside its features
             )
             if self.cache_dir:
                 save_features(self.cache_dir, key, found)
@@ -104,9 +128,20 @@ class FitContext:
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """``n / (C * count)`` per class, scikit-learn's "balanced"."""
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    return len(labels) / (n_classes * np.maximum(counts, 1.0))
+    """scikit-learn's "balanced" weights, ``n / (C * count)``; a class with no image gets 1."""
+    present = np.unique(labels)
+    weights = np.ones(n_classes, dtype=np.float64)
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return weights
+
+
+@dataclass(frozen=True)
+class HeldOutLogits:
+    """Logits of images the model did not train on, to fit the temperature on."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    source: str
 
 
 @dataclass(frozen=True)
@@ -118,16 +153,25 @@ class FittedHead:
     frozen strategy's features are then reused from the context's cache).
     ``trained_backbone`` is true when the backbone's weights changed.
     ``params`` are the figures worth recording (e.g. chosen ``C``, CV accuracy);
-    ``history`` one row per epoch for the training curves.
+    ``history`` one row per epoch for the training curves. ``strategy`` is
+    the strategy that made the head (``auto``: the one it chose, ``reason``
+    says why; ``candidates`` are everything it scored). ``val_images`` is
+    how many training images were held out of training to validate on.
     """
 
     head: Head
     embedder: ImageEmbedder
-    layer: Layer = None
+    strategy: str
+    layer: Layers = None
     trained_backbone: bool = False
     params: Mapping[str, float | int | str] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    calibration: HeldOutLogits | None = None
+    skipped: tuple[SkippedFile, ...] = ()
+    lr_curve: list[tuple[float, float]] = field(default_factory=list)
+    val_images: int = 0
+    reason: str = ""
+    candidates: tuple[Score, ...] = ()
 
 
 class Strategy(Protocol):

@@ -1,7 +1,8 @@
 """Per-epoch checkpoints of a training run, for ``--resume``.
 
 ``last.pt`` holds the network, optimiser and scheduler state, the finished
-epoch count and the history so far. It is written to a temp file and renamed,
+epoch count, the history so far and the run's own ``extra`` state (its best
+epoch). It is written to a temp file and renamed,
 so an interrupted write leaves the previous checkpoint intact.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.scheduler.scheduler import Scheduler
 
 __all__ = ["CHECKPOINT_FILENAME", "load_checkpoint", "save_checkpoint"]
 
@@ -25,9 +27,10 @@ def save_checkpoint(
     directory: Path,
     network: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: Scheduler,
     epoch: int,
     history: list[dict[str, float]],
+    extra: dict[str, Any] | None = None,
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {
@@ -36,6 +39,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,
         "history": history,
+        "extra": extra or {},
     }
     tmp = directory / (CHECKPOINT_FILENAME + ".tmp")
     torch.save(state, tmp)
@@ -47,9 +51,9 @@ def load_checkpoint(
     directory: Path,
     network: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> tuple[int, list[dict[str, float]]] | None:
-    """Restore the states in place; return (epochs done, history), or None if no checkpoint."""
+    scheduler: Scheduler,
+) -> tuple[int, list[dict[str, float]], dict[str, Any]] | None:
+    """Restore the states in place; return (epochs done, history, extra), or None if none."""
     path = directory / CHECKPOINT_FILENAME
     if not path.is_file():
         log.info("no checkpoint at %s: starting from the beginning", path)
@@ -59,4 +63,4 @@ def load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     log.info("resuming after epoch %d from %s", state["epoch"], path)
-    return int(state["epoch"]), list(state["history"])
+    return int(state["epoch"]), list(state["history"]), dict(state.get("extra", {}))

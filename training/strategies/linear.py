@@ -12,6 +12,7 @@ so the exported head is a single Gemm, with no scikit-learn at serving time.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Sequence
@@ -22,18 +23,18 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
-from sklearn.pipeline import Pipeline
+from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from tlserve.training.data import DataError
-from tlserve.training.layers import Layer, format_layer, parse_layer
-from tlserve.training.strategies.base import FitContext, FittedHead
+from tlserve.training.layers import Layers, format_layer, parse_layer
+from tlserve.training.strategies.base import FitContext, FittedHead, HeldOutLogits
 
 __all__ = [
     "DEFAULT_C_GRID",
     "LinearFit",
     "LinearProbe",
+    "cv_folds",
     "fit_logistic_regression",
     "fold_into_linear",
 ]
@@ -45,28 +46,34 @@ DEFAULT_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 @dataclass(frozen=True)
 class LinearFit:
-    """The fitted head and how it was chosen (``cv_accuracy`` is None without CV)."""
+    """The fitted head and how it was chosen (``cv_accuracy`` is None without CV).
+
+    ``oof_logits`` ``[N, C]`` are the out-of-fold logits at the chosen ``C``:
+    each training row scored by a model fitted on the other folds (None
+    without CV). They score the head for ``auto`` and calibrate it.
+    """
 
     linear: torch.nn.Linear
     c: float
     cv_accuracy: float | None
     folds: int
     n_iter: int
+    oof_logits: np.ndarray | None = None
 
 
 @dataclass
 class LinearProbe:
     """Strategy ``linear``: logistic regression on frozen embeddings.
 
-    ``layer`` (``None``: the last, else e.g. ``-2``) picks the features
-    (:mod:`~tlserve.training.layers`).
+    ``layer`` (``None``: the last, else e.g. ``-2``, or several to
+    concatenate, e.g. ``multi``) picks the features (:mod:`~tlserve.training.layers`).
     """
 
     name: ClassVar[str] = "linear"
     c_grid: Sequence[float] = DEFAULT_C_GRID
     folds: int = 5
     max_iter: int = 1000
-    layer: Layer | str = None
+    layer: Layers | str = None
 
     def fit(self, context: FitContext) -> FittedHead:
         layer = parse_layer(self.layer)
@@ -88,27 +95,24 @@ class LinearProbe:
         }
         if fit.cv_accuracy is not None:
             params["cv_accuracy"] = round(fit.cv_accuracy, 6)
-        oof = out_of_fold_logits(
-            train.embeddings,
-            train.labels,
-            c=fit.c,
-            folds=fit.folds,
-            seed=context.seed,
-            max_iter=self.max_iter,
-            balanced=context.balanced,
-        )
         return FittedHead(
             head=fit.linear,
             embedder=context.embedder_for(layer),
+            strategy=self.name,
             layer=layer,
             params=params,
-            extra={
-                "calibration": (oof, train.labels),
-                "calibration_source": "out-of-fold training logits",
-            }
-            if oof is not None
-            else {},
+            calibration=HeldOutLogits(fit.oof_logits, train.labels, "out-of-fold training logits")
+            if fit.oof_logits is not None
+            else None,
         )
+
+
+def cv_folds(labels: np.ndarray, folds: int, seed: int) -> StratifiedKFold | None:
+    """The stratified folds every frozen-feature head is scored on (None: too few images)."""
+    n_splits = min(folds, int(np.bincount(labels).min())) if len(labels) else 0
+    if n_splits < 2:
+        return None
+    return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
 
 
 def fit_logistic_regression(
@@ -124,106 +128,88 @@ def fit_logistic_regression(
 ) -> LinearFit:
     """Pick ``C`` by stratified CV, refit on everything, fold into ``nn.Linear``.
 
-    With fewer than two images in some class there is nothing to cross-validate:
-    ``C=1.0`` is used and ``cv_accuracy`` is None. Raises :class:`DataError`
-    when a class has no (readable) training image. ``balanced`` weights each
-    class inversely to its frequency (for imbalanced data).
+    Every fold fits the grid from small to large ``C``, each fit starting from
+    the previous one's weights (warm start: the path costs little more than
+    one fit); ``C`` is the one with the best out-of-fold accuracy (ties: the
+    smaller, stronger-regularised ``C``). With fewer than two images in some
+    class there is nothing to cross-validate: ``C=1.0`` is used and
+    ``cv_accuracy`` is None. Raises :class:`DataError` when a class has no
+    (readable) training image. ``balanced`` weights each class inversely to
+    its frequency (for imbalanced data).
     """
     counts = np.bincount(labels, minlength=len(classes))
     missing = [classes[int(i)] for i in np.flatnonzero(counts == 0)]
     if missing:
         raise DataError(f"no readable training images for class(es): {', '.join(missing)}")
-    pipeline = Pipeline(
-        [
-            ("scale", StandardScaler()),
-            (
-                "lr",
-                LogisticRegression(
-                    max_iter=max_iter, class_weight="balanced" if balanced else None
-                ),
-            ),
-        ]
+    grid = sorted(float(c) for c in c_grid)
+    splitter = cv_folds(labels, folds, seed)
+    c, cv_accuracy, n_splits, oof = 1.0, None, 0, None
+    if splitter is not None:
+        n_splits = splitter.get_n_splits()
+        scores = np.zeros((len(grid), len(labels), len(classes)))
+        for fit_on, score_on in splitter.split(features, labels):
+            path = _regularisation_path(
+                features[fit_on], labels[fit_on], grid, max_iter=max_iter, balanced=balanced
+            )
+            for g, (scaler, regression) in enumerate(path):
+                scores[g][score_on] = _logits(scaler, regression, features[score_on], len(classes))
+        accuracy = (scores.argmax(axis=2) == labels).mean(axis=1)
+        best = int(np.argmax(accuracy))  # first maximum: the smallest C
+        c, cv_accuracy, oof = grid[best], float(accuracy[best]), scores[best]
+        log.info(
+            "C=%g by %d-fold CV (accuracy %.4f; grid %s)",
+            c,
+            n_splits,
+            cv_accuracy,
+            ", ".join(f"{g:g}={a:.4f}" for g, a in zip(grid, accuracy, strict=True)),
+        )
+    else:
+        log.warning("a class has a single training image: no CV, using C=1")
+    ((scaler, regression),) = _regularisation_path(
+        features, labels, [c], max_iter=max_iter, balanced=balanced
     )
-    n_splits = min(folds, int(counts.min()))
-    with warnings.catch_warnings():
-        # Some grid points (large C) may stop at max_iter inside CV; they simply
-        # score worse. The refit's convergence is checked below.
-        warnings.filterwarnings("ignore", category=ConvergenceWarning)
-        if n_splits >= 2:
-            search = GridSearchCV(
-                pipeline,
-                {"lr__C": list(c_grid)},
-                cv=StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed),
-                scoring="accuracy",
-                n_jobs=1,
-            )
-            search.fit(features, labels)
-            best: Pipeline = search.best_estimator_
-            c, cv_accuracy = float(search.best_params_["lr__C"]), float(search.best_score_)
-            log.info(
-                "C=%g by %d-fold CV (accuracy %.4f; grid %s)",
-                c,
-                n_splits,
-                cv_accuracy,
-                ", ".join(
-                    f"{g:g}={s:.4f}"
-                    for g, s in zip(c_grid, search.cv_results_["mean_test_score"], strict=True)
-                ),
-            )
-        else:
-            c, cv_accuracy, n_splits = 1.0, None, 0
-            log.warning("a class has a single training image: no CV, using C=1")
-            best = pipeline.set_params(lr__C=c).fit(features, labels)
-    scaler: StandardScaler = best.named_steps["scale"]
-    regression: LogisticRegression = best.named_steps["lr"]
     n_iter = int(np.max(regression.n_iter_))
     if n_iter >= max_iter:
         log.warning("logistic regression stopped at max_iter=%d before converging", max_iter)
     linear = fold_into_linear(scaler, regression, len(classes))
-    return LinearFit(linear, c, cv_accuracy, n_splits, n_iter)
+    return LinearFit(linear, c, cv_accuracy, n_splits, n_iter, oof)
 
 
-def out_of_fold_logits(
+def _regularisation_path(
     features: np.ndarray,
     labels: np.ndarray,
+    grid: Sequence[float],
     *,
-    c: float,
-    folds: int,
-    seed: int = 0,
-    max_iter: int = 1000,
-    balanced: bool = False,
-) -> np.ndarray | None:
-    """Cross-validated logits ``[N, C]`` of the chosen model, to fit the temperature on.
-
-    Every training image is scored by a model that did not see it: many more
-    held-out logits than a small validation split gives (None without CV).
-    """
-    if folds < 2:
-        return None
-    pipeline = Pipeline(
-        [
-            ("scale", StandardScaler()),
-            (
-                "lr",
-                LogisticRegression(
-                    C=c, max_iter=max_iter, class_weight="balanced" if balanced else None
-                ),
-            ),
-        ]
+    max_iter: int,
+    balanced: bool,
+) -> list[tuple[StandardScaler, LogisticRegression]]:
+    """One fitted (scaler, regression) per ``C`` in ascending ``grid``, warm-started."""
+    scaler = StandardScaler().fit(features)
+    scaled = scaler.transform(features)
+    regression = LogisticRegression(
+        max_iter=max_iter, warm_start=True, class_weight="balanced" if balanced else None
     )
+    path = []
     with warnings.catch_warnings():
+        # Large C may stop at max_iter inside CV; it then simply scores worse.
+        # The final refit's convergence is checked by the caller.
         warnings.filterwarnings("ignore", category=ConvergenceWarning)
-        scores = cross_val_predict(
-            pipeline,
-            features,
-            labels,
-            cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed),
-            method="decision_function",
-        )
-    scores = np.asarray(scores, dtype=np.float64)
+        for c in grid:
+            regression.set_params(C=c).fit(scaled, labels)
+            path.append((scaler, copy.deepcopy(regression)))
+    return path
+
+
+def _logits(
+    scaler: StandardScaler, regression: LogisticRegression, features: np.ndarray, n_classes: int
+) -> np.ndarray:
+    """Logits ``[N, n_classes]`` in class order (binary: ``[-z/2, z/2]``, as the folded head)."""
+    scores = np.asarray(regression.decision_function(scaler.transform(features)), np.float64)
     if scores.ndim == 1:
         scores = np.stack([-scores / 2, scores / 2], axis=1)
-    return scores
+    out = np.full((len(features), n_classes), -1e9)
+    out[:, regression.classes_] = scores
+    return out
 
 
 def fold_into_linear(

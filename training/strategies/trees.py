@@ -10,6 +10,7 @@ to the backbone graph, so the model is still one ONNX file.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,10 +21,11 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from tlserve.training.data import DataError
 from tlserve.training.heads import TreeHead, snap_thresholds
-from tlserve.training.layers import Layer, format_layer, parse_layer
-from tlserve.training.strategies.base import FitContext, FittedHead
+from tlserve.training.layers import Layers, format_layer, parse_layer
+from tlserve.training.strategies.base import FitContext, FittedHead, HeldOutLogits
+from tlserve.training.strategies.linear import cv_folds
 
-__all__ = ["TreeProbe", "fit_trees"]
+__all__ = ["TreeProbe", "fit_trees", "out_of_fold_log_probabilities"]
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,18 @@ class TreeProbe:
     learning_rate: float = 0.1
     max_leaf_nodes: int = 15
     l2_regularization: float = 1.0
-    layer: Layer | str = None
+    layer: Layers | str = None
+
+    folds: int = 5  # the folds the out-of-fold scores (and calibration logits) come from
 
     def fit(self, context: FitContext) -> FittedHead:
+        fitted = self.fit_within(context, float("inf"))
+        assert fitted is not None  # no limit: always fitted
+        return fitted
+
+    def fit_within(self, context: FitContext, seconds: float) -> FittedHead | None:
+        """Fit; None when scoring out of fold (projected from one fit) needs over ``seconds``."""
+        started = time.monotonic()
         layer = parse_layer(self.layer)
         train = context.features("train", layer)
         head, score = fit_trees(
@@ -61,20 +72,41 @@ class TreeProbe:
         }
         if score is not None:
             params["early_stopping_accuracy"] = round(score, 6)
-        extra: dict[str, object] = {}
-        folds = min(3, int(np.bincount(train.labels).min()))
-        if folds >= 2:
-            probabilities = cross_val_predict(
-                clone(head.estimator),
-                train.embeddings,
-                train.labels,
-                cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=context.seed),
-                method="predict_proba",
+        folds = cv_folds(train.labels, self.folds, context.seed)
+        one_fit = time.monotonic() - started
+        if folds is not None and one_fit * folds.get_n_splits() > seconds - one_fit:
+            log.info(
+                "trees: one fit took %.1f s; %d folds would pass the budget", one_fit, self.folds
             )
-            extra["calibration"] = (np.log(np.clip(probabilities, 1e-7, None)), train.labels)
-            extra["calibration_source"] = "out-of-fold training logits"
-        embedder = context.embedder_for(layer)
-        return FittedHead(head=head, embedder=embedder, layer=layer, params=params, extra=extra)
+            return None
+        oof = out_of_fold_log_probabilities(head, train.embeddings, train.labels, folds)
+        return FittedHead(
+            head=head,
+            embedder=context.embedder_for(layer),
+            strategy=self.name,
+            layer=layer,
+            params=params,
+            calibration=HeldOutLogits(oof, train.labels, "out-of-fold training logits")
+            if oof is not None
+            else None,
+        )
+
+
+def out_of_fold_log_probabilities(
+    head: TreeHead, features: np.ndarray, labels: np.ndarray, folds: StratifiedKFold | None
+) -> np.ndarray | None:
+    """``log p`` ``[N, C]`` of each row from trees fitted on the other folds (None: no folds)."""
+    if folds is None:
+        return None
+    probabilities = cross_val_predict(
+        clone(head.estimator),
+        features.astype(np.float32),
+        labels,
+        cv=folds,
+        method="predict_proba",
+    )
+    logits: np.ndarray = np.log(np.clip(probabilities, 1e-7, None))
+    return logits
 
 
 def fit_trees(

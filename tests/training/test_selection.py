@@ -1,0 +1,147 @@
+"""auto's decision: the measured best wins, ties go to the cheaper, budgets hold, best epoch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.training.shapes import TINY_BACKBONE
+from tlserve.training import TrainConfig, train
+from tlserve.training.backbones import Backbone
+from tlserve.training.data import load_dataset
+from tlserve.training.selection import Score, paired_difference, select, wilson_interval
+from tlserve.training.strategies import FitContext
+from tlserve.training.strategies.finetune import FineTune
+from tlserve.training.strategies.linear import fit_logistic_regression
+from tlserve.training.strategies.run import BackboneRun
+from tlserve.training.strategies.validation import EarlyStopping, prepare_run_images, validate
+
+
+def _score(name: str, correct: np.ndarray, cost: float, rows: list[str] | None = None) -> Score:
+    rows = rows or [f"img{i}" for i in range(len(correct))]
+    return Score(name=name, rows=tuple(rows), correct=correct.astype(bool), cost=cost)
+
+
+def test_selection_picks_the_measured_best_on_synthetic_features() -> None:
+    # Two feature sets for the same 300 images: only the second carries the class.
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 100)
+    noise = rng.normal(size=(300, 8)).astype(np.float32)
+    signal = (np.eye(3)[labels] @ rng.normal(0, 2.0, (3, 8)) + rng.normal(size=(300, 8))).astype(
+        np.float32
+    )
+    rows = [f"img{i}" for i in range(300)]
+    scores = []
+    for name, features, cost in (("noise", noise, 1.0), ("signal", signal, 2.0)):
+        fit = fit_logistic_regression(features, labels, classes=("a", "b", "c"), folds=5)
+        assert fit.oof_logits is not None and fit.oof_logits.shape == (300, 3)
+        scores.append(_score(name, fit.oof_logits.argmax(1) == labels, cost, rows))
+    chosen = select(scores)
+    assert chosen.winner.name == "signal" and chosen.leader.name == "signal"
+    assert chosen.winner.accuracy > 0.8 > 0.5 > scores[0].accuracy
+    assert "signal scored best" in chosen.reason and "vs noise" in chosen.reason
+
+
+def test_ties_within_one_standard_error_go_to_the_cheaper_candidate() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.random(400) < 0.85
+    close = base.copy()  # disagrees on 18 rows, 10 lost and 8 won: half a point, noise
+    close[np.flatnonzero(base)[:10]] = False
+    close[np.flatnonzero(~base)[:8]] = True
+    chosen = select([_score("pricey", base, 3.0), _score("cheap", close, 1.0)])
+    assert chosen.leader.name == "pricey" and chosen.winner.name == "cheap"
+    assert "within one standard error" in chosen.reason
+    worse = base.copy()
+    worse[np.flatnonzero(base)[:60]] = False  # 15 points worse: measurably so
+    assert select([_score("pricey", base, 3.0), _score("cheap", worse, 1.0)]).winner.name == (
+        "pricey"
+    )
+    # Paired on common rows only: a slice scored model vs an out-of-fold one.
+    slice_rows = [f"img{i}" for i in range(0, 400, 4)]
+    trained = _score("trained", np.ones(100), 3.0, slice_rows)
+    diff, se, n = paired_difference(trained, _score("oof", base, 1.0))
+    assert n == 100 and diff == pytest.approx(1 - base[::4].mean()) and se > 0
+    low, high = wilson_interval(85, 100)
+    assert low < 0.85 < high and low >= 0.0 and high <= 1.0
+
+
+def test_a_tiny_budget_stops_after_the_cheap_candidates(
+    shapes_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="tlserve.training.strategies.auto")
+    result = train(
+        TrainConfig(
+            shapes_folder,
+            model_repository=tmp_path / "models",
+            name="tiny",
+            strategy="auto",
+            backbone=TINY_BACKBONE,
+            workers=0,
+            cache=False,
+            time_budget=1.0,
+        )
+    )
+    names = {s.name for s in result.candidates}
+    assert {"linear", "linear@-2", "linear@multi"} <= names
+    assert not names & {"finetune", "scratch", "trees"}
+    assert "Time budget spent after the cheap candidates" in result.reason
+    assert "finetune, scratch not tried" in result.reason and "--time-budget" in result.reason
+    assert any("s left]" in message for message in caplog.messages)  # progress shows time left
+    assert result.strategy == "linear"
+
+
+def test_early_stopping_restores_the_best_epoch(
+    shapes_folder: Path, tiny_backbone: Backbone
+) -> None:
+    network = torch.nn.Linear(2, 2)
+    stopper = EarlyStopping(patience=2)
+    logits = np.zeros((1, 2))
+    states = []
+    for epoch, accuracy in enumerate([0.5, 0.8, 0.7, 0.6], start=1):
+        with torch.no_grad():
+            network.weight.fill_(float(epoch))
+        states.append(network.weight.clone())
+        stop = stopper.update(epoch, accuracy, 1.0, network, logits)
+        assert stop == (epoch == 4)  # two epochs without gain after the best (epoch 2)
+    stopper.restore(network)
+    assert stopper.best_epoch == 2 and torch.equal(network.weight, states[1])
+
+    # A real run: what finish() hands back scores exactly as its best epoch did.
+    dataset = load_dataset(shapes_folder)
+    context = FitContext(
+        classes=dataset.classes,
+        backbone=tiny_backbone,
+        splits=dataset.splits(),
+        batch_size=8,
+        workers=0,
+    )
+    recipe = FineTune(epochs=4, lr=0.05, augment="none", patience=4)
+    run = BackboneRun(recipe, context, prepare_run_images(context, 0.3))
+    run.advance(4)
+    fitted = run.finish()
+    best = int(fitted.params["best_epoch"])
+    history = [row["val_accuracy"] for row in fitted.history]
+    assert len(history) == 4 and history[best - 1] == max(history)
+    accuracy, _, _ = validate(run.network, run.data)
+    assert accuracy == pytest.approx(history[best - 1])
+    assert fitted.calibration is not None and fitted.val_images == len(run.data.val_labels)
+
+
+def test_a_deadline_stops_training_before_an_epoch_that_would_pass_it(
+    shapes_folder: Path, tiny_backbone: Backbone
+) -> None:
+    dataset = load_dataset(shapes_folder)
+    context = FitContext(
+        classes=dataset.classes,
+        backbone=tiny_backbone,
+        splits=dataset.splits(),
+        batch_size=4,
+        workers=0,
+        deadline=time.monotonic() - 1.0,  # already spent
+    )
+    fitted = FineTune(epochs=3, augment="none").fit(context)
+    assert fitted.history == [] and fitted.params["stopped"] == "time budget"

@@ -1,0 +1,86 @@
+"""One frozen object with every setting of a training run.
+
+The environment is read here, once: ``TLSERVE_CACHE_DIR`` (default
+``~/.cache/tlserve``) holds the feature cache (``features/``) and resume
+checkpoints (``checkpoints/``); nothing below this object reads it again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlserve.training.cache import default_cache_dir
+
+__all__ = ["DEFAULT_TIME_BUDGET_CPU", "DEFAULT_TIME_BUDGET_GPU", "TrainConfig", "cache_root"]
+
+# `auto`'s default budget, in seconds. On 2 CPU cores the example data's
+# frozen candidates fit in about a minute; a GPU fine-tunes in that budget.
+DEFAULT_TIME_BUDGET_CPU = 60.0
+DEFAULT_TIME_BUDGET_GPU = 900.0
+
+
+def cache_root() -> Path:
+    """``$TLSERVE_CACHE_DIR``, else ``~/.cache/tlserve``: the folder above the feature cache's."""
+    return default_cache_dir(os.environ).parent
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What :func:`~tlserve.training.train` needs to know.
+
+    ``strategy`` is ``linear``, ``trees``, ``finetune``, ``scratch`` or
+    ``auto``; ``options`` are its settings (e.g. ``{"layer": -2}``,
+    ``{"epochs": 3, "lr": "auto"}``). ``image_size`` overrides the backbone's
+    input size (default: its native one). ``balanced`` (None: when the
+    largest class is at least twice the smallest) weights classes inversely
+    to their size. ``cache`` keeps embeddings across runs under
+    ``cache_dir``; ``resume`` continues an interrupted ``finetune``/
+    ``scratch``. ``time_budget`` (seconds, for the whole run) bounds what
+    ``auto`` tries and stops training epochs that would pass it; None means
+    :meth:`budget`'s default for ``auto`` and no limit otherwise. ``workers``
+    is the number of image decoding processes.
+    """
+
+    data_dir: Path
+    model_repository: Path
+    name: str
+    strategy: str = "linear"
+    backbone: str = "tf_efficientnet_lite0"
+    seed: int = 0
+    batch_size: int = 32
+    workers: int | None = None
+    backbone_weights: Path | None = None
+    test_fraction: float = 0.2
+    image_size: int | None = None
+    balanced: bool | None = None
+    calibrate: bool = True
+    cache: bool = True
+    cache_dir: Path = field(default_factory=cache_root)
+    resume: bool = False
+    time_budget: float | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget must be positive seconds, got {self.time_budget}")
+
+    @property
+    def features_dir(self) -> Path | None:
+        """Where embeddings are cached (None: ``cache`` is off)."""
+        return self.cache_dir / "features" if self.cache else None
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.cache_dir / "checkpoints"
+
+    def budget(self, *, gpu: bool) -> float | None:
+        """Seconds this run may take: ``time_budget``, else ``auto``'s default, else None."""
+        if self.time_budget is not None:
+            return self.time_budget
+        if self.strategy != "auto":
+            return None
+        return DEFAULT_TIME_BUDGET_GPU if gpu else DEFAULT_TIME_BUDGET_CPU

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint typecheck image-test proto wheel bench bench-train bench-serve bench-calibration bench-overload bench-auto k8s image clean
+.PHONY: setup demo test lint typecheck image-test proto wheel bench bench-train bench-serve bench-calibration bench-ood bench-overload bench-auto k8s image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ bench-serve: setup
 
 bench-calibration: setup
 	$(PY) bench/calibration.py
+
+# Which out-of-distribution score, its AUROC, and what it costs per image.
+bench-ood: setup
+	$(PY) bench/ood.py
 
 # auto vs every single strategy on three small real datasets (slow: trains them all).
 bench-auto: setup

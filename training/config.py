@@ -63,6 +63,11 @@ class TrainConfig:
     resume: bool = False
     time_budget: float | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    drop_duplicates: bool = False
+    # A faster variant of the export, measured before publishing
+    # (tlserve.training.quantize): none, int8, fp16 or auto. The command line
+    # defaults to auto; the API to none, so callers get float32 unless they ask.
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         if self.time_budget is not None and self.time_budget <= 0:

@@ -23,6 +23,7 @@ from tlserve.training.backbones import Backbone, create_backbone
 from tlserve.training.calibration import calibrate_on, calibration_report
 from tlserve.training.config import TrainConfig
 from tlserve.training.data import Dataset, load_dataset
+from tlserve.training.datacheck import check_before_training
 from tlserve.training.distributed import broadcast_path, init_distributed
 from tlserve.training.evaluate import Evaluation, evaluate
 from tlserve.training.export import export_onnx
@@ -30,8 +31,10 @@ from tlserve.training.features import SkippedFile, load_images
 from tlserve.training.heads import softmax, with_temperature
 from tlserve.training.heldout import calibration_sets, held_out_logits
 from tlserve.training.loops import rank_and_world
+from tlserve.training.ood import OodScorer, fit_for_model
 from tlserve.training.publish import publish
 from tlserve.training.report import REPORT_FILENAME, candidate_row, candidates_note, report_files
+from tlserve.training.requantize import variant_report
 from tlserve.training.result import TrainResult
 from tlserve.training.strategies import FitContext, FittedHead, create_strategy
 
@@ -92,6 +95,9 @@ def train(config: TrainConfig | Path, /, **settings: Any) -> TrainResult:
     )
     if budget is not None:
         log.info("time budget %.0f s (--time-budget)", budget)
+    data_check, context = check_before_training(
+        context, seed=config.seed, drop_duplicates=config.drop_duplicates
+    )
     fitted = chosen.fit(context)
 
     logits = {split: held_out_logits(context, fitted, split) for split in ("val", "test")}
@@ -150,6 +156,8 @@ def train(config: TrainConfig | Path, /, **settings: Any) -> TrainResult:
     version_dir = Path()
     rank, _ = rank_and_world()
     if rank == 0:
+        ood = fit_for_model(context, fitted)
+        card = ood.on_card(card)  # threshold, AUROC and how it was fitted
         report = {
             "name": config.name,
             "card": asdict(card),
@@ -170,8 +178,9 @@ def train(config: TrainConfig | Path, /, **settings: Any) -> TrainResult:
             "history": fitted.history,
             "lr_curve": fitted.lr_curve,
             "skipped": [{"path": str(s.path), "reason": s.reason} for s in skipped],
+            "data_check": data_check.to_dict(),
         }
-        version_dir = _export_and_publish(dataset, fitted, head, card, config, report, start)
+        version_dir = _export_and_publish(dataset, fitted, head, card, config, report, start, ood)
     version_dir = broadcast_path(version_dir)
     result = TrainResult(
         name=config.name,
@@ -216,13 +225,17 @@ def _export_and_publish(
     config: TrainConfig,
     report: dict[str, Any],
     start: float,
+    ood: OodScorer | None = None,
 ) -> Path:
     sample_paths = [path for path, _ in dataset.test + dataset.train]
     samples = load_images(sample_paths, card.preprocessing, limit=_EXPORT_SAMPLE_IMAGES)
     with tempfile.TemporaryDirectory(prefix="tlserve-export-") as tmp:
         exported = Path(tmp) / MODEL_FILE
-        check = export_onnx(fitted.embedder, head, card, exported, samples)
+        check = export_onnx(fitted.embedder, head, card, exported, samples, ood=ood)
         report["export_check"] = asdict(check)
+        report["variant"] = variant_report(
+            exported, dataset, card.preprocessing, mode=config.quantize, seed=config.seed
+        )
         report["wall_seconds"] = round(time.perf_counter() - start, 3)
         files = report_files(report, dataset.classes)
         return publish(exported, Path(config.model_repository), config.name, files)

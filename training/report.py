@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from tlserve.training.selection import Score
+from tlserve.training.thumbnails import data_check_files, data_check_markdown
 
 __all__ = [
     "REPORT_FILENAME",
@@ -160,6 +161,7 @@ def report_files(report: Mapping[str, Any], classes: Sequence[str]) -> dict[str,
         files["curves.png"] = curves_png(report["history"])
     if report.get("lr_curve"):
         files["lr_finder.png"] = lr_png(report["lr_curve"])
+    files.update(data_check_files(report))  # label_issues.png, duplicates.png
     files[REPORT_FILENAME] = json.dumps(report, indent=2, default=str).encode()
     files["report.md"] = _markdown(report, evaluation, sorted(files)).encode()
     return files
@@ -252,6 +254,7 @@ def _markdown(report: Mapping[str, Any], evaluation: Any, files: Sequence[str]) 
     if report.get("params"):
         lines += ["", "## Parameters", ""]
         lines += [f"- {k}: {v}" for k, v in report["params"].items()]
+    lines += data_check_markdown(report)
     lines += ["", "## Figures", ""]
     lines += [f"![{name[:-4]}]({name})" for name in files if name.endswith(".png")]
     return "\n".join(lines) + "\n"

@@ -58,7 +58,7 @@ def test_frozen_strategies_export_one_verified_model(
     report = json.loads((result.version_dir / "report.json").read_text())
     assert report["export_check"]["probabilities_max_abs_diff"] <= 1e-4
     session = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
-    width = {o.name: o.shape[1] for o in session.get_outputs()}["embeddings"]
+    width = {o.name: o.shape for o in session.get_outputs()}["embeddings"][1]
     # -2: test_convnext's third stage (48 channels), not its 64-dim embedding.
     assert width == (48 if layer == -2 else 64)
 

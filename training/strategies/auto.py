@@ -108,7 +108,7 @@ class AutoStrategy:
         )
         notes: list[str] = [f"Four-scenario table: {scenario}"]
         if self.trees:
-            _progress(context, "trying trees")
+            _progress(context, "trying trees (if one fit and its folds fit in the budget)")
             tree = self._trees(context, serve_ms, deadline, notes)
             if tree is not None:
                 fits["trees"], score = tree
@@ -154,7 +154,8 @@ class AutoStrategy:
     ) -> tuple[FittedHead, Score] | None:
         started = time.perf_counter()
         left = math.inf if deadline is None else deadline - time.monotonic()
-        fitted = TreeProbe(folds=self.folds).fit_within(context, left)
+        # Spent already: not even the one timed fit (it alone can take minutes).
+        fitted = TreeProbe(folds=self.folds).fit_within(context, left) if left > 0 else None
         if fitted is None:
             notes.append("trees not scored: its cross-validation would pass the time budget.")
             return None

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tlserve.cli.check import add_check
+from tlserve.cli.quantize import add_quantize
 from tlserve.cli.remote import EXIT_CODES, EXIT_PIPE, add_commands, exit_code_for
+from tlserve.cli.serve import add_serve
 from tlserve.contract.errors import TlserveError
 
 __all__ = ["STRATEGY_NAMES", "main"]
@@ -60,64 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     _add_training_flags(train)
 
-    _add_quantize(sub)
+    add_quantize(sub)  # tlserve.cli.quantize
     add_check(sub)  # tlserve check DATA_DIR: tlserve.cli.check
     inspect = sub.add_parser(
         "inspect", help="print a model version's metadata and evaluation report"
     )
     inspect.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
 
-    serve = sub.add_parser("serve", help="serve every model in a repository over gRPC")
-    serve.add_argument("--model-repository", type=Path, metavar="REPO")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--grpc-port", type=int, help="0 picks a free port (default 8001)")
-    serve.add_argument("--metrics-port", type=int, help="0 picks a free port (default 8002)")
-    serve.add_argument(
-        "--device", choices=("auto", "cpu", "cuda", "tensorrt"), help="execution provider"
-    )
-    serve.add_argument(
-        "--gpu-fallback", choices=("fail", "cpu"), help="GPU asked for but unusable: fail or cpu"
-    )
-    serve.add_argument("--max-batch-size", type=int)
-    serve.add_argument("--max-queue-delay", type=float, help="seconds to wait to fill a batch")
-    serve.add_argument("--max-queue-size", type=int, help="queued rows before RESOURCE_EXHAUSTED")
-    serve.add_argument(
-        "--max-concurrent-rpcs",
-        type=int,
-        help="calls held at once; more are refused before they are read (0: derived)",
-    )
-    serve.add_argument(
-        "--queue-policy", help="adaptive-lifo: freshest first while the queue stands; or fifo"
-    )
-    serve.add_argument(
-        "--max-streams-per-connection",
-        type=int,
-        help="calls one connection may have open; more wait on the caller's side (0: derived)",
-    )
-    serve.add_argument("--preferred-batch-sizes", help='e.g. "4,8": run at once at these sizes')
-    serve.add_argument("--instances", type=int, help="concurrent executions per model")
-    serve.add_argument("--intra-op-threads", type=int, help="threads per run (0: onnxruntime's)")
-    serve.add_argument(
-        "--tune",
-        choices=("auto", "on", "off"),
-        help="measure threads x instances x batch size at load (auto: models >= 1 ms)",
-    )
-    serve.add_argument("--tune-seconds", type=float, help="time bound of tuning per model")
-    serve.add_argument("--trt-cache-dir", help="keep TensorRT engines here across restarts")
-    serve.add_argument(
-        "--version-policy", help='"latest:N" (default latest:1), "specific:1,3", "all"'
-    )
-    serve.add_argument(
-        "--model-control", choices=("poll", "explicit"), help="watch the repository, or RPCs only"
-    )
-    serve.add_argument("--poll-interval", type=float, help="seconds between repository scans")
-    serve.add_argument("--drain-delay", type=float, help="seconds to keep serving after SIGTERM")
-    serve.add_argument("--grace", type=float, help="seconds in-flight calls get to finish")
-    serve.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
-    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    serve.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates (mTLS)")
-    serve.add_argument("--auth-token-file", help="file holding the bearer token callers must send")
-
+    add_serve(sub)  # tlserve.cli.serve
     add_commands(sub)  # classify, models, health: tlserve.cli.remote
     return parser
 
@@ -212,49 +164,6 @@ def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
     return options
 
 
-def _add_quantize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    quantize = sub.add_parser(
-        "quantize",
-        help="publish a faster (int8 or fp16) variant of a published model, measured here",
-        description="Quantize REPO/NAME/VERSION, check its held-out accuracy and speed on this "
-        "host against the float32 model, and publish the chosen one as the next version.",
-    )
-    quantize.add_argument("version_dir", type=Path, metavar="REPO/NAME/VERSION")
-    quantize.add_argument(
-        "--variant",
-        default="auto",
-        choices=("int8", "fp16", "auto"),
-        help="auto: int8 on CPU hosts, fp16 with a GPU, kept only within the budgets "
-        "(default: %(default)s)",
-    )
-    quantize.add_argument("--data", type=Path, help="images (default: the folder it trained on)")
-    _add_budget_flags(quantize)
-    quantize.set_defaults(handler=_quantize)
-
-
-def _add_budget_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--accuracy-budget", type=float, default=0.5, help="accuracy points a variant may lose"
-    )
-    parser.add_argument(
-        "--min-speedup", type=float, default=1.2, help="how much faster a variant must measure"
-    )
-
-
-def _quantize(args: argparse.Namespace) -> int:
-    from tlserve.training.requantize import quantize_published
-
-    version_dir, decision = quantize_published(
-        args.version_dir,
-        data_dir=args.data,
-        mode=args.variant,
-        budget_points=args.accuracy_budget,
-        min_speedup=args.min_speedup,
-    )
-    print(f"published {version_dir} ({decision.chosen}): {decision.reason}")
-    return 0
-
-
 def _inspect(args: argparse.Namespace) -> int:
     """Print the model card in MODEL_DIR/model.onnx and the summary of report.json."""
     import json
@@ -316,25 +225,6 @@ def _fmt(value: float | None) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from tlserve.server.app import serve
-    from tlserve.server.config import ServerConfig
-
-    overrides = {k: getattr(args, k) for k in (
-        "model_repository", "host", "grpc_port", "metrics_port", "device", "gpu_fallback",
-        "max_batch_size", "max_queue_delay", "max_queue_size", "max_concurrent_rpcs",
-        "max_streams_per_connection", "queue_policy", "preferred_batch_sizes",
-        "instances", "version_policy", "model_control", "poll_interval", "drain_delay", "grace",
-        "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
-        "intra_op_threads", "tune", "tune_seconds", "trt_cache_dir",
-    )}  # fmt: skip
-    from tlserve.server.eventloop import install_event_loop
-
-    install_event_loop()
-    serve(ServerConfig.load(overrides))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tlserve`` command."""
     args = _parser().parse_args(argv)
@@ -343,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    commands = {"train": _train, "serve": _serve, "inspect": _inspect}
+    commands = {"train": _train, "inspect": _inspect}
     try:
         handler = getattr(args, "handler", None) or commands[args.command]
         code = int(handler(args))

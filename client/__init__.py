@@ -32,9 +32,11 @@ from tlserve.contract.errors import (
     Unavailable,
     Unimplemented,
 )
+from tlserve.contract.predictions import Classification
 
 __all__ = [
     "AsyncClient",
+    "Classification",
     "Client",
     "Credentials",
     "DeadlineExceeded",

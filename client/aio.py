@@ -21,7 +21,6 @@ from tlserve.client.results import (
     ImageInput,
     ModelMetadata,
     ModelStatus,
-    Prediction,
     StreamResult,
     encode_image,
     image_batch,
@@ -44,6 +43,7 @@ from tlserve.contract.errors import (
     Unavailable,
     from_rpc_error,
 )
+from tlserve.contract.predictions import DEFAULT_TOP_K, Classification
 from tlserve.contract.rules import MAX_MESSAGE_BYTES
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
@@ -54,7 +54,6 @@ from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
 __all__ = ["AsyncClient"]
 
 _NO_RETRY = RetryPolicy(max_attempts=1)
-_DEFAULT_TOP_K = 5
 
 
 class AsyncClient:
@@ -137,12 +136,15 @@ class AsyncClient:
         images: ImageInput | Iterable[ImageInput],
         *,
         model: str,
-        top_k: int = _DEFAULT_TOP_K,
+        top_k: int = DEFAULT_TOP_K,
         version: str = "",
         timeout: float | None = None,
         preprocess: Literal["server", "client"] = "server",
-    ) -> list[list[Prediction]]:
-        """Classify one image or many; one list of predictions per image, in order.
+    ) -> list[Classification]:
+        """Classify one image or many; one :class:`Classification` per image, in order.
+
+        Each: the top-k predictions, best first, with ``ood_score`` and
+        ``out_of_distribution`` (when the model carries the score).
 
         ``preprocess="server"`` sends the encoded images (Classify).
         ``"client"`` decodes and resizes them here with the model's own
@@ -153,7 +155,7 @@ class AsyncClient:
         batch = image_batch(images)
         if preprocess == "client":
             return await self._local.classify(
-                batch, model, top_k or _DEFAULT_TOP_K, version,
+                batch, model, top_k or DEFAULT_TOP_K, version,
                 self.timeout if timeout is None else timeout,
             )  # fmt: skip
         if preprocess != "server":
@@ -207,19 +209,17 @@ class AsyncClient:
     ) -> pb.ModelInferResponse:
         request = pb.ModelInferRequest(model_name=model, model_version=version)
         encode_request_inputs(request, dict(inputs))
-        for name in outputs:
-            request.outputs.add(name=name)
-        response: pb.ModelInferResponse = await self._unary(
-            self._inference.ModelInfer, request, timeout
+        request.outputs.extend(
+            pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs
         )
-        return response
+        return await self._unary(self._inference.ModelInfer, request, timeout)  # type: ignore[no-any-return]
 
     async def classify_stream(
         self,
         images: Iterable[ImageInput] | AsyncIterable[ImageInput],
         *,
         model: str,
-        top_k: int = _DEFAULT_TOP_K,
+        top_k: int = DEFAULT_TOP_K,
         version: str = "",
         timeout: float | None = None,
     ) -> AsyncIterator[StreamResult]:

@@ -19,6 +19,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from tlserve.client.aio import AsyncClient
 from tlserve.client.results import ImageInput, StreamResult
 from tlserve.client.transport import DEFAULT_TIMEOUT, Credentials, RetryPolicy
+from tlserve.contract.predictions import DEFAULT_TOP_K
 from tlserve.contract.rules import MAX_MESSAGE_BYTES
 
 __all__ = ["Client"]
@@ -145,7 +146,7 @@ class Client:
         images: Iterable[ImageInput],
         *,
         model: str,
-        top_k: int = 5,
+        top_k: int = DEFAULT_TOP_K,
         version: str = "",
         timeout: float | None = None,
     ) -> Iterator[StreamResult]:

@@ -16,12 +16,17 @@ from typing import Protocol
 import numpy as np
 
 from tlserve.client import wire
-from tlserve.client.results import ImageInput, ModelMetadata, Prediction
+from tlserve.client.results import ImageInput, ModelMetadata
 from tlserve.contract.card import ModelCard
 from tlserve.contract.codec import decode_response_outputs
 from tlserve.contract.errors import InvalidInput
+from tlserve.contract.predictions import (
+    Classification,
+    is_out_of_distribution,
+    ood_threshold,
+)
 from tlserve.contract.predictions import top_k as ranked
-from tlserve.contract.rules import INPUT_IMAGES, OUTPUT_PROBABILITIES
+from tlserve.contract.rules import INPUT_IMAGES, OUTPUT_OOD_SCORE, OUTPUT_PROBABILITIES
 from tlserve.protos import grpc_service_pb2 as pb
 
 __all__ = ["LocalClassifier"]
@@ -57,7 +62,7 @@ class LocalClassifier:
         top_k: int,
         version: str,
         timeout: float | None,
-    ) -> list[list[Prediction]]:
+    ) -> list[Classification]:
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def remaining() -> float | None:
@@ -66,9 +71,12 @@ class LocalClassifier:
         for attempt in (1, 2):
             card, described = await self._card(model, version, remaining())
             rows = await asyncio.to_thread(wire.model_rows, batch, card.preprocessing)
+            # A card with an OOD threshold belongs to a model with an ood_score output.
+            threshold = ood_threshold(card.metrics)
+            wanted = (OUTPUT_PROBABILITIES,) + (() if threshold is None else (OUTPUT_OOD_SCORE,))
             try:
                 response = await self._infer(
-                    model, {INPUT_IMAGES: rows}, (OUTPUT_PROBABILITIES,), version, remaining()
+                    model, {INPUT_IMAGES: rows}, wanted, version, remaining()
                 )
             except InvalidInput:
                 if version or attempt == 2:
@@ -80,8 +88,16 @@ class LocalClassifier:
                 # A newer version answered (hot swap): rank with its labels, keep its card.
                 card, described = await self._card(model, response.model_version, remaining())
                 self._cards[(model, version)] = (card, described)
-            probabilities = decode_response_outputs(response)[OUTPUT_PROBABILITIES]
-            return [ranked(row, card.labels, top_k) for row in probabilities]
+            outputs = decode_response_outputs(response)
+            scores = outputs.get(OUTPUT_OOD_SCORE)
+            threshold = ood_threshold(card.metrics)  # of the version that answered
+            results = []
+            for i, row in enumerate(outputs[OUTPUT_PROBABILITIES]):
+                score = None if scores is None else float(scores[i])
+                flagged = is_out_of_distribution(score, threshold)
+                results.append(Classification(ranked(row, card.labels, top_k), ood_score=score,
+                                              out_of_distribution=flagged))  # fmt: skip
+            return results
         raise AssertionError("unreachable")
 
     async def _card(self, model: str, version: str, timeout: float | None) -> tuple[ModelCard, str]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "DEFAULT_TOP_K",
     "OOD_THRESHOLD_METRIC",
     "Classification",
     "Prediction",
@@ -15,6 +16,9 @@ __all__ = [
     "ood_threshold",
     "top_k",
 ]
+
+#: Labels a classification returns when the caller asks for none (``top_k`` 0).
+DEFAULT_TOP_K = 5
 
 #: The model card metric holding the ``ood_score`` above which an image is
 #: flagged out of distribution (written at export, read when serving).

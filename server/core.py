@@ -19,7 +19,12 @@ import numpy as np
 from tlserve.contract.card import Preprocessing
 from tlserve.contract.codec import datatype_of
 from tlserve.contract.errors import InvalidInput, TlserveError
-from tlserve.contract.predictions import Classification, is_out_of_distribution, ood_threshold
+from tlserve.contract.predictions import (
+    DEFAULT_TOP_K,
+    Classification,
+    is_out_of_distribution,
+    ood_threshold,
+)
 from tlserve.contract.predictions import top_k as ranked
 from tlserve.contract.rules import OUTPUT_EMBEDDINGS, OUTPUT_OOD_SCORE, OUTPUT_PROBABILITIES
 from tlserve.server.decode import ImageDecoder, ImageHeader
@@ -28,9 +33,8 @@ from tlserve.server.metrics import ServerMetrics
 from tlserve.server.repository import LoadedModel
 from tlserve.server.runtime import OnnxModel
 
-__all__ = ["DEFAULT_TOP_K", "InferenceCore", "validate_inputs"]
+__all__ = ["InferenceCore", "validate_inputs"]
 
-DEFAULT_TOP_K = 5
 
 Arrays = dict[str, np.ndarray]
 

@@ -96,6 +96,22 @@ def test_a_model_without_the_output_still_serves(
         assert result.ood_score is None and not result.out_of_distribution
 
 
+def test_client_side_preprocessing_carries_the_same_score(
+    ood_server: tuple[ServerThread, OodScorer],
+) -> None:
+    server, _ = ood_server
+    images = [png_bytes(RED), png_bytes(GREY)]
+    with Client(server.target) as client:
+        served = client.classify(images, model="watched", top_k=2)
+        local = client.classify(images, model="watched", top_k=2, preprocess="client")
+        old = client.classify([png_bytes(GREY)], model="old", preprocess="client")
+    assert [r.out_of_distribution for r in local] == [r.out_of_distribution for r in served]
+    np.testing.assert_allclose(
+        [r.ood_score for r in local], [r.ood_score for r in served], rtol=1e-5
+    )
+    assert old[0].ood_score is None and not old[0].out_of_distribution
+
+
 def test_cli_json_prints_score_and_flag(
     ood_server: tuple[ServerThread, OodScorer], tmp_path: Path
 ) -> None:

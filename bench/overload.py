@@ -22,7 +22,10 @@ hostile caller). Everything is bounded: each phase stops by itself.
 
 Targets (2 cores): goodput >= 80% of capacity with the generator at lower
 priority and >= 50% at equal priority; the light caller's RESOURCE_EXHAUSTED
-p99 < 50 ms. On a shared machine the figures are noisy.
+p99 < 50 ms. One round's goodput drifts by +-20% on 2 cores (the first
+seconds of 2,000 new calls are a burst of their own), so ``--rounds`` rounds
+of ``--seconds`` phases run on one server and the targets are judged on the
+medians, each round's goodput a ratio to that round's own capacity.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import json
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -146,59 +150,84 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     repo = fast_model(OUT / "overload", size=SIZE).parent.parent.parent
     server = Server(repo, args.server_flags.split())
     pid = server.process.pid
-    figures: dict[str, Any] = {"rss_mb": {"start": _rss_mb(pid)}}
+    figures: dict[str, Any] = {"rss_mb": {"start": _rss_mb(pid)}, "rounds": []}
     try:
-        # Warm up, then capacity: the server busy, no queue to speak of.
-        _result(_start_generator(server.target, 16, 30.0, 2.0), 60)
-        cpu = _cpu_seconds(pid)
-        capacity = _result(_start_generator(server.target, 16, 30.0, args.seconds), 120)
-        capacity["server_cpu_s"] = _cpu_seconds(pid) - cpu
-        figures["capacity"] = capacity
-        print(f"capacity (16 in flight): {capacity['ok_per_s']:.0f} req/s, p50 "
-              f"{capacity['ok_ms'].get('p50', 0):.1f} ms; server CPU "
-              f"{capacity['server_cpu_s'] / args.seconds:.0%} of a core", flush=True)  # fmt: skip
-        for label, nice in (("equal", 0), ("lower", 10)):
-            time.sleep(3)  # let the last phase's calls drain
-            cpu, counted = _cpu_seconds(pid), server.counts()
-            load = _start_generator(server.target, args.inflight, 2.0, args.seconds, nice,
-                                    no_backoff=args.no_backoff)  # fmt: skip
-            time.sleep(min(2.0, args.seconds / 4))  # the light caller measures under overload
-            light = _start_generator(server.target, 1, 2.0, args.seconds - 3.0, light=True)
-            overload, refusals = _result(load, args.seconds + 60), _result(light, args.seconds + 60)
-            overload["server_cpu_s"] = _cpu_seconds(pid) - cpu
-            overload["server_counts"] = {
-                k: v - counted.get(k, 0.0) for k, v in server.counts().items()
-                if v - counted.get(k, 0.0)
-            }  # fmt: skip
-            figures[f"overload_{label}"] = {"load": overload, "light": refusals,
-                                            "rss_mb": _rss_mb(pid)}  # fmt: skip
-            ratio = overload["ok_per_s"] / capacity["ok_per_s"]
-            target = 0.8 if label == "lower" else 0.5
-            refused = refusals["refused_ms"]
-            print(f"overload, generator at {label} priority (nice {nice}), {args.inflight} in "
-                  f"flight, 2 s deadlines: goodput {overload['ok_per_s']:.0f} req/s = {ratio:.0%} "
-                  f"of capacity (>= {target:.0%}: {'met' if ratio >= target else 'MISSED'}); "
-                  f"outcomes {overload['outcomes']}; server CPU "
-                  f"{overload['server_cpu_s'] / args.seconds:.0%} of a core",
-                  flush=True)  # fmt: skip
-            print(f"  the server counted {overload['server_counts']}", flush=True)
-            p50, p99 = refused.get("p50", float("nan")), refused.get("p99", float("nan"))
-            verdict = "met" if p99 < 50 else "MISSED"
-            if not refused["n"]:  # the heavy caller's excess waited on its own connection
-                verdict = "n/a: never refused"
-            print(f"  light caller: RESOURCE_EXHAUSTED in p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-                  f"over {refused['n']} refusals (p99 < 50 ms: {verdict}); all its "
-                  f"{refusals['outcomes']} in p50 {refusals['any_ms'].get('p50', 0):.1f} / p99 "
-                  f"{refusals['any_ms'].get('p99', 0):.1f} ms; "
-                  f"server RSS {figures[f'overload_{label}']['rss_mb']}", flush=True)  # fmt: skip
+        _result(_start_generator(server.target, 16, 30.0, 2.0), 60)  # warm up
+        for index in range(args.rounds):
+            print(f"round {index + 1}/{args.rounds}", flush=True)
+            figures["rounds"].append(_round(server, args))
     finally:
         figures["server_exit"] = server.stop()
+    _summary(figures["rounds"])
     return figures
+
+
+def _round(server: Server, args: argparse.Namespace) -> dict[str, Any]:
+    """Capacity, then overload at equal and at lower generator priority, on one server."""
+    pid, figures = server.process.pid, {}
+    cpu = _cpu_seconds(pid)
+    capacity = _result(_start_generator(server.target, 16, 30.0, args.seconds), 120)
+    capacity["server_cpu_s"] = _cpu_seconds(pid) - cpu
+    figures["capacity"] = capacity
+    print(f"  capacity (16 in flight): {capacity['ok_per_s']:.0f} req/s, p50 "
+          f"{capacity['ok_ms'].get('p50', 0):.1f} ms; server CPU "
+          f"{capacity['server_cpu_s'] / args.seconds:.0%} of a core", flush=True)  # fmt: skip
+    for label, nice in (("equal", 0), ("lower", 10)):
+        time.sleep(3)  # let the last phase's calls drain
+        cpu, counted = _cpu_seconds(pid), server.counts()
+        load = _start_generator(server.target, args.inflight, 2.0, args.seconds, nice,
+                                no_backoff=args.no_backoff)  # fmt: skip
+        time.sleep(min(2.0, args.seconds / 4))  # the light caller measures under overload
+        light = _start_generator(server.target, 1, 2.0, args.seconds - 3.0, light=True)
+        overload, refusals = _result(load, args.seconds + 60), _result(light, args.seconds + 60)
+        overload["server_cpu_s"] = _cpu_seconds(pid) - cpu
+        overload["server_counts"] = {
+            k: v - counted.get(k, 0.0) for k, v in server.counts().items()
+            if v - counted.get(k, 0.0)
+        }  # fmt: skip
+        ratio = overload["ok_per_s"] / capacity["ok_per_s"]
+        figures[f"overload_{label}"] = {"load": overload, "light": refusals,
+                                        "rss_mb": _rss_mb(pid), "goodput_ratio": ratio}  # fmt: skip
+        refused = refusals["refused_ms"]
+        print(f"  overload, generator at {label} priority (nice {nice}), {args.inflight} in "
+              f"flight, 2 s deadlines: goodput {overload['ok_per_s']:.0f} req/s = {ratio:.0%} "
+              f"of capacity; outcomes {overload['outcomes']}; server CPU "
+              f"{overload['server_cpu_s'] / args.seconds:.0%} of a core", flush=True)  # fmt: skip
+        print(f"    the server counted {overload['server_counts']}", flush=True)
+        p50, p99 = refused.get("p50", float("nan")), refused.get("p99", float("nan"))
+        print(f"    light caller: RESOURCE_EXHAUSTED in p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+              f"over {refused['n']} refusals; all its {refusals['outcomes']} in p50 "
+              f"{refusals['any_ms'].get('p50', 0):.1f} / p99 "
+              f"{refusals['any_ms'].get('p99', 0):.1f} ms; "
+              f"server RSS {figures[f'overload_{label}']['rss_mb']}", flush=True)  # fmt: skip
+    return figures
+
+
+def _summary(rounds: list[dict[str, Any]]) -> None:
+    """Medians over rounds beside the targets (one round's goodput drifts +-20% here)."""
+    for label, target in (("equal", 0.5), ("lower", 0.8)):
+        ratios = [r[f"overload_{label}"]["goodput_ratio"] for r in rounds]
+        median = statistics.median(ratios)
+        print(f"goodput, generator at {label} priority: median {median:.0%} of capacity "
+              f"[{min(ratios):.0%}-{max(ratios):.0%}] over {len(ratios)} rounds "
+              f"(>= {target:.0%}: {'met' if median >= target else 'MISSED'})")  # fmt: skip
+    p99s = [
+        r[f"overload_{label}"]["light"]["refused_ms"]["p99"]
+        for r in rounds for label in ("equal", "lower")
+        if r[f"overload_{label}"]["light"]["refused_ms"]["n"]
+    ]  # fmt: skip
+    if p99s:
+        print(f"light caller's RESOURCE_EXHAUSTED p99: worst {max(p99s):.1f} ms over "
+              f"{len(p99s)} phases that refused it (< 50 ms: "
+              f"{'met' if max(p99s) < 50 else 'MISSED'})")  # fmt: skip
+    else:
+        print("light caller's RESOURCE_EXHAUSTED p99: n/a (never refused)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=12.0, help="per phase")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per phase")
+    parser.add_argument("--rounds", type=int, default=3, help="capacity + overload rounds")
     parser.add_argument("--inflight", type=int, default=2000)
     parser.add_argument("--no-backoff", action="store_true", help="refused calls retry at once")
     parser.add_argument("--server-flags", default="", help="extra `tlserve serve` flags")

@@ -120,9 +120,20 @@ def create_backbone(name: str, *, weights: Path | None = None) -> Backbone:
         module.reset_classifier(0)  # type: ignore[operator]
         preprocessing = entry.preprocessing
     module.eval()
-    feature_dim = int(module.num_features)  # type: ignore[arg-type]
+    feature_dim = embedding_width(module)
     log.info("backbone %s: %d-dim embeddings, input %s", name, feature_dim, preprocessing)
     return Backbone(name, module, feature_dim, preprocessing, imagenet_head)
+
+
+def embedding_width(module: torch.nn.Module) -> int:
+    """Width of the pooled embedding ``module(x)`` returns once its classifier is reset.
+
+    timm models with a convolution after the pooling (MobileNetV3: 576
+    channels pooled, 1024 after ``conv_head``) say so in ``head_hidden_size``;
+    ``num_features`` is the width before it.
+    """
+    width = getattr(module, "head_hidden_size", None) or module.num_features
+    return int(width)  # type: ignore[arg-type]
 
 
 def create_imagenet_classifier(name: str) -> tuple[torch.nn.Module, Preprocessing]:

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from tlserve.training.backbones import embedding_width
+
 __all__ = [
     "MULTI",
     "Layer",
@@ -79,7 +81,7 @@ def _stages(model: torch.nn.Module) -> list[dict[str, object]]:
 def layer_channels(model: torch.nn.Module, layer: Layer) -> int:
     """Width of the pooled features of ``layer``."""
     if layer is None:
-        return int(model.num_features)  # type: ignore[arg-type]
+        return embedding_width(model)
     stages = _stages(model)
     if -layer > len(stages):
         raise ValueError(f"layer {layer} does not exist: the model has {len(stages)} stages")

@@ -125,3 +125,28 @@ def test_torchvision_architecture_with_a_weights_file(tmp_path: Path) -> None:
         assert backbone.module(torch.zeros(2, 3, 96, 96)).shape == (2, 512)
     with pytest.raises(ValueError, match="no classification model"):
         create_backbone("tv:not_a_model")
+
+
+def test_a_timm_model_with_a_conv_after_pooling_trains_and_exports(
+    shapes_folder: Path, tmp_path: Path
+) -> None:
+    """MobileNetV3 pools 576 channels and widens them to 1024 in ``conv_head``:
+    the head, the probe and the export must all use the 1024 it returns."""
+    from tlserve.training import TrainConfig, train
+
+    name = "timm:mobilenetv3_small_050@32"
+    backbone = create_backbone(name)
+    with torch.inference_mode():
+        width = backbone.module(torch.zeros(1, 3, 32, 32)).shape[1]
+    assert backbone.feature_dim == width == 1024
+    result = train(
+        TrainConfig(
+            shapes_folder,
+            model_repository=tmp_path / "models",
+            name="mnv3",
+            strategy="linear",
+            backbone=name,
+            cache_dir=tmp_path / "cache",
+        )
+    )
+    assert result.model_path.is_file() and result.test_accuracy is not None

@@ -21,7 +21,8 @@ from tlserve.cli.main import main
 from tlserve.contract.card import ModelCard, Preprocessing
 from tlserve.contract.errors import InvalidInput
 from tlserve.training.fp16 import convert_fp16, gpu_providers
-from tlserve.training.quantize import decide, quantize_int8, select_variant
+from tlserve.training.int8 import quantize_int8
+from tlserve.training.quantize import decide, select_variant
 from tlserve.training.requantize import quantize_published, stratified
 from tlserve.training.variants import HeldOut, float_regions, name_nodes
 
@@ -47,10 +48,11 @@ def build_conv_classifier(path: Path) -> Path:
     for c in range(8):
         head[c, c % 3] = 8.0
     nodes = [
-        helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+        # The order tlserve's export has: NCHW first, then per-channel normalisation.
+        helper.make_node("Transpose", ["images"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Cast", ["nchw"], ["f"], to=TensorProto.FLOAT),
         helper.make_node("Div", ["f", "scale"], ["unit"]),
-        helper.make_node("Sub", ["unit", "mean"], ["centred"]),
-        helper.make_node("Transpose", ["centred"], ["x"], perm=[0, 3, 1, 2]),
+        helper.make_node("Sub", ["unit", "mean"], ["x"]),
         helper.make_node("Conv", ["x", "conv1"], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Conv", ["r1", "conv2"], ["c2"], pads=[1, 1, 1, 1]),
@@ -74,7 +76,7 @@ def build_conv_classifier(path: Path) -> Path:
         ],
         initializer=[
             _tensor("scale", np.array(255.0, np.float32)),
-            _tensor("mean", np.array(0.5, np.float32)),
+            _tensor("mean", np.array([0.5, 0.45, 0.4], np.float32).reshape(1, 3, 1, 1)),
             _tensor("conv1", conv1),
             _tensor("conv2", conv2),
             _tensor("head", head),
@@ -159,6 +161,17 @@ def test_normalisation_and_everything_after_the_last_conv_stay_float(conv_model:
         if node.op_type in ("Div", "Sub", "MatMul", "Softmax"):
             # Exact float inputs: straight from the previous float op or an initializer.
             assert all(producers.get(name) != "DequantizeLinear" for name in node.input), node
+    # The normalisation's [1, 3, 1, 1] constants are spread to the image's shape (a fast
+    # broadcast once onnxruntime runs it NHWC); nothing else changed shape.
+    before = {i.name: list(i.dims) for i in model.graph.initializer}
+    after = {i.name: list(i.dims) for i in quantized.graph.initializer if i.name in before}
+    changed = {name for name in before if after.get(name, before[name]) != before[name]}
+    normalisation = {
+        name for node in model.graph.node if node.op_type in ("Sub", "Div")
+        for name in node.input if before.get(name) == [1, 3, 1, 1]
+    }  # fmt: skip
+    assert changed == normalisation and normalisation
+    assert all(after[name] == [1, 3, SIZE, SIZE] for name in changed)
 
 
 def test_auto_falls_back_to_float32_when_accuracy_drops_past_the_budget(conv_model: Path) -> None:

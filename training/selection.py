@@ -13,8 +13,12 @@ The rule (:func:`select`), Breiman's one-standard-error rule made pairwise:
    (candidates taken cheapest first; a later one must be strictly better).
 2. The *winner* is the cheapest candidate whose deficit to the leader, on
    their common rows, is at most one standard error of that paired
-   difference: it is not measurably worse, and it is cheaper to serve and
-   train. The leader itself always qualifies.
+   difference *and* that is in a cheaper tier (the whole part of ``cost``:
+   1 a linear head on frozen features, 2 trees, 3 a trained backbone): it is
+   not measurably worse, and it is really cheaper to serve or train. Within
+   a tier (the linear heads on different layers run the same backbone) the
+   leader wins: preferring the cheaper there would give up expected accuracy
+   for nothing. The leader itself always qualifies.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ class Score:
 
     ``rows`` name the validation rows (image paths) and ``correct`` says which
     it classified right. ``cost`` orders candidates for ties (lower is
-    cheaper to serve and train). ``protocol`` says how it was scored.
+    cheaper to serve and train; its whole part is the tier, see the module
+    docstring). ``protocol`` says how it was scored.
     """
 
     name: str
@@ -115,7 +120,8 @@ def select(scores: Sequence[Score]) -> Selection:
             leader = candidate
     for candidate in ranked:
         diff, se, _ = paired_difference(leader, candidate)
-        if candidate is leader or diff <= se:
+        cheaper_tier = math.floor(candidate.cost) < math.floor(leader.cost)
+        if candidate is leader or (cheaper_tier and diff <= se):
             break
     winner = candidate
     figure = f"{winner.accuracy:.1%} ({winner.protocol})" if winner.protocol else ""

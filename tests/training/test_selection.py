@@ -55,6 +55,9 @@ def test_ties_within_one_standard_error_go_to_the_cheaper_candidate() -> None:
     chosen = select([_score("pricey", base, 3.0), _score("cheap", close, 1.0)])
     assert chosen.leader.name == "pricey" and chosen.winner.name == "cheap"
     assert "within one standard error" in chosen.reason
+    # The same tier (linear heads on two layers of one backbone): the leader wins.
+    same_tier = select([_score("linear@multi", base, 1.2), _score("linear", close, 1.0)])
+    assert same_tier.winner.name == "linear@multi" == same_tier.leader.name
     worse = base.copy()
     worse[np.flatnonzero(base)[:60]] = False  # 15 points worse: measurably so
     assert select([_score("pricey", base, 3.0), _score("cheap", worse, 1.0)]).winner.name == (

@@ -51,8 +51,10 @@ __all__ = ["AutoStrategy"]
 
 log = logging.getLogger(__name__)
 
-# Tie-break order: cheaper to train (and, for trees, to serve) first.
-_COST = {"linear": 1.0, "linear@-2": 1.1, "linear@multi": 1.2, "trees": 2.0}
+# Tie-break order: cheaper to train (and, for trees, to serve) first. The whole
+# part is the tier (selection.select): linear heads on any layer are tier 1.
+_COST = {"linear": 1.0, "linear@multi": 1.2, "trees": 2.0}
+_EARLIER_COST = 1.1
 _TRAINED_COST = {"finetune": 3.0, "scratch": 3.1}
 # A training step (forward + backward + update) costs about three forwards.
 _TRAIN_STEP_FORWARDS = 3.0
@@ -254,7 +256,7 @@ def _frozen_score(
         name=name,
         rows=tuple(paths),
         correct=held.logits.argmax(axis=1) == held.labels,
-        cost=_COST.get(name, 2.5),
+        cost=_COST.get(name, _EARLIER_COST),
         protocol=f"{fitted.params.get('folds', '?')}-fold CV on {len(paths)} training images",
         train_seconds=seconds,
         serve_ms_per_image=serve_ms,

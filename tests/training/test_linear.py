@@ -58,6 +58,9 @@ def test_tiny_classes_fall_back_to_fewer_folds_or_no_cv() -> None:
     assert fit_logistic_regression(x, y, classes=("a", "b")).folds == 3
     one_each = fit_logistic_regression(x[[0, 3]], y[[0, 3]], classes=("a", "b"))
     assert (one_each.folds, one_each.c, one_each.cv_accuracy) == (0, 1.0, None)
+    # A C chosen before (fine-tuning's head starts from auto's probe): used as given.
+    given = fit_logistic_regression(x, y, classes=("a", "b"), c_grid=(0.01,), folds=0)
+    assert (given.folds, given.c) == (0, 0.01)
 
 
 def test_a_class_without_training_features_is_named() -> None:

@@ -37,6 +37,7 @@ from tlserve.training.report import REPORT_FILENAME, candidate_row, candidates_n
 from tlserve.training.requantize import variant_report
 from tlserve.training.result import TrainResult
 from tlserve.training.strategies import FitContext, FittedHead, create_strategy
+from tlserve.training.strategies.auto import probe_layers
 
 __all__ = ["REPORT_FILENAME", "TrainConfig", "TrainResult", "train"]
 
@@ -95,6 +96,8 @@ def train(config: TrainConfig | Path, /, **settings: Any) -> TrainResult:
     )
     if budget is not None:
         log.info("time budget %.0f s (--time-budget)", budget)
+    if config.strategy == "auto":  # one forward pass for the data check and the candidates
+        context.probe_layers = probe_layers(net)
     data_check, context = check_before_training(
         context, seed=config.seed, drop_duplicates=config.drop_duplicates
     )

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from tlserve.training.backbones import Backbone
 from tlserve.training.data import DataError
 from tlserve.training.features import load_images
 from tlserve.training.heads import head_logits
@@ -47,7 +48,7 @@ from tlserve.training.strategies.scenarios import choose, measure
 from tlserve.training.strategies.trees import TreeProbe
 from tlserve.training.strategies.validation import prepare_run_images
 
-__all__ = ["AutoStrategy"]
+__all__ = ["AutoStrategy", "probe_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ class AutoStrategy:
 
     def fit(self, context: FitContext) -> FittedHead:
         earlier = parse_layer(self.earlier)
-        staged = _has_stages(context)
-        context.probe_layers = MULTI if staged else (None,)
+        staged = _has_stages(context.backbone)
+        context.probe_layers = probe_layers(context.backbone)
         frozen: list[tuple[str, Layers]] = [("linear", None)]
         if staged:
             frozen += [(f"linear@{format_layer(earlier)}", earlier), ("linear@multi", MULTI)]
@@ -226,10 +227,20 @@ class AutoStrategy:
             raise ValueError(f"auto: unknown trained candidates {sorted(unknown)}")
 
 
-def _has_stages(context: FitContext) -> bool:
-    return bool(getattr(context.backbone.module, "feature_info", None)) and hasattr(
-        context.backbone.module, "forward_intermediates"
+def _has_stages(backbone: Backbone) -> bool:
+    return bool(getattr(backbone.module, "feature_info", None)) and hasattr(
+        backbone.module, "forward_intermediates"
     )
+
+
+def probe_layers(backbone: Backbone) -> tuple[Layer, ...]:
+    """The layers ``auto``'s frozen-feature candidates use, embedded in one forward pass.
+
+    ``train()`` sets them before the data check embeds the training images,
+    so that one pass serves both (measured on the example data: a second
+    pass of 1,000 images took 19 s of auto's 108).
+    """
+    return MULTI if _has_stages(backbone) else (None,)
 
 
 def _forward_ms(context: FitContext) -> float:

@@ -24,6 +24,8 @@ from timm.scheduler.scheduler import Scheduler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from tlserve.training.precision import autocast
+
 __all__ = [
     "AUGMENT_PRESETS",
     "Augment",
@@ -159,14 +161,18 @@ def train_one_epoch(
     epoch_label: str,
     steps_done: int = 0,
     deadline: float | None = None,
+    precision: str = "float32",
 ) -> EpochStats:
     """One pass over this rank's share of ``images``; returns mean loss and accuracy.
 
     ``steps_done`` counts the optimiser updates before this epoch (the
     schedule's position). With a ``deadline`` (:func:`time.monotonic`), the
     epoch stops with :class:`OutOfTime` as soon as its measured pace says it
-    would end after it.
+    would end after it. Batches go to the model's device; ``precision``
+    (``float32`` or ``bf16``, :mod:`~tlserve.training.precision`) is how
+    the forward and loss run.
     """
+    device = _device_of(model)
     start = time.perf_counter()
     began = time.monotonic()
     set_modes()
@@ -180,10 +186,11 @@ def train_one_epoch(
             if time.monotonic() + pace * (len(batches) - step) > deadline:
                 bar.close()
                 raise OutOfTime(pace * (len(batches) - step), seen / max(1e-9, pace * step))
-        x = augment(torch.from_numpy(images[index.numpy()]))
-        y = torch.from_numpy(labels[index.numpy()])
-        logits = model(x)
-        loss = loss_fn(logits, y)
+        x = augment(torch.from_numpy(images[index.numpy()])).to(device, non_blocking=True)
+        y = torch.from_numpy(labels[index.numpy()]).to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(x)
+            loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -199,13 +206,19 @@ def train_one_epoch(
     )
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def evaluate_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Logits ``[N, C]`` (eval mode, no augmentation)."""
     model.eval()
+    device = _device_of(model)
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            chunks.append(model(torch.from_numpy(images[start : start + batch_size])).numpy())
+            batch = torch.from_numpy(images[start : start + batch_size]).to(device)
+            chunks.append(model(batch).float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
@@ -231,6 +244,7 @@ def find_lr(
     stops once the smoothed loss exceeds 4x its minimum. Returns the
     suggestion (the multiplier at the minimum smoothed loss / 10) and the curve.
     """
+    device = _device_of(model)
     model_state = {k: v.clone() for k, v in model.state_dict().items()}
     optim_state = optimizer.state_dict()
     base = [group["lr"] for group in optimizer.param_groups]
@@ -243,9 +257,8 @@ def find_lr(
         for group, lr in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = lr * mult
         index = torch.randint(len(images), (batch_size,), generator=rng).numpy()
-        loss = loss_fn(
-            model(augment(torch.from_numpy(images[index]))), torch.from_numpy(labels[index])
-        )
+        x = augment(torch.from_numpy(images[index])).to(device)
+        loss = loss_fn(model(x), torch.from_numpy(labels[index]).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

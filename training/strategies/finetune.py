@@ -22,9 +22,12 @@ for ``finetune``) keeps every BatchNorm on its pretrained running statistics
 ``scratch`` trains the whole network at one LR with BatchNorm training, from
 the pretrained weights (default) or from random init (``pretrained=False``).
 
-Both run under ``torchrun`` unchanged (DistributedDataParallel, each rank on
-its slice). A checkpoint is written every epoch; ``resume`` continues from it.
-Under a time budget (``FitContext.deadline``) training stops before an epoch
+On a GPU when there is one; ``precision`` (default ``auto``: bfloat16 autocast
+on a GPU, float32 on a CPU, where bf16 steps measured slower) is set out in
+:mod:`tlserve.training.precision`. Both run under ``torchrun`` unchanged
+(DistributedDataParallel, each rank on its slice). A checkpoint is written
+every epoch; ``resume`` continues from it. Under a time budget
+(``FitContext.deadline``) training stops before an epoch
 that would end after it, keeping the best epoch so far.
 """
 
@@ -59,6 +62,7 @@ class FineTune:
     probe_head: bool = True
     pretrained: bool = True
     val_fraction: float = 0.15  # carved from train when there is no val/
+    precision: str = "auto"  # float32, bf16 or auto (tlserve.training.precision)
 
     def fit(self, context: FitContext) -> FittedHead:
         run = BackboneRun(self, context, prepare_run_images(context, self.val_fraction))

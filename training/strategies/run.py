@@ -27,6 +27,7 @@ from tlserve.training.loops import (
     train_one_epoch,
 )
 from tlserve.training.modules import ImageEmbedder
+from tlserve.training.precision import resolve_precision, training_device
 from tlserve.training.strategies.base import FitContext, FittedHead, HeldOutLogits, class_weights
 from tlserve.training.strategies.checkpoint import load_checkpoint, save_checkpoint
 from tlserve.training.strategies.linear import fit_logistic_regression
@@ -68,7 +69,10 @@ class BackboneRun:
             reset_parameters(module)
         self.params: dict[str, float | int | str] = {"max_epochs": recipe.epochs, "bn": recipe.bn}
         head = self._head(probe_c)
-        self.network = Network(ImageEmbedder(module, spec), head)
+        self.device = training_device()
+        self.precision = resolve_precision(recipe.precision, self.device)
+        self.params["precision"] = f"{self.precision} on {self.device.type}"
+        self.network = Network(ImageEmbedder(module, spec), head).to(self.device)
         groups, self.frozen = param_groups(self.network, recipe)
         self.params["trainable_parameters"] = sum(p.numel() for g in groups for p in g["params"])
         n_classes = len(context.classes)
@@ -78,14 +82,16 @@ class BackboneRun:
             else None
         )
         self.loss_fn = torch.nn.CrossEntropyLoss(
-            weight=weight, label_smoothing=recipe.label_smoothing
+            weight=None if weight is None else weight.to(self.device),
+            label_smoothing=recipe.label_smoothing,
         )
         kind = augment_for(recipe.augment, data.images[:64])
         self.params["augment"] = kind
         self.augment = Augment((spec.height, spec.width), kind=kind)
         self.model: torch.nn.Module = self.network
         if rank_and_world()[1] > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(self.network)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.network, device_ids=ids)
         self.lr_curve: list[tuple[float, float]] = []
         lr = self._learning_rate(groups)
         self.params["lr"] = float(f"{lr:.3g}")
@@ -194,6 +200,7 @@ class BackboneRun:
             epoch_label=f"{self.recipe.name} epoch {epoch + 1}/{self.recipe.epochs}",
             steps_done=epoch * self.steps_per_epoch,
             deadline=deadline,
+            precision=self.precision,
         )
         self.images_per_second = stats.images_per_second
         row = {
@@ -251,7 +258,7 @@ class BackboneRun:
     def finish(self) -> FittedHead:
         """The best epoch's network (restored), as a strategy result."""
         self.stopper.restore(self.network)
-        self.network.eval()
+        self.network.eval().cpu()  # exported and checked on the CPU
         params = dict(self.params)
         params["epochs"] = self.epochs_done
         if self.stopper.best_state is not None:

@@ -1,0 +1,44 @@
+"""Training precision and device: bf16 autocast runs through the same loop, weights stay float32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tlserve.training.backbones import Backbone
+from tlserve.training.data import load_dataset
+from tlserve.training.precision import resolve_precision, training_device
+from tlserve.training.strategies import FitContext
+from tlserve.training.strategies.finetune import FineTune
+
+
+def test_precision_names_and_auto() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("float32", cpu) == "float32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) == "float32"  # bf16 steps measured slower on CPU
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8", cpu)
+    assert training_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_a_bf16_run_trains_and_hands_back_a_float32_network_on_the_cpu(
+    shapes_folder: Path, tiny_backbone: Backbone, precision: str
+) -> None:
+    dataset = load_dataset(shapes_folder)
+    context = FitContext(
+        classes=dataset.classes,
+        backbone=tiny_backbone,
+        splits=dataset.splits(),
+        batch_size=8,
+        workers=0,
+    )
+    fitted = FineTune(epochs=2, lr=0.05, augment="none", precision=precision).fit(context)
+    assert fitted.params["precision"] == f"{precision} on {training_device().type}"
+    assert len(fitted.history) == 2 and all(row["train_loss"] > 0 for row in fitted.history)
+    weights = [*fitted.embedder.parameters(), *fitted.head.parameters()]
+    assert {p.dtype for p in weights} == {torch.float32}
+    assert {p.device.type for p in weights} == {"cpu"}  # exported on the CPU

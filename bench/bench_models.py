@@ -120,6 +120,7 @@ def int8_model(float_path: Path) -> tuple[Path, dict[str, object]]:
     on (held-out accuracy of both variants); the fast model has random
     weights, so only its top-1 agreement means anything.
     """
+    import hashlib
     import json
 
     from tlserve.training.data import load_dataset
@@ -129,8 +130,14 @@ def int8_model(float_path: Path) -> tuple[Path, dict[str, object]]:
     name = float_path.parent.parent.name
     path = float_path.parent.parent.parent / f"{name}-int8" / "1" / "model.onnx"
     figures_file = path.with_name("figures.json")
+    # Remade when the code that makes it changes (a stale variant would measure old code).
+    made_by = hashlib.sha256(
+        b"".join((ROOT / "training" / f).read_bytes() for f in ("int8.py", "quantize.py"))
+    ).hexdigest()
     if path.is_file() and figures_file.is_file():
-        return path, json.loads(figures_file.read_text())
+        cached = json.loads(figures_file.read_text())
+        if cached.get("made_by") == made_by:
+            return path, dict(cached)
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(float_path, path)
     card = ModelCard.from_props(_props(float_path))
@@ -145,7 +152,7 @@ def int8_model(float_path: Path) -> tuple[Path, dict[str, object]]:
         )
         decision = select_variant(path, calibration, None, mode="int8")
     assert decision is not None
-    figures = decision.to_dict()
+    figures = {**decision.to_dict(), "made_by": made_by}
     figures_file.write_text(json.dumps(figures, indent=2, default=str))
     return path, figures
 

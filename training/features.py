@@ -96,9 +96,10 @@ def default_workers() -> int:
 
     A decoding thread mostly waits in Pillow with the GIL released, and the
     backbone's threads take the cores while it is idle. Measured on 2 CPUs
-    (``make bench-train``, 320 images, lite0 at 224 px): 0, 1 and 2 threads
-    gave 80.7%, 78.2% and 82.7% of raw onnxruntime's images/s (DataLoader
-    processes, before: 1 worker 71.8%).
+    (``make bench-train``, 320 images, lite0 at 224 px), two runs: 0, 1 and
+    2 threads gave 80.7/78.9%, 78.2/81.7% and 82.7/79.5% of raw
+    onnxruntime's images/s, the same within noise (DataLoader processes,
+    before: 1 worker 71.8%).
     """
     try:
         cpus = len(os.sched_getaffinity(0))

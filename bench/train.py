@@ -9,7 +9,7 @@ Prints, in one run on the same real images (examples/fashion-mnist), lite0:
   round by round, so a busy machine slows them alike and the ratios hold;
 - the one-time export (wall and CPU seconds) and how many images it takes
   to pay for itself, the figure behind ``EXPORT_PAYS_OFF_IMAGES``;
-- feature extraction as training runs it (decode in DataLoader workers +
+- feature extraction as training runs it (decode in decoding threads +
   forward), torch and onnxruntime, as a fraction of the limit
   (target: >= 80% for the default path);
 - fine-tune steps (backbone + new head, AdamW) in float32 NCHW, channels_last,

@@ -188,7 +188,7 @@ class InferenceCore:
         started = time.perf_counter_ns()
         ok = False
         try:
-            with self.metrics.inference(loaded.name, loaded.version):
+            with self.metrics.inference(loaded.name, loaded.version, deadline):
                 if validate:
                     validate_inputs(loaded.name, loaded.model, inputs)
                 outputs = await loaded.batcher.submit(inputs, deadline=deadline)

@@ -28,6 +28,16 @@ def failure_reason(exc: BaseException) -> str:
     return "internal"
 
 
+# gRPC's deadline and the loop's clock agree to well under this.
+_DEADLINE_SLACK_S = 0.01
+
+
+def _past(deadline: float | None) -> bool:
+    if deadline is None:
+        return False
+    return asyncio.get_running_loop().time() >= deadline - _DEADLINE_SLACK_S
+
+
 # From 0.5 ms to 10 s: a fast CPU batch to a slow overloaded queue.
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
@@ -167,8 +177,13 @@ class ServerMetrics:
         )
 
     @contextmanager
-    def inference(self, model: str, version: str) -> Iterator[None]:
-        """Count one request in a model: in-flight while inside, then its outcome."""
+    def inference(self, model: str, version: str, deadline: float | None = None) -> Iterator[None]:
+        """Count one request in a model: in-flight while inside, then its outcome.
+
+        gRPC cancels the handler when the caller's ``deadline`` (event-loop
+        time) passes; a cancellation then is counted as ``deadline_exceeded``,
+        as ``tlserve_requests_total`` counts it, not ``cancelled``.
+        """
         gauge = self.in_flight.labels(model)
         gauge.inc()
         outcome = "ok"
@@ -176,6 +191,8 @@ class ServerMetrics:
             yield
         except BaseException as exc:
             outcome = failure_reason(exc)
+            if outcome == "cancelled" and _past(deadline):
+                outcome = "deadline_exceeded"
             raise
         finally:
             gauge.dec()

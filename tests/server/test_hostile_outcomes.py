@@ -35,6 +35,12 @@ def _counted(server: ServerThread, api: str, outcome: str, model: str = "tiny") 
     return value or 0.0
 
 
+def _inferences(server: ServerThread, outcome: str) -> float:
+    labels = {"model": "tiny", "version": "1", "outcome": outcome}
+    registry = server.running.core.metrics.registry
+    return registry.get_sample_value("tlserve_inferences_total", labels) or 0.0
+
+
 def _eventually(check: object, server: ServerThread, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():  # type: ignore[operator]
@@ -69,6 +75,8 @@ def test_a_deadline_that_passes_in_the_queue_is_counted_as_deadline_exceeded(
     # The alert on DEADLINE_EXCEEDED fires: nothing is counted as CANCELLED.
     _eventually(lambda: _counted(server, "ModelInfer", "DEADLINE_EXCEEDED") == 3, server)
     assert _counted(server, "ModelInfer", "CANCELLED") == 0
+    assert _inferences(server, "cancelled") == 0  # the per-model count agrees
+    assert _inferences(server, "deadline_exceeded") == 3
 
 
 def test_a_call_the_caller_cancels_is_counted_as_cancelled(
@@ -81,6 +89,7 @@ def test_a_call_the_caller_cancels_is_counted_as_cancelled(
     _eventually(lambda: _counted(server, "ModelInfer", "CANCELLED") == 1, server)
     gate.open()
     assert _counted(server, "ModelInfer", "DEADLINE_EXCEEDED") == 0
+    _eventually(lambda: _inferences(server, "cancelled") == 1, server)
 
 
 def test_stream_messages_past_the_deadline_are_counted_as_deadline_exceeded(

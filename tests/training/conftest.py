@@ -8,6 +8,8 @@ import pytest
 
 from tests.training.shapes import TINY_BACKBONE, write_shapes
 from tlserve.training.backbones import Backbone, create_backbone
+from tlserve.training.data import load_dataset
+from tlserve.training.strategies import FitContext
 
 
 @pytest.fixture(autouse=True)
@@ -28,3 +30,16 @@ def shapes_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_backbone() -> Backbone:
     return create_backbone(TINY_BACKBONE)
+
+
+@pytest.fixture
+def shapes_context(shapes_folder: Path, tiny_backbone: Backbone) -> FitContext:
+    """A strategy's context on the shapes with the tiny backbone (batches of 8, no workers)."""
+    dataset = load_dataset(shapes_folder)
+    return FitContext(
+        classes=dataset.classes,
+        backbone=tiny_backbone,
+        splits=dataset.splits(),
+        batch_size=8,
+        workers=0,
+    )

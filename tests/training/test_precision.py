@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from tlserve.training.backbones import Backbone
-from tlserve.training.data import load_dataset
 from tlserve.training.precision import resolve_precision, training_device
 from tlserve.training.strategies import FitContext
 from tlserve.training.strategies.finetune import FineTune
@@ -26,16 +22,9 @@ def test_precision_names_and_auto() -> None:
 
 @pytest.mark.parametrize("precision", ["float32", "bf16"])
 def test_a_bf16_run_trains_and_hands_back_a_float32_network_on_the_cpu(
-    shapes_folder: Path, tiny_backbone: Backbone, precision: str
+    shapes_context: FitContext, precision: str
 ) -> None:
-    dataset = load_dataset(shapes_folder)
-    context = FitContext(
-        classes=dataset.classes,
-        backbone=tiny_backbone,
-        splits=dataset.splits(),
-        batch_size=8,
-        workers=0,
-    )
+    context = shapes_context
     fitted = FineTune(epochs=2, lr=0.05, augment="none", precision=precision).fit(context)
     assert fitted.params["precision"] == f"{precision} on {training_device().type}"
     assert len(fitted.history) == 2 and all(row["train_loss"] > 0 for row in fitted.history)

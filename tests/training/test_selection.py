@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -11,8 +12,6 @@ import torch
 
 from tests.training.shapes import TINY_BACKBONE
 from tlserve.training import TrainConfig, train
-from tlserve.training.backbones import Backbone
-from tlserve.training.data import load_dataset
 from tlserve.training.selection import Score, paired_difference, select, wilson_interval
 from tlserve.training.strategies import FitContext
 from tlserve.training.strategies.finetune import FineTune
@@ -97,9 +96,7 @@ def test_a_tiny_budget_stops_after_the_cheap_candidates(
     assert result.strategy == "linear"
 
 
-def test_early_stopping_restores_the_best_epoch(
-    shapes_folder: Path, tiny_backbone: Backbone
-) -> None:
+def test_early_stopping_restores_the_best_epoch(shapes_context: FitContext) -> None:
     network = torch.nn.Linear(2, 2)
     stopper = EarlyStopping(patience=2)
     logits = np.zeros((1, 2))
@@ -114,14 +111,7 @@ def test_early_stopping_restores_the_best_epoch(
     assert stopper.best_epoch == 2 and torch.equal(network.weight, states[1])
 
     # A real run: what finish() hands back scores exactly as its best epoch did.
-    dataset = load_dataset(shapes_folder)
-    context = FitContext(
-        classes=dataset.classes,
-        backbone=tiny_backbone,
-        splits=dataset.splits(),
-        batch_size=8,
-        workers=0,
-    )
+    context = shapes_context
     recipe = FineTune(epochs=4, lr=0.05, augment="none", patience=4)
     run = BackboneRun(recipe, context, prepare_run_images(context, 0.3))
     run.advance(4)
@@ -135,15 +125,11 @@ def test_early_stopping_restores_the_best_epoch(
 
 
 def test_a_deadline_stops_training_before_an_epoch_that_would_pass_it(
-    shapes_folder: Path, tiny_backbone: Backbone
+    shapes_context: FitContext,
 ) -> None:
-    dataset = load_dataset(shapes_folder)
-    context = FitContext(
-        classes=dataset.classes,
-        backbone=tiny_backbone,
-        splits=dataset.splits(),
+    context = dataclasses.replace(
+        shapes_context,
         batch_size=4,
-        workers=0,
         deadline=time.monotonic() - 1.0,  # already spent
     )
     fitted = FineTune(epochs=3, augment="none").fit(context)

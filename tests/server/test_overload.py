@@ -98,6 +98,23 @@ def test_inference_calls_past_the_bound_are_refused_unread_and_health_still_answ
         running.stop()
 
 
+def test_calls_past_the_per_connection_limit_wait_their_turn_on_the_callers_side(
+    model_repo: Path,
+) -> None:
+    # One channel, six times more calls in flight than its stream limit, no
+    # retries: every call is answered, none is refused (REFUSED_STREAM).
+    running = ServerThread(model_repo, max_streams_per_connection=4)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(_request(), timeout=10)  # the limit is known to the client
+            for _ in range(10):
+                calls = [stub.ModelInfer.future(_request(seed=i), timeout=30) for i in range(24)]
+                assert [c.result().model_name for c in calls] == ["tiny"] * 24
+    finally:
+        running.stop()
+
+
 def test_a_request_that_can_never_fit_the_queue_is_invalid(model_repo: Path) -> None:
     running = ServerThread(model_repo, max_queue_size=4, max_batch_size=2)
     try:

@@ -62,10 +62,21 @@ def test_tuning_stops_at_its_time_bound(model_repo: Path) -> None:
 
 
 def test_auto_leaves_a_sub_millisecond_model_alone_and_off_means_off(model_repo: Path) -> None:
-    for mode, why in (("auto", "request path bounds"), ("off", "tuning off")):
-        _, tuning = tune_model(_path(model_repo), _config(model_repo, tune=mode))
+    # auto: not searched, but on one intra-op thread (no pool spinning on the
+    # request path's cores), unless threads were given; off: nothing changes.
+    cases = (
+        ("auto", {}, "request path bounds", 1, "tuned"),
+        ("auto", {"intra_op_threads": 2}, "request path bounds", 2, "explicit"),
+        ("off", {}, "tuning off", 0, "default"),
+    )
+    for mode, given, why, threads, source in cases:
+        model, tuning = tune_model(_path(model_repo), _config(model_repo, tune=mode, **given))
         assert not tuning.trials and why in tuning.reason
-        assert tuning.settings() == {"intra_op_threads": 0, "instances": 1, "max_batch_size": 32}
+        assert tuning.settings() == {
+            "intra_op_threads": threads, "instances": 1, "max_batch_size": 32
+        }  # fmt: skip
+        assert tuning.sources["intra_op_threads"] == source
+        assert model.intra_op_threads == threads
 
 
 def test_pick_takes_the_best_throughput_within_the_latency_cap() -> None:

@@ -5,7 +5,10 @@ be answered is refused at once, saying why; deadlines are kept in the queue;
 under sustained overload the freshest requests go first). ``instances``
 worker tasks each take what is queued, up to ``max_batch_size`` rows, run it
 in a thread (onnxruntime releases the GIL, and one session may run
-concurrently) and hand each caller its own rows.
+concurrently) and hand each caller its own rows. A batch that starts while
+no other runs and none waits may go to a second session with more threads
+(load-time tuning's ``lone_threads``): the lone request of a quiet moment
+gets every core, not the one core per instance that throughput wants.
 
 Filling a batch: whatever is queued is taken at once. If the queue runs dry
 and the rows so far are one of the ``preferred_batch_sizes``, the batch runs
@@ -60,8 +63,11 @@ class DynamicBatcher:
         row_seconds: float = 0.001,
         fresh_first: bool = True,
         standing: float | None = None,
+        run_alone: RunFn | None = None,
     ) -> None:
         self._run_batch = run
+        # A batch that starts while no other runs may use every core (None: ``run``).
+        self._run_alone = run_alone
         self.name = name
         # A model without a free batch dimension runs one request at a time.
         self.max_batch_size = max_batch_size if batchable else 1
@@ -206,7 +212,7 @@ class DynamicBatcher:
             if batch:
                 await self._execute(loop, batch)
 
-    def _timed_run(self, parts: list[Arrays]) -> tuple[Arrays, int, int]:
+    def _timed_run(self, run: RunFn, parts: list[Arrays]) -> tuple[Arrays, int, int]:
         """Join the requests' rows and run them (in the executor: a batch of 150 KB
         images is megabytes to copy, and the event loop has calls to accept)."""
         started = time.perf_counter_ns()
@@ -214,12 +220,15 @@ class DynamicBatcher:
             k: np.concatenate([part[k] for part in parts]) for k in parts[0]
         }  # fmt: skip
         joined = time.perf_counter_ns()
-        outputs = self._run_batch(feeds)
+        outputs = run(feeds)
         return outputs, joined - started, time.perf_counter_ns() - joined
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[Pending]) -> None:
         rows = sum(item.rows for item in batch)
         started = time.perf_counter()
+        # Alone: no batch running and none waiting to start beside it.
+        lone = self.speed.running_rows == 0 and self.queued_rows == 0 and not self._carry
+        run = self._run_alone if lone and self._run_alone is not None else self._run_batch
         self.speed.running_rows += rows
         for item in batch:
             item.started = True
@@ -228,7 +237,7 @@ class DynamicBatcher:
         parts = [item.inputs for item in batch]
         try:
             outputs, input_ns, infer_ns = await loop.run_in_executor(
-                self._executor, self._timed_run, parts
+                self._executor, self._timed_run, run, parts
             )
         except asyncio.CancelledError:  # stop() during a batch
             for item in batch:

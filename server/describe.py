@@ -88,6 +88,8 @@ def _parameters(result: pb.ModelConfig, loaded: LoadedModel) -> None:
             result.parameters[f"{setting}_source"].string_value = tuning.sources.get(
                 setting, "default"
             )
+        if tuning.lone_threads:
+            result.parameters["lone_batch_threads"].string_value = str(tuning.lone_threads)
         if tuning.reason:
             result.parameters["tuning"].string_value = tuning.reason
     card = loaded.model.card

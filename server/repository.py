@@ -123,7 +123,7 @@ async def load_version(
     """Load one version, warm it up and start its batcher; nothing else changes."""
     path = config.model_repository / name / version / MODEL_FILE
     # Load, warm up before ready and (server/tuning.py) pick the settings.
-    model, tuning = await asyncio.to_thread(tune_model, path, config, metrics)
+    model, tuning, lone = await asyncio.to_thread(tune_model, path, config, metrics)
     # `instances` threads: that many batches of the one session run at once.
     executor = ThreadPoolExecutor(
         max_workers=tuning.instances, thread_name_prefix=f"ort-{name}-{version}"
@@ -143,6 +143,7 @@ async def load_version(
         stats=stats,
         row_seconds=tuning.batch1_seconds,
         fresh_first=config.queue_policy == "adaptive-lifo",
+        run_alone=lone.run if lone is not None else None,
     )
     await batcher.start()
     metrics.model_info.labels(name, version, model.provider).set(1)

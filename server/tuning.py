@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from tlserve.contract.rules import GPU_PROVIDERS
 from tlserve.server.config import ServerConfig
@@ -37,6 +38,7 @@ from tlserve.server.tuning_search import (
     MIN_RUNS,
     Trial,
     candidate_batches,
+    lone_threads,
     measure,
     pick,
     search,
@@ -47,6 +49,7 @@ __all__ = [
     "AUTO_MIN_BATCH1_SECONDS",
     "SETTINGS",
     "Trial",
+    "Tuned",
     "Tuning",
     "candidate_batches",
     "pick",
@@ -76,6 +79,9 @@ class Tuning:
     seconds: float = 0.0
     reason: str = ""
     batch1_seconds: float = 0.0
+    # Threads of the session a batch runs on when no other batch is running
+    # (0: it runs on the tuned count like every other).
+    lone_threads: int = 0
 
     def settings(self) -> dict[str, int]:
         """The three settings by name."""
@@ -90,6 +96,15 @@ class Tuning:
                 f"{t.images_per_second:>8.1f} {1e3 * t.batch_seconds:>8.2f}"
             )
         return "\n".join(lines)
+
+
+class Tuned(NamedTuple):
+    """What :func:`tune_model` returns: the session to serve with, its settings, and the
+    session for lone batches (None: the same one)."""
+
+    model: OnnxModel
+    tuning: Tuning
+    lone: OnnxModel | None = None
 
 
 def warm_up(model: OnnxModel, batch_sizes: list[int]) -> None:
@@ -109,11 +124,12 @@ def tune_model(
     metrics: ServerMetrics | None = None,
     *,
     loader: Loader = load_model,
-) -> tuple[OnnxModel, Tuning]:
+) -> Tuned:
     """Load ``path``, warm it, and (per ``config.tune``) measure and pick its settings.
 
     Blocking: call it in a thread. Returns the model loaded with the chosen
-    ``intra_op_threads`` and the :class:`Tuning` to build its batcher with.
+    ``intra_op_threads``, the :class:`Tuning` to build its batcher with, and
+    the wider session lone batches run on when that measured faster.
     """
     started = time.perf_counter()
     fixed = {k for k in SETTINGS if k in config.explicit_keys}
@@ -146,7 +162,7 @@ def tune_model(
             sources["intra_op_threads"] = "tuned"
             untuned = dataclasses.replace(untuned, intra_op_threads=1, sources=sources)
             skip += "; one intra-op thread (a thread pool would spin on the request path's cores)"
-        return model, _finish(untuned, skip, started)
+        return Tuned(model, _finish(untuned, skip, started))
     deadline = started + config.tune_seconds
     threads = (
         [config.intra_op_threads] if "intra_op_threads" in fixed or on_gpu else thread_counts()
@@ -175,6 +191,7 @@ def tune_model(
     )
     chosen = pick(trials, config.tune_latency_cap)
     model = sessions[chosen.intra_op_threads]
+    lone = lone_threads(trials, chosen)
     tuned = {
         "intra_op_threads": len(threads) > 1,
         "instances": len(instances) > 1,
@@ -188,13 +205,16 @@ def tune_model(
         sources=sources,
         trials=tuple(trials),
         batch1_seconds=batch1,
+        lone_threads=lone,
     )
     if on_gpu and model.batchable:
         warm_up(model, list(range(1, tuning.max_batch_size + 1)))
-    reason = f"best throughput with batches within {1e3 * config.tune_latency_cap:.0f} ms" + (
-        f"; time bound reached after {len(trials)} of {planned} trials" if cut else ""
+    reason = (
+        f"best throughput with batches within {1e3 * config.tune_latency_cap:.0f} ms"
+        + (f"; a batch running alone uses {lone} threads (faster at batch 1)" if lone else "")
+        + (f"; time bound reached after {len(trials)} of {planned} trials" if cut else "")
     )
-    return model, _finish(tuning, reason, started)
+    return Tuned(model, _finish(tuning, reason, started), sessions[lone] if lone else None)
 
 
 def _why_not(config: ServerConfig, fixed: set[str], batch1: float, on_gpu: bool) -> str:

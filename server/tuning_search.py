@@ -14,10 +14,22 @@ from dataclasses import dataclass
 
 from tlserve.server.runtime import OnnxModel
 
-__all__ = ["Trial", "candidate_batches", "cores", "measure", "pick", "search", "thread_counts"]
+__all__ = [
+    "Trial",
+    "candidate_batches",
+    "cores",
+    "lone_threads",
+    "measure",
+    "pick",
+    "search",
+    "thread_counts",
+]
 
 # Throughputs this close to the best count as equal; the cheaper setting wins.
 _TIE = 0.03
+# A lone batch gets a wider session only when that measured at least this much
+# faster at batch 1: single trials here drift by 10% and more.
+_LONE_GAIN = 0.2
 MIN_RUNS = 2
 
 
@@ -58,6 +70,27 @@ def pick(trials: list[Trial], latency_cap: float) -> Trial:
     best = max(t.images_per_second for t in within)
     close = [t for t in within if t.images_per_second >= (1 - _TIE) * best]
     return min(close, key=lambda t: (t.intra_op_threads * t.instances, t.batch))
+
+
+def lone_threads(trials: list[Trial], chosen: Trial) -> int:
+    """Threads for a batch that runs while no other does (0: the chosen count).
+
+    Throughput picks the fewest threads per instance (one each on 2 cores); a
+    lone request then runs on one core while the others idle, at up to twice
+    the latency. The thread count with the fastest batch-1 run of one instance
+    serves those, if it beat the chosen count's by ``_LONE_GAIN``.
+    """
+    if chosen.instances < 2:
+        return 0
+    alone = {
+        t.intra_op_threads: t.batch_seconds for t in trials if t.instances == 1 and t.batch == 1
+    }
+    if chosen.intra_op_threads not in alone:
+        return 0
+    fastest = min(alone, key=alone.__getitem__)
+    if fastest == chosen.intra_op_threads:
+        return 0
+    return fastest if alone[fastest] <= (1 - _LONE_GAIN) * alone[chosen.intra_op_threads] else 0
 
 
 def measure(model: OnnxModel, threads: int, instances: int, batch: int, seconds: float) -> Trial:

@@ -470,3 +470,24 @@ async def test_the_retry_hint_grows_with_the_queue_and_the_row_time(rig: Rig) ->
     rig.model.open()
     await asyncio.gather(first, *queued)
     assert batcher.retry_after() >= 0.001
+
+
+async def test_a_batch_that_starts_alone_runs_on_the_wider_session(rig: Rig) -> None:
+    wide = Model()
+    rig.executor.shutdown(wait=True)
+    rig.executor = ThreadPoolExecutor(2)
+    batcher = await rig.start(instances=2, max_batch_size=1, run_alone=wide)  # type: ignore[arg-type]
+    assert_own_rows(await batcher.submit(request(1)), 1)  # a quiet moment: every core
+    wide.hold()
+    lone = asyncio.create_task(batcher.submit(request(2)))
+    await wait_until(lambda: len(wide.batches) == 2)
+    # While that one runs, the next batch runs on the tuned session beside it.
+    assert_own_rows(await batcher.submit(request(3)), 3)
+    wide.open()
+    assert_own_rows(await lone, 2)
+    # Two at once: the first batch has the next waiting beside it, so neither is alone.
+    four, five = await asyncio.gather(batcher.submit(request(4)), batcher.submit(request(5)))
+    assert_own_rows(four, 4)
+    assert_own_rows(five, 5)
+    assert [int(b[0, 0]) for b in wide.batches] == [1, 2]
+    assert [int(b[0, 0]) for b in rig.model.batches] == [3, 4, 5]

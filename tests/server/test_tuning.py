@@ -17,6 +17,7 @@ from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.server.config import ServerConfig
 from tlserve.server.runtime import OnnxModel, load_model, provider_options
 from tlserve.server.tuning import Trial, candidate_batches, pick, tune_model, warm_up
+from tlserve.server.tuning_search import lone_threads
 
 
 def _config(repo: Path, **overrides: object) -> ServerConfig:
@@ -29,8 +30,9 @@ def _path(repo: Path) -> Path:
 
 def test_explicit_settings_are_measured_at_their_value_never_changed(model_repo: Path) -> None:
     config = _config(model_repo, tune="on", tune_seconds=2.0, intra_op_threads=1, instances=1)
-    model, tuning = tune_model(_path(model_repo), config)
+    model, tuning, lone = tune_model(_path(model_repo), config)
     assert tuning.trials and {(t.intra_op_threads, t.instances) for t in tuning.trials} == {(1, 1)}
+    assert lone is None and tuning.lone_threads == 0  # threads given: never another count
     assert (tuning.intra_op_threads, tuning.instances) == (1, 1)
     assert tuning.sources == {
         "intra_op_threads": "explicit",
@@ -46,7 +48,7 @@ def test_a_setting_given_through_the_environment_is_explicit_too(model_repo: Pat
         {"model_repository": model_repo, "tune": "on", "tune_seconds": 1.0},
         environ={"TLSERVE_MAX_BATCH_SIZE": "8"},
     )
-    _, tuning = tune_model(_path(model_repo), config)
+    _, tuning, _ = tune_model(_path(model_repo), config)
     assert tuning.max_batch_size == 8 and tuning.sources["max_batch_size"] == "explicit"
     assert {t.batch for t in tuning.trials} == {8}
 
@@ -54,7 +56,7 @@ def test_a_setting_given_through_the_environment_is_explicit_too(model_repo: Pat
 def test_tuning_stops_at_its_time_bound(model_repo: Path) -> None:
     config = _config(model_repo, tune="on", tune_seconds=0.2)
     started = time.perf_counter()
-    _, tuning = tune_model(_path(model_repo), config)
+    _, tuning, _ = tune_model(_path(model_repo), config)
     elapsed = time.perf_counter() - started
     assert "time bound reached" in tuning.reason
     assert 1 <= len(tuning.trials) < 2 * 2 * len(candidate_batches(32))
@@ -70,7 +72,7 @@ def test_auto_leaves_a_sub_millisecond_model_alone_and_off_means_off(model_repo:
         ("off", {}, "tuning off", 0, "default"),
     )
     for mode, given, why, threads, source in cases:
-        model, tuning = tune_model(_path(model_repo), _config(model_repo, tune=mode, **given))
+        model, tuning, _ = tune_model(_path(model_repo), _config(model_repo, tune=mode, **given))
         assert not tuning.trials and why in tuning.reason
         assert tuning.settings() == {
             "intra_op_threads": threads, "instances": 1, "max_batch_size": 32
@@ -90,6 +92,16 @@ def test_pick_takes_the_best_throughput_within_the_latency_cap() -> None:
     assert pick(trials, 0.05) == trials[4]
     assert pick(trials, 1.0) == trials[3]
     assert pick(trials, 0.001) == trials[0]  # none within the cap: the fastest batch
+
+
+def test_a_lone_batch_gets_more_threads_only_when_they_measured_clearly_faster() -> None:
+    chosen = Trial(1, 2, 4, 300.0, 0.020)  # throughput: one thread per instance
+    trials = [chosen, Trial(1, 1, 1, 90.0, 0.011), Trial(2, 1, 1, 160.0, 0.006)]
+    assert lone_threads(trials, chosen) == 2
+    slightly = [chosen, Trial(1, 1, 1, 90.0, 0.011), Trial(2, 1, 1, 95.0, 0.0100)]
+    assert lone_threads(slightly, chosen) == 0  # within the noise: one session
+    single = Trial(1, 1, 4, 300.0, 0.020)  # one instance: every batch is alone
+    assert lone_threads([single, *trials[1:]], single) == 0
 
 
 def test_the_server_serves_with_the_tuned_choice_and_shows_it(model_repo: Path) -> None:
@@ -159,7 +171,7 @@ def test_tensorrt_engine_cache_survives_a_reload(model_repo: Path, tmp_path: Pat
         pytest.skip("onnxruntime has no TensorrtExecutionProvider here")
     cache = tmp_path / "trt"
     config = _config(model_repo, device="tensorrt", trt_cache_dir=str(cache), max_batch_size=4)
-    model, _ = tune_model(_path(model_repo), config)
+    model, _, _ = tune_model(_path(model_repo), config)
     assert model.provider == "TensorrtExecutionProvider"
     assert any(cache.iterdir())  # engines written; a restart loads them
     assert load_model(_path(model_repo), config).provider == "TensorrtExecutionProvider"

@@ -41,27 +41,17 @@ import numpy as np
 
 # Run as a script (`make bench-serve`), so this folder is on sys.path.
 from bench_models import fast_model, int8_model, lite0_model, small_model
+from serve_client import STREAM_WINDOW, latency_ms, served
 
 from tlserve.client import Client
 from tlserve.contract.card import ModelCard
-from tlserve.contract.codec import encode_request_inputs
 from tlserve.contract.images import prepare_image
-from tlserve.contract.rules import OUTPUT_PROBABILITIES
-from tlserve.protos import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "bench"
-CONCURRENCY = (1, 4, 16, 32)
-# Answers outstanding on the ModelStreamInfer stream: as many as the best unary concurrency.
-STREAM_WINDOW = 16
 BATCHES = (1, 8, 32)
 VARIANTS = ("float32", "int8")
 TARGETS = {"lite0": 0.85, "lite0-96": 0.80, "fast": 0.80}
-# What a classifying caller asks for. Unasked, V2 returns every output, here
-# also the 1280-float embeddings (5 KB an answer to encode, send and parse):
-# 624 against 655 and 619 against 706 images/s in two alternating passes on
-# lite0-96 at 16 in flight (raw-bytes client), which in-process does not pay.
-WANTED = (OUTPUT_PROBABILITIES,)
 
 
 def _free_port() -> int:
@@ -79,11 +69,6 @@ def _photo_jpeg(side: int = 640) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def _ms(latencies: list[float]) -> dict[str, float]:
-    ms = np.asarray(latencies) * 1e3
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
 def in_process(sessions: list[Any], row: np.ndarray, seconds: float) -> dict[str, float]:
@@ -115,83 +100,7 @@ def _in_process(session: Any, row: np.ndarray, seconds: float) -> dict[str, floa
         speed = count / (time.perf_counter() - started)
         if speed > best:
             best, best_batch = speed, batch
-    return {"throughput": best, "at": best_batch, **_ms(latencies)}
-
-
-def _request_bytes(model: str, row: np.ndarray) -> bytes:
-    """The ModelInfer request, serialised once: the generator's own cost per call is then
-    gRPC's alone (the SDK's Python around each call, 0.1-0.3 ms of CPU here, would come
-    out of the same two cores the server runs on)."""
-    request = pb.ModelInferRequest(
-        model_name=model,
-        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in WANTED],
-    )
-    encode_request_inputs(request, {"images": row})
-    return request.SerializeToString()
-
-
-def _check(answer: pb.ModelInferResponse, model: str) -> None:
-    if answer.model_name != model or [o.name for o in answer.outputs] != list(WANTED):
-        raise RuntimeError(f"unexpected answer from {model!r}: {answer}")
-
-
-async def served(target: str, model: str, row: np.ndarray, seconds: float) -> dict[str, float]:
-    """Closed loop over ModelInfer: p50/p99 at concurrency 1, best throughput over
-    CONCURRENCY; then ModelStreamInfer, STREAM_WINDOW answers outstanding on one stream."""
-    import grpc
-
-    payload = _request_bytes(model, row)
-    result: dict[str, float] = {"throughput": 0.0, "at": 1}
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        for concurrency in CONCURRENCY:
-            latencies: list[float] = []
-            for _ in range(concurrency):  # warm the channel and the model
-                _check(await call(payload, timeout=30), model)
-            stop_at = time.perf_counter() + (seconds if concurrency == 1 else seconds / 2)
-
-            async def worker(out: list[float] = latencies, stop: float = stop_at) -> None:
-                while time.perf_counter() < stop:
-                    started = time.perf_counter()
-                    _check(await call(payload, timeout=30), model)
-                    out.append(time.perf_counter() - started)
-
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            speed = len(latencies) / (time.perf_counter() - started)
-            if concurrency == 1:
-                result.update(_ms(latencies))
-            if speed > result["throughput"]:
-                result["throughput"], result["at"] = speed, concurrency
-        result["stream"] = await _streamed(channel, model, payload, seconds / 2)
-    return result
-
-
-async def _streamed(channel: Any, model: str, payload: bytes, seconds: float) -> float:
-    """Images/s over one ModelStreamInfer stream with STREAM_WINDOW requests outstanding."""
-    window = asyncio.Semaphore(STREAM_WINDOW)
-    stop_at = time.perf_counter() + seconds
-
-    async def requests() -> Any:
-        while time.perf_counter() < stop_at:
-            await window.acquire()
-            yield payload
-
-    stream = channel.stream_stream(
-        "/inference.GRPCInferenceService/ModelStreamInfer",
-        response_deserializer=pb.ModelStreamInferResponse.FromString,
-    )
-    answers, started = 0, time.perf_counter()
-    async for answer in stream(requests(), timeout=seconds + 30):
-        if answer.error_message:
-            raise RuntimeError(f"{model!r} answered on the stream: {answer.error_message}")
-        _check(answer.infer_response, model)
-        answers += 1
-        window.release()
-    return answers / (time.perf_counter() - started)
+    return {"throughput": best, "at": best_batch, **latency_ms(latencies)}
 
 
 class Server:

@@ -79,8 +79,8 @@ class Tuning:
     seconds: float = 0.0
     reason: str = ""
     batch1_seconds: float = 0.0
-    # Threads of the session a batch runs on when no other batch is running
-    # (0: it runs on the tuned count like every other).
+    # Threads of the session a batch runs on when no other batch is running or
+    # waiting (0: it runs on the tuned count like every other).
     lone_threads: int = 0
 
     def settings(self) -> dict[str, int]:

@@ -10,8 +10,7 @@ batch size, batch-1 p50/p99) and served float32 and int8 with raw uint8
 tensors, asking for ``probabilities``: over V2 ``ModelInfer`` (throughput at
 the best concurrency, p50/p99 at concurrency 1) and over ``ModelStreamInfer``
 (16 requests outstanding on one stream, which saves each image a call's
-setup). The calls are serialised once, so the generator, on the same two
-cores as the server, costs what gRPC costs and no more. Single
+setup), from ``serve_client``. Single
 back-to-back figures drift by +-30% on a shared 2-core machine, so figures
 are medians over passes with their ranges, and ratios are taken within a
 pass. Held-out accuracy of both

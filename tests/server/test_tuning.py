@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import urllib.request
 from pathlib import Path
@@ -104,6 +105,22 @@ def test_a_lone_batch_gets_more_threads_only_when_they_measured_clearly_faster()
     assert lone_threads([single, *trials[1:]], single) == 0
 
 
+def test_a_lone_session_comes_back_with_the_thread_count_it_was_measured_at(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def another_count(trials: list[Trial], chosen: Trial) -> int:
+        return next(
+            t.intra_op_threads for t in trials if t.intra_op_threads != chosen.intra_op_threads
+        )
+
+    monkeypatch.setattr("tlserve.server.tuning.lone_threads", another_count)
+    config = _config(model_repo, tune="on", tune_seconds=1.0)
+    model, tuning, lone = tune_model(_path(model_repo), config)
+    assert lone is not None and lone is not model
+    assert tuning.lone_threads == lone.intra_op_threads != model.intra_op_threads
+    assert f"a batch running alone uses {tuning.lone_threads} threads" in tuning.reason
+
+
 def test_the_server_serves_with_the_tuned_choice_and_shows_it(model_repo: Path) -> None:
     running = ServerThread(model_repo, tune="on", tune_seconds=1.0, instances=1)
     try:
@@ -124,6 +141,12 @@ def test_the_server_serves_with_the_tuned_choice_and_shows_it(model_repo: Path) 
         assert parameters["max_batch_size_source"] == "tuned"
         assert parameters["instances_source"] == "explicit"
         assert parameters["variant"] == "float32"
+        assert "lone_batch_threads" not in parameters  # one instance: every batch is alone
+        loaded.tuning = dataclasses.replace(tuning, lone_threads=2)
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            config = stub.ModelConfig(pb.ModelConfigRequest(name="tiny"), timeout=5).config
+        assert config.parameters["lone_batch_threads"].string_value == "2"
         page = urllib.request.urlopen(running.metrics_url, timeout=5).read().decode()
         line = (
             f'tlserve_model_setting{{model="tiny",setting="max_batch_size",source="tuned",'

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.shapes import TINY_BACKBONE, write_shapes
+from tests.training.shapes import TINY_BACKBONE, fit_context, write_shapes
 from tlserve.training.backbones import Backbone, create_backbone
-from tlserve.training.data import load_dataset
 from tlserve.training.strategies import FitContext
 
 
@@ -35,11 +34,4 @@ def tiny_backbone() -> Backbone:
 @pytest.fixture
 def shapes_context(shapes_folder: Path, tiny_backbone: Backbone) -> FitContext:
     """A strategy's context on the shapes with the tiny backbone (batches of 8, no workers)."""
-    dataset = load_dataset(shapes_folder)
-    return FitContext(
-        classes=dataset.classes,
-        backbone=tiny_backbone,
-        splits=dataset.splits(),
-        batch_size=8,
-        workers=0,
-    )
+    return fit_context(shapes_folder, tiny_backbone)

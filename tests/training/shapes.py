@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from tlserve.training.backbones import Backbone
+from tlserve.training.data import load_dataset
+from tlserve.training.strategies import FitContext
 
 # A 0.2M-parameter timm ConvNeXt at 64x64: random init, O(1) embeddings,
 # created in milliseconds.
@@ -56,3 +61,16 @@ def encode_png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def fit_context(root: Path, backbone: Backbone, **settings: Any) -> FitContext:
+    """A strategy's context on the dataset at ``root`` (batches of 8, no workers)."""
+    dataset = load_dataset(root)
+    return FitContext(
+        classes=dataset.classes,
+        backbone=backbone,
+        splits=dataset.splits(),
+        batch_size=8,
+        workers=0,
+        **settings,
+    )

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.training.shapes import TINY_BACKBONE
+from tests.training.shapes import TINY_BACKBONE, fit_context
 from tlserve.contract.images import prepare_image
 from tlserve.training import train
 from tlserve.training.backbones import Backbone
 from tlserve.training.config import cache_root
 from tlserve.training.data import load_dataset
 from tlserve.training.layers import PooledFeatures, layer_channels, parse_layer
-from tlserve.training.strategies import STRATEGIES, FitContext, create_strategy
+from tlserve.training.strategies import STRATEGIES, create_strategy
 from tlserve.training.strategies.finetune import FineTune, Scratch
 from tlserve.training.strategies.scenarios import Measurements, choose
 
@@ -76,24 +76,12 @@ def test_pooled_features_of_an_earlier_stage(tiny_backbone: Backbone) -> None:
     torch.testing.assert_close(out[:, : last.shape[1]], last)
 
 
-def _context(root: Path, backbone: Backbone, tmp_path: Path) -> FitContext:
-    dataset = load_dataset(root)
-    return FitContext(
-        classes=dataset.classes,
-        backbone=backbone,
-        splits=dataset.splits(),
-        batch_size=8,
-        workers=0,
-        checkpoint_dir=tmp_path / "ckpt",
-    )
-
-
 def test_finetune_changes_the_backbone_not_the_original_and_resumes(
     shapes_folder: Path, tiny_backbone: Backbone, tmp_path: Path
 ) -> None:
     before = {k: v.clone() for k, v in tiny_backbone.module.state_dict().items()}
     first = FineTune(epochs=1, lr=3e-3, augment="none").fit(
-        _context(shapes_folder, tiny_backbone, tmp_path)
+        fit_context(shapes_folder, tiny_backbone, checkpoint_dir=tmp_path / "ckpt")
     )
     assert first.trained_backbone and len(first.history) == 1
     after = tiny_backbone.module.state_dict()
@@ -101,7 +89,7 @@ def test_finetune_changes_the_backbone_not_the_original_and_resumes(
     trained = first.embedder.backbone.state_dict()
     assert any(not torch.equal(before[k], trained[k]) for k in before if "weight" in k)
     # An interrupted 2-epoch run picks up after epoch 1 from the checkpoint.
-    context = _context(shapes_folder, tiny_backbone, tmp_path)
+    context = fit_context(shapes_folder, tiny_backbone, checkpoint_dir=tmp_path / "ckpt")
     context.resume = True
     resumed = FineTune(epochs=2, lr=3e-3, augment="none").fit(context)
     assert resumed.params["resumed_from_epoch"] == 1
@@ -112,7 +100,8 @@ def test_finetune_lr_auto_and_partial_unfreeze(
     shapes_folder: Path, tiny_backbone: Backbone, tmp_path: Path
 ) -> None:
     strategy = FineTune(epochs=1, lr="auto", unfreeze=2, augment="flip", bn="train")
-    fitted = strategy.fit(_context(shapes_folder, tiny_backbone, tmp_path))
+    context = fit_context(shapes_folder, tiny_backbone, checkpoint_dir=tmp_path / "ckpt")
+    fitted = strategy.fit(context)
     assert 1e-7 < float(fitted.params["lr"]) < 1.0
     assert len(fitted.lr_curve) > 5
     total = sum(p.numel() for p in tiny_backbone.module.parameters())
@@ -125,7 +114,7 @@ def test_scratch_from_random_weights_skips_corrupt_images(
     corrupt = shapes_folder / "train" / "circle" / "002.png"
     corrupt.write_bytes(b"not a png")
     fitted = Scratch(epochs=1, pretrained=False).fit(
-        _context(shapes_folder, tiny_backbone, tmp_path)
+        fit_context(shapes_folder, tiny_backbone, checkpoint_dir=tmp_path / "ckpt")
     )
     assert fitted.trained_backbone and fitted.history[0]["train_loss"] > 0
     assert [s.path for s in fitted.skipped] == [corrupt]

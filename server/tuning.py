@@ -2,13 +2,18 @@
 
 How many threads one onnxruntime run uses (``intra_op_threads``), how many
 batches run at once (``instances``) and how large a batch may grow
-(``max_batch_size``) decide a CPU model's throughput by up to 3x, and the
-best choice depends on the model and the host. So while a model version
-warms up, :func:`tune_model` runs it at each combination for a slice of a
-bounded time (``TLSERVE_TUNE_SECONDS``), keeps the combination with the best
-throughput among those whose batch runs within ``TLSERVE_TUNE_LATENCY_CAP``,
-logs the table and returns the choice (shown in ``ModelConfig`` and the
-``tlserve_model_setting`` metric).
+(``max_batch_size``) decide a CPU model's throughput, and the best choice
+depends on the model and the host. So while a model version warms up,
+:func:`tune_model` measures it within a bounded time
+(``TLSERVE_TUNE_SECONDS``): each layout (threads x instances filling the
+cores) gets the largest batch that runs within ``TLSERVE_TUNE_LATENCY_CAP``,
+and the layouts are then compared in interleaved, repeated trials. Another
+layout replaces the default (all cores, one instance) only when it wins by
+more than the spread of the repeats (:func:`tuning_search.decide`), so two
+starts on one host choose alike. A serving session narrower than the host
+leaves an all-cores session for batches that run alone. The choice and why
+are logged and shown in ``ModelConfig`` and the ``tlserve_model_setting``
+metric.
 
 A setting given by flag or environment is never changed, only measured at
 its value. ``TLSERVE_TUNE``: ``auto`` tunes models whose batch-1 run takes
@@ -36,13 +41,15 @@ from tlserve.server.metrics import ServerMetrics
 from tlserve.server.runtime import OnnxModel, load_model
 from tlserve.server.tuning_search import (
     MIN_RUNS,
+    Layout,
     Trial,
     candidate_batches,
+    cores,
+    decide,
+    layouts,
     lone_threads,
     measure,
-    pick,
     search,
-    thread_counts,
 )
 
 __all__ = [
@@ -52,7 +59,7 @@ __all__ = [
     "Tuned",
     "Tuning",
     "candidate_batches",
-    "pick",
+    "decide",
     "publish_tuning",
     "tune_model",
     "warm_up",
@@ -88,9 +95,9 @@ class Tuning:
         return {name: int(getattr(self, name)) for name in SETTINGS}
 
     def table(self) -> str:
-        """The measurements as a small text table, best first (for the log)."""
+        """The measurements as a small text table, in the order they ran (for the log)."""
         lines = [f"{'threads':>7} {'inst':>4} {'batch':>5} {'img/s':>8} {'batch ms':>8}"]
-        for t in sorted(self.trials, key=lambda t: -t.images_per_second):
+        for t in self.trials:
             lines.append(
                 f"{t.intra_op_threads:>7} {t.instances:>4} {t.batch:>5} "
                 f"{t.images_per_second:>8.1f} {1e3 * t.batch_seconds:>8.2f}"
@@ -129,7 +136,7 @@ def tune_model(
 
     Blocking: call it in a thread. Returns the model loaded with the chosen
     ``intra_op_threads``, the :class:`Tuning` to build its batcher with, and
-    the wider session lone batches run on when that measured faster.
+    the all-cores session lone batches run on when the chosen one is narrower.
     """
     started = time.perf_counter()
     fixed = {k for k in SETTINGS if k in config.explicit_keys}
@@ -163,58 +170,62 @@ def tune_model(
             untuned = dataclasses.replace(untuned, intra_op_threads=1, sources=sources)
             skip += "; one intra-op thread (a thread pool would spin on the request path's cores)"
         return Tuned(model, _finish(untuned, skip, started))
-    deadline = started + config.tune_seconds
-    threads = (
-        [config.intra_op_threads] if "intra_op_threads" in fixed or on_gpu else thread_counts()
-    )
-    instances = [config.instances] if "instances" in fixed else [1, 2]
+    host = cores()
+    default = (config.intra_op_threads or host, config.instances)
+    candidates = layouts(default, host, fixed, on_gpu)
     batches = (
         [config.max_batch_size]
         if "max_batch_size" in fixed or not model.batchable
         else candidate_batches(config.max_batch_size)
     )
-    planned = 2 * len(threads) * len(instances) + len(batches) - 1
-    slice_s = max(0.02, config.tune_seconds / (2 * planned))
-    sessions: dict[int, OnnxModel] = {}
+    sessions = {config.intra_op_threads: model}
 
-    def trial(count: int, n: int, batch: int) -> Trial:
-        if count not in sessions:  # one session per thread count, made when first needed
-            sessions[count] = (
-                model
-                if len(threads) == 1
-                else loader(path, config, None, intra_op_threads=count)  # counted once, above
-            )
-        return measure(sessions[count], count, n, batch, slice_s)
+    def session(threads: int) -> OnnxModel:
+        if threads not in sessions:  # one per thread count; a fallback was counted above
+            sessions[threads] = loader(path, config, None, intra_op_threads=threads)
+        return sessions[threads]
 
-    trials, cut = search(
-        trial, threads, instances, batches, config.tune_latency_cap, deadline, slice_s
+    def trial(layout: Layout, batch: int, seconds: float, warm: bool) -> Trial:
+        threads, instances = layout
+        served = model if len(candidates) == 1 else session(threads)
+        return measure(served, threads, instances, batch, seconds, warm=warm)
+
+    found = search(
+        trial, candidates, batches, config.tune_latency_cap, started + config.tune_seconds
     )
-    chosen = pick(trials, config.tune_latency_cap)
-    model = sessions[chosen.intra_op_threads]
-    lone = lone_threads(trials, chosen)
-    tuned = {
-        "intra_op_threads": len(threads) > 1,
-        "instances": len(instances) > 1,
+    chosen, why = decide(
+        {k: [t.images_per_second for t in ts] for k, ts in found.repeats.items()}, default
+    )
+    threads, instances = chosen
+    model = model if len(candidates) == 1 else session(threads)
+    lone = 0 if on_gpu else lone_threads(threads, host, "intra_op_threads" in fixed)
+    searched = {
+        "intra_op_threads": len({t for t, _ in candidates}) > 1,
+        "instances": len({n for _, n in candidates}) > 1,
         "max_batch_size": len(batches) > 1,
     }
-    sources.update({name: "tuned" for name, was in tuned.items() if was})
+    sources.update({name: "tuned" for name, was in searched.items() if was})
+    max_batch = found.batches[chosen] if searched["max_batch_size"] else config.max_batch_size
     tuning = Tuning(
-        intra_op_threads=chosen.intra_op_threads,
-        instances=chosen.instances,
-        max_batch_size=chosen.batch if tuned["max_batch_size"] else config.max_batch_size,
+        intra_op_threads=threads,
+        instances=instances,
+        max_batch_size=max_batch,
         sources=sources,
-        trials=tuple(trials),
+        trials=tuple(found.trials()),
         batch1_seconds=batch1,
         lone_threads=lone,
     )
     if on_gpu and model.batchable:
-        warm_up(model, list(range(1, tuning.max_batch_size + 1)))
-    reason = (
-        f"best throughput with batches within {1e3 * config.tune_latency_cap:.0f} ms"
-        + (f"; a batch running alone uses {lone} threads (faster at batch 1)" if lone else "")
-        + (f"; time bound reached after {len(trials)} of {planned} trials" if cut else "")
-    )
-    return Tuned(model, _finish(tuning, reason, started), sessions[lone] if lone else None)
+        warm_up(model, list(range(1, max_batch + 1)))
+    cap_ms = 1e3 * config.tune_latency_cap
+    parts = [why or f"{threads} x {instances}: the only layout the given settings allow"]
+    if searched["max_batch_size"]:
+        parts.append(f"max batch {max_batch}: the largest whose batch ran within {cap_ms:.0f} ms")
+    if lone:
+        parts.append(f"a batch running alone uses {lone} threads (all cores)")
+    if found.cut:
+        parts.append("time bound reached")
+    return Tuned(model, _finish(tuning, "; ".join(parts), started), session(lone) if lone else None)
 
 
 def _why_not(config: ServerConfig, fixed: set[str], batch1: float, on_gpu: bool) -> str:

@@ -1,6 +1,14 @@
-"""The measuring half of load-time tuning: one trial, and the search over trials.
+"""The measuring half of load-time tuning: trials, the search, and the decision rule.
 
 :mod:`tlserve.server.tuning` decides what to search and applies the result.
+
+A layout is ``(intra_op_threads, instances)``. The search has two phases:
+each layout's batch size grows until its median batch time passes the
+latency cap (the largest batch within it is that layout's batch); then the
+layouts run at those batches in interleaved rounds (ABAB..., the order
+rotating each round, so drift on a shared host hits every layout alike).
+:func:`decide` keeps the default layout unless another one's median
+throughput beats it by more than the spread of both layouts' repeats.
 """
 
 from __future__ import annotations
@@ -10,27 +18,41 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tlserve.server.runtime import OnnxModel
 
 __all__ = [
+    "FLOOR",
+    "MIN_REPEATS",
+    "MIN_RUNS",
+    "ROUNDS",
+    "Layout",
+    "Search",
     "Trial",
     "candidate_batches",
     "cores",
+    "decide",
+    "layouts",
     "lone_threads",
     "measure",
-    "pick",
     "search",
     "thread_counts",
 ]
 
-# Throughputs this close to the best count as equal; the cheaper setting wins.
-_TIE = 0.03
-# A lone batch gets a wider session only when that measured at least this much
-# faster at batch 1: single trials here drift by 10% and more.
-_LONE_GAIN = 0.2
-MIN_RUNS = 2
+Layout = tuple[int, int]  # (intra_op_threads, instances)
+
+MIN_RUNS = 2  # timed runs per instance in every trial, however short its slice
+ROUNDS = 5  # interleaved repeats of each layout
+# Fewer repeats than this (the time bound cut the rounds): the default stays,
+# since two numbers give no spread to judge a gain against.
+MIN_REPEATS = 3
+# The smallest margin a layout must win by: below it, keeping the default
+# costs less than the 5% that two starts of one model may differ by.
+FLOOR = 0.05
+# Phase one (batch sizes) may use this share of the time left, so the
+# interleaved rounds that decide the layout keep the larger part.
+PROBE_SHARE = 0.4
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,23 @@ class Trial:
     images_per_second: float
     batch_seconds: float
 
+    @property
+    def layout(self) -> Layout:
+        return (self.intra_op_threads, self.instances)
+
+
+@dataclass
+class Search:
+    """What :func:`search` measured: each layout's batch, its repeats, the probes."""
+
+    batches: dict[Layout, int] = field(default_factory=dict)
+    repeats: dict[Layout, list[Trial]] = field(default_factory=dict)
+    probes: list[Trial] = field(default_factory=list)
+    cut: bool = False  # the time bound stopped it early
+
+    def trials(self) -> list[Trial]:
+        return [*self.probes, *(t for ts in self.repeats.values() for t in ts)]
+
 
 def cores() -> int:
     try:
@@ -51,52 +90,65 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def thread_counts(count: int) -> list[int]:
+    """Intra-op thread counts worth trying on ``count`` cores: all, half, one."""
+    return sorted({count, max(1, count // 2), 1}, reverse=True)
+
+
 def candidate_batches(max_batch_size: int) -> list[int]:
-    """Batch sizes worth trying: 1, powers of 4 and the largest allowed."""
-    sizes = {1, max_batch_size}
-    size = 4
+    """Batch sizes worth trying: powers of two and the largest allowed. Neighbours
+    differ little in throughput, so noise at the cap's edge costs little."""
+    sizes = {max_batch_size}
+    size = 1
     while size < max_batch_size:
         sizes.add(size)
-        size *= 4
+        size *= 2
     return sorted(sizes)
 
 
-def pick(trials: list[Trial], latency_cap: float) -> Trial:
-    """Best throughput among the trials within the cap (the fastest batch if none is);
-    near-ties go to fewer threads x instances, then the smaller batch."""
-    within = [t for t in trials if t.batch_seconds <= latency_cap]
-    if not within:
-        return min(trials, key=lambda t: t.batch_seconds)
-    best = max(t.images_per_second for t in within)
-    close = [t for t in within if t.images_per_second >= (1 - _TIE) * best]
-    return min(close, key=lambda t: (t.intra_op_threads * t.instances, t.batch))
+def layouts(default: Layout, host_cores: int, fixed: set[str], on_gpu: bool) -> list[Layout]:
+    """The default first, then the layouts that fill the cores without oversubscribing
+    them (threads x instances = cores); a fixed setting stays at its value."""
+    threads, instances = default
+    if "intra_op_threads" in fixed or on_gpu:
+        counts = [threads]
+    elif "instances" in fixed:
+        counts = [max(1, host_cores // instances)]
+    else:
+        counts = thread_counts(host_cores)
+    if "instances" in fixed:
+        found = [(t, instances) for t in counts]
+    elif on_gpu:  # no cores to share: one run at a time, or two overlapping
+        found = [(t, n) for t in counts for n in (1, 2)]
+    else:
+        found = [(t, max(1, host_cores // t)) for t in counts]
+    return list(dict.fromkeys([default, *found]))
 
 
-def lone_threads(trials: list[Trial], chosen: Trial) -> int:
-    """Threads for a batch that runs while no other does (0: the chosen count).
+def lone_threads(serving_threads: int, host_cores: int, threads_fixed: bool) -> int:
+    """Threads for a batch that runs while no other does (0: the serving count).
 
-    Throughput picks the fewest threads per instance (one each on 2 cores); a
-    lone request then runs on one core while the others idle, at up to twice
-    the latency. The thread count with the fastest batch-1 run of one instance
-    serves those, if it beat the chosen count's by ``_LONE_GAIN``.
+    Throughput may want one thread per instance; a lone request would then
+    compute on one core while the others idle. All cores serve it instead,
+    with no measurement to earn it: single trials drift more than the gain,
+    and at worst the lone batch runs as fast as on the narrow session.
     """
-    if chosen.instances < 2:
-        return 0
-    alone = {
-        t.intra_op_threads: t.batch_seconds for t in trials if t.instances == 1 and t.batch == 1
-    }
-    if chosen.intra_op_threads not in alone:
-        return 0
-    fastest = min(alone, key=alone.__getitem__)
-    if fastest == chosen.intra_op_threads:
-        return 0
-    return fastest if alone[fastest] <= (1 - _LONE_GAIN) * alone[chosen.intra_op_threads] else 0
+    return host_cores if not threads_fixed and serving_threads < host_cores else 0
 
 
-def measure(model: OnnxModel, threads: int, instances: int, batch: int, seconds: float) -> Trial:
+def measure(
+    model: OnnxModel,
+    threads: int,
+    instances: int,
+    batch: int,
+    seconds: float,
+    *,
+    warm: bool = True,
+) -> Trial:
     """``instances`` threads running batches of ``batch`` for about ``seconds``."""
     feeds = model.dummy_inputs(batch)
-    model.run(feeds)  # this shape's first run allocates; not timed
+    if warm:
+        model.run(feeds)  # this shape's first run allocates; not timed
     times: list[list[float]] = [[] for _ in range(instances)]
     stop_at = time.perf_counter() + seconds
 
@@ -118,56 +170,89 @@ def measure(model: OnnxModel, threads: int, instances: int, batch: int, seconds:
     return Trial(threads, instances, batch, runs * batch / elapsed, statistics.median(every))
 
 
+Measure = Callable[[Layout, int, float, bool], Trial]  # layout, batch, seconds, warm
+
+
 def search(
-    measure: Callable[[int, int, int], Trial],
-    threads: list[int],
-    instances: list[int],
+    measure: Measure,
+    candidates: list[Layout],
     batches: list[int],
     cap: float,
     deadline: float,
-    slice_s: float,
-) -> tuple[list[Trial], bool]:
-    """Three rounds, so that a tight bound still covers every dimension: threads x
-    instances at the smallest batch; batch sizes upwards at the best of those, until one
-    runs past the cap; threads x instances again at the best batch size and at the
-    largest one within the cap.
-
-    Returns the trials and whether the time bound cut the search short.
-    """
-    trials: dict[tuple[int, int, int], Trial] = {}
-    cut = False
-
-    def run(count: int, n: int, batch: int) -> Trial | None:
-        nonlocal cut
-        key = (count, n, batch)
-        if key not in trials:
-            if trials and time.perf_counter() + slice_s > deadline:
-                cut = True
-                return None
-            trials[key] = measure(count, n, batch)
-        return trials[key]
-
-    grid = [(count, n) for count in threads for n in instances]
-    for count, n in grid:
-        run(count, n, batches[0])
-    lead = pick(list(trials.values()), cap)
-    for batch in batches[1:]:
-        trial = run(lead.intra_op_threads, lead.instances, batch)
-        if trial is None or trial.batch_seconds > cap:
-            break  # larger batches only take longer
-    best = pick(list(trials.values()), cap).batch
-    # Also the largest batch within the cap: threads scale with the batch, so
-    # a setting that loses at batch 1 can win there (int8 lite0 on 2 cores: 2
-    # threads x 1 instance reached 362 images/s at batch 32 in-process where
-    # the round at batch 1 kept 1 thread x 2 instances at 287).
-    largest = max((t.batch for t in trials.values() if t.batch_seconds <= cap), default=best)
-    for batch in sorted({best, largest}):
-        for count, n in grid:
-            run(count, n, batch)
-    return list(trials.values()), cut
+    rounds: int = ROUNDS,
+) -> Search:
+    """Each layout's largest batch within ``cap``, then ``rounds`` interleaved repeats
+    of every layout at its batch, within ``deadline`` (a ``time.perf_counter`` value)."""
+    found = Search()
+    probe_until = time.perf_counter() + PROBE_SHARE * (deadline - time.perf_counter())
+    for layout in candidates:
+        found.batches[layout] = batches[0]
+        for batch in batches:
+            if found.probes and time.perf_counter() > probe_until:
+                found.cut = True
+                break
+            trial = measure(layout, batch, 0.0, True)  # MIN_RUNS runs: a median, quickly
+            found.probes.append(trial)
+            if trial.batch_seconds > cap:
+                break  # larger batches only take longer
+            found.batches[layout] = batch
+    slice_s = max(0.0, deadline - time.perf_counter()) / (rounds * len(candidates))
+    for index in range(rounds):
+        order = candidates[index % len(candidates) :] + candidates[: index % len(candidates)]
+        for layout in order:
+            done = found.repeats.setdefault(layout, [])
+            # Half a slice of slack: a trial overruns its slice by a part of a batch.
+            if done and time.perf_counter() + slice_s / 2 > deadline:
+                found.cut = True
+                return found
+            done.append(measure(layout, found.batches[layout], slice_s, False))
+    return found
 
 
-def thread_counts() -> list[int]:
-    """Intra-op thread counts worth trying: all cores, half of them, one."""
-    count = cores()
-    return sorted({count, max(1, count // 2), 1}, reverse=True)
+def decide(
+    repeats: dict[Layout, list[float]],
+    default: Layout,
+    floor: float = FLOOR,
+    min_repeats: int = MIN_REPEATS,
+) -> tuple[Layout, str]:
+    """The layout to serve with, and why: the default unless another layout's median
+    throughput beats the default's by more than ``max(floor, spread of either)``,
+    where a spread is (max - min) / median of a layout's repeats."""
+    if len(repeats) < 2:
+        return default, ""
+    base = statistics.median(repeats[default])
+    rivals = [layout for layout in repeats if layout != default]
+    best = max(rivals, key=lambda layout: statistics.median(repeats[layout]))
+    gain = statistics.median(repeats[best]) / base - 1
+    margin = max(floor, _spread(repeats[default]), _spread(repeats[best]))
+    count = min(len(values) for values in repeats.values())
+    measured = f"{_short(best)} measured {abs(gain):.0%} {'faster' if gain >= 0 else 'slower'}"
+    if count < min_repeats:
+        return default, (
+            f"{_name(default)} kept: {measured}, but only {count} repeats fit the time bound"
+        )
+    if gain <= margin:
+        return default, (
+            f"{_name(default)} kept: {measured}, inside the {margin:.0%} margin "
+            f"(spread of the repeats, at least {floor:.0%})"
+        )
+    return best, (
+        f"{_name(best)}: {gain:.0%} faster than {_short(default)} (the default), "
+        f"beyond the {margin:.0%} spread of the repeats"
+    )
+
+
+def _spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def _name(layout: Layout) -> str:
+    threads, instances = layout
+    return (
+        f"{threads} thread{'s' if threads != 1 else ''} x "
+        f"{instances} instance{'s' if instances != 1 else ''}"
+    )
+
+
+def _short(layout: Layout) -> str:
+    return f"{layout[0]}x{layout[1]}"

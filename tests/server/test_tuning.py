@@ -17,8 +17,8 @@ from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.server.config import ServerConfig
 from tlserve.server.runtime import OnnxModel, load_model, provider_options
-from tlserve.server.tuning import Trial, candidate_batches, pick, tune_model, warm_up
-from tlserve.server.tuning_search import lone_threads
+from tlserve.server.tuning import Trial, candidate_batches, decide, tune_model, warm_up
+from tlserve.server.tuning_search import ROUNDS, Layout, layouts, lone_threads, search
 
 
 def _config(repo: Path, **overrides: object) -> ServerConfig:
@@ -54,14 +54,14 @@ def test_a_setting_given_through_the_environment_is_explicit_too(model_repo: Pat
     assert {t.batch for t in tuning.trials} == {8}
 
 
-def test_tuning_stops_at_its_time_bound(model_repo: Path) -> None:
-    config = _config(model_repo, tune="on", tune_seconds=0.2)
+def test_a_search_cut_by_its_time_bound_keeps_the_default(model_repo: Path) -> None:
+    config = _config(model_repo, tune="on", tune_seconds=0.01)
     started = time.perf_counter()
     _, tuning, _ = tune_model(_path(model_repo), config)
     elapsed = time.perf_counter() - started
-    assert "time bound reached" in tuning.reason
-    assert 1 <= len(tuning.trials) < 2 * 2 * len(candidate_batches(32))
-    assert elapsed < 2.0  # the bound plus at most one trial and one session load
+    assert "time bound reached" in tuning.reason and "fit the time bound" in tuning.reason
+    assert tuning.instances == 1  # the default layout: one repeat is no evidence
+    assert elapsed < 2.0  # the bound plus one trial per layout and their session loads
 
 
 def test_auto_leaves_a_sub_millisecond_model_alone_and_off_means_off(model_repo: Path) -> None:
@@ -82,43 +82,67 @@ def test_auto_leaves_a_sub_millisecond_model_alone_and_off_means_off(model_repo:
         assert model.intra_op_threads == threads
 
 
-def test_pick_takes_the_best_throughput_within_the_latency_cap() -> None:
-    trials = [
-        Trial(2, 1, 1, 100.0, 0.010),
-        Trial(2, 1, 16, 400.0, 0.040),
-        Trial(1, 2, 16, 395.0, 0.080),  # over a 50 ms cap
-        Trial(2, 1, 32, 500.0, 0.064),  # over a 50 ms cap
-        Trial(1, 1, 16, 390.0, 0.041),  # within 3%: one thread, so it wins
-    ]
-    assert pick(trials, 0.05) == trials[4]
-    assert pick(trials, 1.0) == trials[3]
-    assert pick(trials, 0.001) == trials[0]  # none within the cap: the fastest batch
+def test_a_noisy_near_tie_keeps_the_default_and_a_clear_win_replaces_it() -> None:
+    default, rival = (2, 1), (1, 2)
+    noisy = {default: [100.0, 92.0, 108.0, 99.0, 101.0], rival: [108.0, 97.0, 104.0, 106.0]}
+    chosen, why = decide(noisy, default)
+    assert chosen == default  # 5% ahead, inside the 16% spread of the default's repeats
+    assert why.startswith("2 threads x 1 instance kept: 1x2 measured 5% faster, inside the 16%")
+    clear = {default: [100.0, 98.0, 102.0], rival: [130.0, 126.0, 131.0]}
+    chosen, why = decide(clear, default)
+    assert chosen == rival and why.startswith("1 thread x 2 instances: 30% faster than 2x1")
+    steady = {default: [100.0, 100.5, 99.5], rival: [104.0, 104.0, 104.0]}
+    assert decide(steady, default)[0] == default  # a 4% win is within the floor
+    assert decide({default: [100.0, 100.0], rival: [200.0, 200.0]}, default)[0] == default
+    assert decide({default: [100.0]}, default) == (default, "")  # nothing to compare
 
 
-def test_a_lone_batch_gets_more_threads_only_when_they_measured_clearly_faster() -> None:
-    chosen = Trial(1, 2, 4, 300.0, 0.020)  # throughput: one thread per instance
-    trials = [chosen, Trial(1, 1, 1, 90.0, 0.011), Trial(2, 1, 1, 160.0, 0.006)]
-    assert lone_threads(trials, chosen) == 2
-    slightly = [chosen, Trial(1, 1, 1, 90.0, 0.011), Trial(2, 1, 1, 95.0, 0.0100)]
-    assert lone_threads(slightly, chosen) == 0  # within the noise: one session
-    single = Trial(1, 1, 4, 300.0, 0.020)  # one instance: every batch is alone
-    assert lone_threads([single, *trials[1:]], single) == 0
+def test_layouts_fill_the_cores_and_keep_what_was_given() -> None:
+    assert layouts((2, 1), 2, set(), on_gpu=False) == [(2, 1), (1, 2)]
+    assert layouts((8, 1), 8, set(), on_gpu=False) == [(8, 1), (4, 2), (1, 8)]
+    assert layouts((1, 1), 2, {"intra_op_threads"}, on_gpu=False) == [(1, 1), (1, 2)]
+    assert layouts((2, 1), 2, {"instances"}, on_gpu=False) == [(2, 1)]
+    assert layouts((1, 1), 2, {"intra_op_threads", "instances"}, on_gpu=False) == [(1, 1)]
+    assert layouts((0, 1), 2, set(), on_gpu=True) == [(0, 1), (0, 2)]
 
 
-def test_a_lone_session_comes_back_with_the_thread_count_it_was_measured_at(
+def test_a_lone_session_exists_whenever_the_serving_one_is_narrower_than_the_cores() -> None:
+    assert lone_threads(1, 2, threads_fixed=False) == 2
+    assert lone_threads(2, 8, threads_fixed=False) == 8
+    assert lone_threads(2, 2, threads_fixed=False) == 0  # it already has every core
+    assert lone_threads(1, 2, threads_fixed=True) == 0  # threads were given: never another count
+
+
+def test_layouts_run_interleaved_each_at_its_largest_batch_within_the_cap() -> None:
+    row_seconds = {(2, 1): 0.010, (1, 2): 0.020}  # per row: 1x2 reaches the cap sooner
+    order: list[tuple[Layout, int, bool]] = []
+
+    def fake(layout: Layout, batch: int, seconds: float, warm: bool) -> Trial:
+        order.append((layout, batch, warm))
+        return Trial(*layout, batch, 100.0, batch * row_seconds[layout])
+
+    found = search(fake, [(2, 1), (1, 2)], candidate_batches(32), 0.1, time.perf_counter() + 60)
+    assert found.batches == {(2, 1): 8, (1, 2): 4}  # 16 x 10 ms and 8 x 20 ms pass 100 ms
+    repeats = [(layout, batch) for layout, batch, warm in order if not warm]
+    assert len(repeats) == 2 * ROUNDS and not found.cut
+    assert [layout for layout, _ in repeats[:4]] == [(2, 1), (1, 2), (1, 2), (2, 1)]
+    assert set(repeats) == {((2, 1), 8), ((1, 2), 4)}
+
+
+def test_a_narrow_choice_comes_back_with_an_all_cores_session_for_lone_batches(
     model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def another_count(trials: list[Trial], chosen: Trial) -> int:
-        return next(
-            t.intra_op_threads for t in trials if t.intra_op_threads != chosen.intra_op_threads
-        )
+    def narrowest(repeats: dict[Layout, list[float]], default: Layout) -> tuple[Layout, str]:
+        return min(repeats), "the narrowest, for this test"
 
-    monkeypatch.setattr("tlserve.server.tuning.lone_threads", another_count)
+    monkeypatch.setattr("tlserve.server.tuning.cores", lambda: 2)  # the same on any host
+    monkeypatch.setattr("tlserve.server.tuning.decide", narrowest)
     config = _config(model_repo, tune="on", tune_seconds=1.0)
     model, tuning, lone = tune_model(_path(model_repo), config)
-    assert lone is not None and lone is not model
-    assert tuning.lone_threads == lone.intra_op_threads != model.intra_op_threads
-    assert f"a batch running alone uses {tuning.lone_threads} threads" in tuning.reason
+    assert (tuning.intra_op_threads, tuning.instances) == (1, 2) == (model.intra_op_threads, 2)
+    assert lone is not None and lone.intra_op_threads == tuning.lone_threads == 2
+    assert "a batch running alone uses 2 threads" in tuning.reason
+    assert tuning.sources["intra_op_threads"] == tuning.sources["instances"] == "tuned"
 
 
 def test_the_server_serves_with_the_tuned_choice_and_shows_it(model_repo: Path) -> None:

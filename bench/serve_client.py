@@ -1,4 +1,6 @@
-"""bench-serve's generator: ModelInfer and ModelStreamInfer calls, serialised once.
+"""bench-serve's side of the wire: the server process it starts, the generator
+(ModelInfer and ModelStreamInfer calls, serialised once), and what a served
+model's load-time tuning chose (ModelConfig's parameters).
 
 The generator runs on the same two cores as the server, so it costs what
 gRPC costs and no more: the SDK's Python around each call (0.1-0.3 ms of
@@ -8,11 +10,17 @@ CPU here) would come out of the server's share.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tlserve.client import Client
 from tlserve.contract.codec import encode_request_inputs
 from tlserve.contract.rules import OUTPUT_PROBABILITIES
 from tlserve.protos import grpc_service_pb2 as pb
@@ -25,6 +33,35 @@ STREAM_WINDOW = 16
 # 624 against 655 and 619 against 706 images/s in two alternating passes on
 # lite0-96 at 16 in flight (raw-bytes client), which in-process does not pay.
 WANTED = (OUTPUT_PROBABILITIES,)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``tlserve serve`` in a subprocess, on free ports."""
+
+    def __init__(self, repo: Path, out: Path, env: dict[str, str] | None = None) -> None:
+        self.grpc_port, self.metrics_port = _free_port(), _free_port()
+        self.target = f"127.0.0.1:{self.grpc_port}"
+        self.log = (out / f"server-{repo.name}.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tlserve.cli.main", "serve", "--model-repository", str(repo),
+             "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
+             "--drain-delay", "0", "--grace", "2"],
+            env={**os.environ, "TLSERVE_DEVICE": "cpu", **(env or {})},
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        with Client(self.target) as client:
+            client.wait_until_ready(timeout=300)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
 
 
 def latency_ms(latencies: list[float]) -> dict[str, float]:
@@ -105,3 +142,16 @@ async def _streamed(channel: Any, model: str, payload: bytes, seconds: float) ->
         answers += 1
         window.release()
     return answers / (time.perf_counter() - started)
+
+
+def model_settings(target: str, model: str) -> dict[str, str]:
+    """ModelConfig's ``parameters`` for ``model``: the settings it serves with, each
+    with its ``_source``, ``lone_batch_threads`` when set, and ``tuning``, the reason."""
+    import grpc
+
+    from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        config = stub.ModelConfig(pb.ModelConfigRequest(name=model), timeout=10).config
+    return {key: value.string_value for key, value in config.parameters.items()}

@@ -41,6 +41,7 @@ from tlserve.server.metrics import ServerMetrics
 from tlserve.server.runtime import OnnxModel, load_model
 from tlserve.server.tuning_search import (
     MIN_RUNS,
+    ROUNDS,
     Layout,
     Trial,
     candidate_batches,
@@ -224,7 +225,8 @@ def tune_model(
     if lone:
         parts.append(f"a batch running alone uses {lone} threads (all cores)")
     if found.cut:
-        parts.append("time bound reached")
+        rounds = min((len(ts) for ts in found.repeats.values()), default=0)
+        parts.append(f"time bound reached ({rounds} of {ROUNDS} rounds)")
     return Tuned(model, _finish(tuning, "; ".join(parts), started), session(lone) if lone else None)
 
 

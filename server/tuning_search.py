@@ -196,7 +196,10 @@ def search(
             if trial.batch_seconds > cap:
                 break  # larger batches only take longer
             found.batches[layout] = batch
-    slice_s = max(0.0, deadline - time.perf_counter()) / (rounds * len(candidates))
+    # A trial runs past its slice by up to a batch: leave room for that.
+    longest = max(t.batch_seconds for t in found.probes if t.batch == found.batches[t.layout])
+    left = max(0.0, deadline - time.perf_counter())
+    slice_s = max(0.0, left / (rounds * len(candidates)) - longest)
     for index in range(rounds):
         order = candidates[index % len(candidates) :] + candidates[: index % len(candidates)]
         for layout in order:

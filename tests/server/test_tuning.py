@@ -6,6 +6,7 @@ import dataclasses
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -55,9 +56,13 @@ def test_a_setting_given_through_the_environment_is_explicit_too(model_repo: Pat
 
 
 def test_a_search_cut_by_its_time_bound_keeps_the_default(model_repo: Path) -> None:
+    def slow_loader(*args: Any, **kwargs: Any) -> OnnxModel:
+        time.sleep(0.02)  # the bound has passed before the search starts
+        return load_model(*args, **kwargs)
+
     config = _config(model_repo, tune="on", tune_seconds=0.01)
     started = time.perf_counter()
-    _, tuning, _ = tune_model(_path(model_repo), config)
+    _, tuning, _ = tune_model(_path(model_repo), config, loader=slow_loader)
     elapsed = time.perf_counter() - started
     assert "time bound reached" in tuning.reason and "fit the time bound" in tuning.reason
     assert tuning.instances == 1  # the default layout: one repeat is no evidence

@@ -116,45 +116,75 @@ def fast_model(out: Path, size: int = 64, classes: int = 10) -> Path:
 def int8_model(float_path: Path) -> tuple[Path, dict[str, object]]:
     """The int8 variant of a bench model beside it, as model ``<name>-int8``, with its figures.
 
-    lite0 is calibrated and scored on the Fashion-MNIST sample it was trained
-    on (held-out accuracy of both variants); the fast model has random
-    weights, so only its top-1 agreement means anything.
+    Made by ``quantize_int8`` alone, not by the variant selection of
+    ``tlserve train --quantize`` (whose rules are not what this bench
+    measures). lite0 is calibrated on 256 of the Fashion-MNIST sample's
+    training images and both variants are scored on its held-out ones; the
+    fast model has random weights, so only its top-1 agreement means anything.
     """
     import hashlib
     import json
 
-    from tlserve.training.data import load_dataset
-    from tlserve.training.quantize import select_variant
-    from tlserve.training.requantize import select_for_dataset
+    from tlserve.training.int8 import quantize_int8
 
     name = float_path.parent.parent.name
     path = float_path.parent.parent.parent / f"{name}-int8" / "1" / "model.onnx"
     figures_file = path.with_name("figures.json")
     # Remade when the code that makes it changes (a stale variant would measure old code).
     made_by = hashlib.sha256(
-        b"".join((ROOT / "training" / f).read_bytes() for f in ("int8.py", "quantize.py"))
+        b"".join(f.read_bytes() for f in (ROOT / "training" / "int8.py", Path(__file__)))
     ).hexdigest()
     if path.is_file() and figures_file.is_file():
         cached = json.loads(figures_file.read_text())
         if cached.get("made_by") == made_by:
             return path, dict(cached)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(float_path, path)
     card = ModelCard.from_props(_props(float_path))
     assert card is not None
-    if name in ("lite0", "lite0-96"):
-        dataset = load_dataset(ROOT / "examples" / "fashion-mnist", seed=0)
-        decision = select_for_dataset(path, dataset, card.preprocessing, mode="int8")
-    else:
-        spec = card.preprocessing
-        calibration = np.random.default_rng(0).integers(
-            0, 256, (64, spec.height, spec.width, 3), dtype=np.uint8
-        )
-        decision = select_variant(path, calibration, None, mode="int8")
-    assert decision is not None
-    figures = {**decision.to_dict(), "made_by": made_by}
-    figures_file.write_text(json.dumps(figures, indent=2, default=str))
+    calibration, images, labels = _images(name, card.preprocessing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantize_int8(float_path, path, calibration)
+    answers = {v: _top1(p, images) for v, p in (("float32", float_path), ("int8", path))}
+    accuracy = {
+        v: float(np.mean(a == labels)) if labels is not None else None for v, a in answers.items()
+    }
+    figures = {
+        "reason": f"quantize_int8, {len(calibration)} calibration images",
+        "held_out": len(images),
+        "agreement": float(np.mean(answers["float32"] == answers["int8"])),
+        "variants": {v: {"accuracy": a} for v, a in accuracy.items()},
+        "made_by": made_by,
+    }
+    figures_file.write_text(json.dumps(figures, indent=2))
     return path, figures
+
+
+def _images(name: str, spec: Preprocessing) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Calibration images, scored images and their labels (None: random weights, no labels)."""
+    if name not in ("lite0", "lite0-96"):
+        rng = np.random.default_rng(0)
+        shape = (64, spec.height, spec.width, 3)
+        return rng.integers(0, 256, shape, np.uint8), rng.integers(0, 256, shape, np.uint8), None
+    from tlserve.contract.images import prepare_image
+    from tlserve.training.data import load_dataset
+
+    dataset = load_dataset(ROOT / "examples" / "fashion-mnist", seed=0)
+    step = max(1, len(dataset.train) // 256)
+    calibration = [prepare_image(p.read_bytes(), spec) for p, _ in dataset.train[::step][:256]]
+    scored = dataset.test or dataset.val
+    images = [prepare_image(p.read_bytes(), spec) for p, _ in scored]
+    return np.stack(calibration), np.stack(images), np.array([label for _, label in scored])
+
+
+def _top1(path: Path, images: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    chunks = [
+        session.run(["probabilities"], {"images": images[i : i + 32]})[0]
+        for i in range(0, len(images), 32)
+    ]
+    answers: np.ndarray = np.concatenate(chunks).argmax(axis=1)
+    return answers
 
 
 def _props(path: Path) -> dict[str, str]:

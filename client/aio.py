@@ -155,7 +155,7 @@ class AsyncClient:
         batch = image_batch(images)
         if preprocess == "client":
             return await self._local.classify(
-                batch, model, top_k or DEFAULT_TOP_K, version,
+                batch, model, top_k, version,
                 self.timeout if timeout is None else timeout,
             )  # fmt: skip
         if preprocess != "server":

@@ -15,17 +15,12 @@ from typing import Protocol
 
 import numpy as np
 
-from tlserve.client import wire
 from tlserve.client.results import ImageInput, ModelMetadata
+from tlserve.client.wire import model_rows
 from tlserve.contract.card import ModelCard
 from tlserve.contract.codec import decode_response_outputs
 from tlserve.contract.errors import InvalidInput
-from tlserve.contract.predictions import (
-    Classification,
-    is_out_of_distribution,
-    ood_threshold,
-)
-from tlserve.contract.predictions import top_k as ranked
+from tlserve.contract.predictions import Classification, classifications, ood_threshold
 from tlserve.contract.rules import INPUT_IMAGES, OUTPUT_OOD_SCORE, OUTPUT_PROBABILITIES
 from tlserve.protos import grpc_service_pb2 as pb
 
@@ -70,7 +65,7 @@ class LocalClassifier:
 
         for attempt in (1, 2):
             card, described = await self._card(model, version, remaining())
-            rows = await asyncio.to_thread(wire.model_rows, batch, card.preprocessing)
+            rows = await asyncio.to_thread(model_rows, batch, card.preprocessing)
             # A card with an OOD threshold belongs to a model with an ood_score output.
             threshold = ood_threshold(card.metrics)
             wanted = (OUTPUT_PROBABILITIES,) + (() if threshold is None else (OUTPUT_OOD_SCORE,))
@@ -89,15 +84,11 @@ class LocalClassifier:
                 card, described = await self._card(model, response.model_version, remaining())
                 self._cards[(model, version)] = (card, described)
             outputs = decode_response_outputs(response)
-            scores = outputs.get(OUTPUT_OOD_SCORE)
             threshold = ood_threshold(card.metrics)  # of the version that answered
-            results = []
-            for i, row in enumerate(outputs[OUTPUT_PROBABILITIES]):
-                score = None if scores is None else float(scores[i])
-                flagged = is_out_of_distribution(score, threshold)
-                results.append(Classification(ranked(row, card.labels, top_k), ood_score=score,
-                                              out_of_distribution=flagged))  # fmt: skip
-            return results
+            return classifications(
+                outputs[OUTPUT_PROBABILITIES], card.labels, top_k,
+                outputs.get(OUTPUT_OOD_SCORE), threshold,
+            )  # fmt: skip
         raise AssertionError("unreachable")
 
     async def _card(self, model: str, version: str, timeout: float | None) -> tuple[ModelCard, str]:

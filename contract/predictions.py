@@ -12,6 +12,7 @@ __all__ = [
     "OOD_THRESHOLD_METRIC",
     "Classification",
     "Prediction",
+    "classifications",
     "is_out_of_distribution",
     "ood_threshold",
     "top_k",
@@ -82,3 +83,26 @@ def top_k(row: np.ndarray, labels: Sequence[str], k: int) -> list[Prediction]:
     return [
         Prediction(labels[i] if i < len(labels) else str(i), int(i), float(row[i])) for i in best
     ]
+
+
+def classifications(
+    probabilities: np.ndarray,
+    labels: Sequence[str],
+    k: int,
+    scores: np.ndarray | None = None,
+    threshold: float | None = None,
+) -> list[Classification]:
+    """One :class:`Classification` per probability row: the server's and the client's ranking.
+
+    ``k`` 0 means :data:`DEFAULT_TOP_K` (a proto's unset ``top_k``); ``scores``
+    are the model's ``ood_score`` rows, flagged against ``threshold``.
+    """
+    k = k or DEFAULT_TOP_K
+    results = []
+    for i, row in enumerate(probabilities):
+        score = None if scores is None else float(scores[i])
+        flagged = is_out_of_distribution(score, threshold)
+        results.append(
+            Classification(top_k(row, labels, k), ood_score=score, out_of_distribution=flagged)
+        )
+    return results

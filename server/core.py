@@ -22,10 +22,9 @@ from tlserve.contract.errors import InvalidInput, TlserveError
 from tlserve.contract.predictions import (
     DEFAULT_TOP_K,
     Classification,
-    is_out_of_distribution,
+    classifications,
     ood_threshold,
 )
-from tlserve.contract.predictions import top_k as ranked
 from tlserve.contract.rules import OUTPUT_EMBEDDINGS, OUTPUT_OOD_SCORE, OUTPUT_PROBABILITIES
 from tlserve.server.decode import ImageDecoder, ImageHeader
 from tlserve.server.lifecycle import ModelRegistry
@@ -129,13 +128,9 @@ class InferenceCore:
             labels = card.labels if card else ()
             threshold = ood_threshold(card.metrics) if card else None
             scores = outputs.get(OUTPUT_OOD_SCORE)
-            k = top_k or DEFAULT_TOP_K
-            results = []
-            for i, row in enumerate(outputs[OUTPUT_PROBABILITIES]):
-                score = None if scores is None else float(scores[i])
-                flagged = is_out_of_distribution(score, threshold)
-                results.append(Classification(ranked(row, labels, k), ood_score=score,
-                                              out_of_distribution=flagged))  # fmt: skip
+            results = classifications(
+                outputs[OUTPUT_PROBABILITIES], labels, top_k, scores, threshold
+            )
             if scores is not None and threshold:
                 self._count_ood(loaded, results, threshold)
             return loaded, results

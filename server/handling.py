@@ -7,7 +7,8 @@ metadata (:func:`~tlserve.contract.errors.retry_trailer`). :func:`counted`
 does the same bookkeeping for one message of a stream, whose errors travel
 in the message instead.
 
-Every outcome is counted with its real code: a call whose deadline passed
+Every outcome is counted with its real code
+(:func:`~tlserve.server.metrics.outcome_of`): a call whose deadline passed
 while it waited is DEADLINE_EXCEEDED, not the CANCELLED that gRPC's task
 cancellation looks like. Error details are cut to :data:`MAX_DETAILS`
 characters, so an error never echoes a caller's value back in full (gRPC
@@ -30,6 +31,7 @@ import grpc
 
 from tlserve.contract.errors import TlserveError, retry_trailer
 from tlserve.server.core import InferenceCore
+from tlserve.server.metrics import outcome_of, time_left
 
 __all__ = ["MAX_DETAILS", "counted", "deadline_of", "details", "handled", "record", "refused"]
 
@@ -106,18 +108,6 @@ def record(core: InferenceCore, api: str, model_name: str, outcome: str, started
     core.metrics.request_duration.labels(model, api).observe(time.perf_counter() - started)
 
 
-# A call cancelled with this little time left counts as expired: the
-# caller's deadline started when it sent the call, ours when it arrived, so
-# its side gives up (and cancels) a network delay before ours would.
-_EXPIRED = 0.05
-
-
-def _cancelled_outcome(expired: bool) -> str:
-    # gRPC cancels the handler's task when the deadline passes; that is the
-    # caller's deadline, and alerts watch for DEADLINE_EXCEEDED.
-    return "DEADLINE_EXCEEDED" if expired else "CANCELLED"
-
-
 async def counted(
     core: InferenceCore,
     api: str,
@@ -129,20 +119,13 @@ async def counted(
 
     ``deadline``: the stream's, on the event loop's clock.
     """
-    started, outcome = time.perf_counter(), "OK"
+    started, outcome = time.perf_counter(), outcome_of(None)
     try:
         return await work
-    except TlserveError as exc:
-        outcome = exc.code.name
-        refused(api, exc.code, str(exc))
-        raise
-    except asyncio.CancelledError:
-        now = asyncio.get_running_loop().time()
-        expired = deadline is not None and now > deadline - _EXPIRED
-        outcome = _cancelled_outcome(expired)
-        raise
-    except BaseException:
-        outcome = "INTERNAL"
+    except BaseException as exc:
+        outcome = outcome_of(exc, time_left(deadline))
+        if isinstance(exc, TlserveError):
+            refused(api, exc.code, str(exc))
         raise
     finally:
         record(core, api, model_name, outcome, started)
@@ -161,19 +144,18 @@ def handled(
             self: Servicer, request: Req, context: grpc.aio.ServicerContext[Any, Any]
         ) -> Resp:
             started = time.perf_counter()
-            outcome = "OK"
+            outcome = outcome_of(None)
             try:
                 return await method(self, request, context)
             except TlserveError as exc:
-                outcome = exc.code.name
+                outcome = outcome_of(exc)
                 refused(name, exc.code, str(exc))
                 await context.abort(exc.code, details(exc), trailing_metadata=retry_trailer(exc))
-            except asyncio.CancelledError:
-                remaining = context.time_remaining()
-                outcome = _cancelled_outcome(remaining is not None and remaining < _EXPIRED)
+            except asyncio.CancelledError as exc:
+                outcome = outcome_of(exc, context.time_remaining())
                 raise
-            except Exception:
-                outcome = "INTERNAL"
+            except Exception as exc:
+                outcome = outcome_of(exc)
                 log.exception("%s failed", name)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; see server logs")
             finally:

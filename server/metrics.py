@@ -12,30 +12,39 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from wsgiref.simple_server import WSGIServer
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["ServerMetrics", "failure_reason"]
+from tlserve.contract.errors import TlserveError
+
+__all__ = ["EXPIRED_SLACK_S", "ServerMetrics", "outcome_of", "time_left"]
+
+#: A call cancelled with this little time left counts as expired: the
+#: caller's deadline started when it sent the call, ours when it arrived, so
+#: its side gives up (and cancels) a network delay before ours would.
+EXPIRED_SLACK_S = 0.05
 
 
-def failure_reason(exc: BaseException) -> str:
-    """A short, bounded label for why a request failed (its gRPC status, lower case)."""
+def outcome_of(exc: BaseException | None, seconds_left: float | None = None) -> str:
+    """The ``outcome`` label of both request counters: ``OK`` or a gRPC status name.
+
+    ``exc`` is what the request ended with (None: it succeeded);
+    ``seconds_left`` is how long its deadline still had to run (None: none).
+    """
+    if exc is None:
+        return "OK"
+    if isinstance(exc, TlserveError):
+        return exc.code.name
     if isinstance(exc, asyncio.CancelledError):
-        return "cancelled"
-    code = getattr(exc, "code", None)
-    if isinstance(code, grpc.StatusCode):
-        return str(code.name).lower()
-    return "internal"
+        # gRPC cancels the handler's task when the deadline passes; that is the
+        # caller's deadline, and alerts watch for DEADLINE_EXCEEDED.
+        expired = seconds_left is not None and seconds_left < EXPIRED_SLACK_S
+        return "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+    return "INTERNAL"
 
 
-# gRPC's deadline and the loop's clock agree to well under this.
-_DEADLINE_SLACK_S = 0.01
-
-
-def _past(deadline: float | None) -> bool:
-    if deadline is None:
-        return False
-    return asyncio.get_running_loop().time() >= deadline - _DEADLINE_SLACK_S
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (event-loop time), None without one."""
+    return None if deadline is None else deadline - asyncio.get_running_loop().time()
 
 
 # From 0.5 ms to 10 s: a fast CPU batch to a slow overloaded queue.
@@ -56,7 +65,7 @@ class ServerMetrics:
         r = self.registry
         self.requests = Counter(
             "tlserve_requests",
-            "Requests handled, by model, API and outcome (ok or a gRPC status name).",
+            "Requests handled, by model, API and outcome (OK or a gRPC status name).",
             ["model", "api", "outcome"],
             registry=r,
         )
@@ -111,10 +120,17 @@ class ServerMetrics:
             ["model", "version", "setting", "source"],
             registry=r,
         )
+        self.model_variant = Gauge(
+            "tlserve_model_variant",
+            "1 for the variant each loaded version serves (float32, int8, int8-rr, fp16), "
+            "and how it was chosen (measured on this host, explicit, or the only one).",
+            ["model", "version", "variant", "source"],
+            registry=r,
+        )
         # Where requests go once admitted, and what the edges refuse or fall back on.
         self.inferences = Counter(
             "tlserve_inferences",
-            "Requests that reached a model, by version and outcome (ok or a failure reason).",
+            "Requests that reached a model, by version and outcome (OK or a gRPC status name).",
             ["model", "version", "outcome"],
             registry=r,
         )
@@ -180,19 +196,17 @@ class ServerMetrics:
     def inference(self, model: str, version: str, deadline: float | None = None) -> Iterator[None]:
         """Count one request in a model: in-flight while inside, then its outcome.
 
-        gRPC cancels the handler when the caller's ``deadline`` (event-loop
-        time) passes; a cancellation then is counted as ``deadline_exceeded``,
-        as ``tlserve_requests_total`` counts it, not ``cancelled``.
+        The outcome is :func:`outcome_of`'s, as ``tlserve_requests_total``
+        counts it: a cancellation at the caller's ``deadline`` (event-loop
+        time) is ``DEADLINE_EXCEEDED``, not ``CANCELLED``.
         """
         gauge = self.in_flight.labels(model)
         gauge.inc()
-        outcome = "ok"
+        outcome = outcome_of(None)
         try:
             yield
         except BaseException as exc:
-            outcome = failure_reason(exc)
-            if outcome == "cancelled" and _past(deadline):
-                outcome = "deadline_exceeded"
+            outcome = outcome_of(exc, time_left(deadline))
             raise
         finally:
             gauge.dec()

@@ -75,8 +75,8 @@ def test_a_deadline_that_passes_in_the_queue_is_counted_as_deadline_exceeded(
     # The alert on DEADLINE_EXCEEDED fires: nothing is counted as CANCELLED.
     _eventually(lambda: _counted(server, "ModelInfer", "DEADLINE_EXCEEDED") == 3, server)
     assert _counted(server, "ModelInfer", "CANCELLED") == 0
-    assert _inferences(server, "cancelled") == 0  # the per-model count agrees
-    assert _inferences(server, "deadline_exceeded") == 3
+    assert _inferences(server, "CANCELLED") == 0  # the per-model count agrees
+    assert _inferences(server, "DEADLINE_EXCEEDED") == 3
 
 
 def test_a_call_the_caller_cancels_is_counted_as_cancelled(
@@ -89,7 +89,7 @@ def test_a_call_the_caller_cancels_is_counted_as_cancelled(
     _eventually(lambda: _counted(server, "ModelInfer", "CANCELLED") == 1, server)
     gate.open()
     assert _counted(server, "ModelInfer", "DEADLINE_EXCEEDED") == 0
-    _eventually(lambda: _inferences(server, "cancelled") == 1, server)
+    _eventually(lambda: _inferences(server, "CANCELLED") == 1, server)
 
 
 def test_stream_messages_past_the_deadline_are_counted_as_deadline_exceeded(

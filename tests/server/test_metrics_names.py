@@ -6,16 +6,19 @@ unknown models), so labelled series exist and their values can be counted.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import urllib.request
 
+import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TINY_SIZE, ServerThread, png_bytes
 from tlserve.client import Client, ModelNotFound
-from tlserve.contract.errors import InvalidInput
+from tlserve.contract.errors import DeadlineExceeded, InvalidInput
+from tlserve.server.metrics import EXPIRED_SLACK_S, outcome_of
 
 _NAME = re.compile(r"tlserve_[a-z][a-z0-9_]*[a-z0-9]")
 _UNITS = ("_seconds", "_bytes", "_ratio", "_total", "_info")
@@ -98,4 +101,26 @@ def test_the_metrics_users_look_for_are_there(server: ServerThread) -> None:
     ):
         assert wanted in names, wanted
     assert "tlserve_models_loaded 1.0" in text
-    assert 'tlserve_inferences_total{model="tiny",outcome="ok",version="1"}' in text
+    assert 'tlserve_inferences_total{model="tiny",outcome="OK",version="1"}' in text
+
+
+def test_both_request_counters_count_outcomes_as_grpc_status_names(server: ServerThread) -> None:
+    # One vocabulary, so the alerts' outcome="DEADLINE_EXCEEDED" matches either counter.
+    _traffic(server)
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    status_names = {code.name for code in grpc.StatusCode}
+    for family in text_string_to_metric_families(text):
+        if family.name in ("tlserve_requests", "tlserve_inferences"):
+            outcomes = {s.labels["outcome"] for s in family.samples if "outcome" in s.labels}
+            assert "OK" in outcomes, family.name
+            assert outcomes <= status_names, (family.name, outcomes - status_names)
+
+
+def test_a_cancel_at_the_deadline_is_deadline_exceeded() -> None:
+    cancel = asyncio.CancelledError()
+    assert outcome_of(None) == "OK"
+    assert outcome_of(cancel, EXPIRED_SLACK_S / 2) == "DEADLINE_EXCEEDED"
+    assert outcome_of(cancel, 1.0) == "CANCELLED"
+    assert outcome_of(cancel, None) == "CANCELLED"  # no deadline: the caller hung up
+    assert outcome_of(DeadlineExceeded("late")) == "DEADLINE_EXCEEDED"
+    assert outcome_of(RuntimeError("bug")) == "INTERNAL"

@@ -82,7 +82,7 @@ def test_overload_is_refused_at_once_with_a_retry_hint_and_no_growth(
         page = urllib.request.urlopen(small_queue.metrics_url, timeout=5).read().decode()
         assert 'tlserve_queue_depth{model="tiny"} 4.0' in page
         assert 'tlserve_inflight_requests{model="tiny"} 5.0' in page
-        refusals = 'tlserve_inferences_total{model="tiny",outcome="resource_exhausted",version="1"}'
+        refusals = 'tlserve_inferences_total{model="tiny",outcome="RESOURCE_EXHAUSTED",version="1"}'
         assert f"{refusals} 350.0" in page
 
         gate.open()

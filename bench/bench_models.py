@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tlserve.contract.card import ModelCard, Preprocessing
+from tlserve.contract.rules import CPU_PROVIDER
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "build" / "demo" / "models" / "fashion" / "1" / "model.onnx"
@@ -178,7 +179,7 @@ def _images(name: str, spec: Preprocessing) -> tuple[np.ndarray, np.ndarray, np.
 def _top1(path: Path, images: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=[CPU_PROVIDER])
     chunks = [
         session.run(["probabilities"], {"images": images[i : i + 32]})[0]
         for i in range(0, len(images), 32)

@@ -35,6 +35,7 @@ from tlserve.cli.demo import _start_server
 from tlserve.client import Client
 from tlserve.contract.card import ModelCard
 from tlserve.contract.images import prepare_decoded
+from tlserve.contract.rules import CPU_PROVIDER
 from tlserve.training.backbones import create_backbone
 from tlserve.training.cache import default_cache_dir
 from tlserve.training.data import load_dataset
@@ -86,7 +87,7 @@ def _subgraph_ms(scorer: OodScorer, embeddings: np.ndarray) -> dict[str, float]:
     model.ir_version = 9
     add_ood_output(model, scorer, batch_axis="batch")
     onnx.checker.check_model(model)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), providers=[CPU_PROVIDER])
     figures = {}
     for size in (1, 32):
         x = embeddings[:size].astype(np.float32)
@@ -168,7 +169,7 @@ def main() -> None:
             publish(path, repo, name, {})
     sessions = {
         name: ort.InferenceSession(
-            str(sorted((repo / name).glob("*/model.onnx"))[-1]), providers=["CPUExecutionProvider"]
+            str(sorted((repo / name).glob("*/model.onnx"))[-1]), providers=[CPU_PROVIDER]
         )
         for name in ("with-ood", "without-ood")
     }

@@ -178,7 +178,9 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        from tlserve.contract.rules import CPU_PROVIDER
+
+        session = ort.InferenceSession(str(model), providers=[CPU_PROVIDER])
         props = dict(session.get_modelmeta().custom_metadata_map)
     except ImportError:
         import onnx

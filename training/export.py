@@ -37,6 +37,7 @@ import torch
 from tlserve.contract.card import ModelCard
 from tlserve.contract.errors import ExportError
 from tlserve.contract.rules import (
+    CPU_PROVIDER,
     INPUT_IMAGES,
     OUTPUT_EMBEDDINGS,
     OUTPUT_OOD_SCORE,
@@ -230,7 +231,7 @@ def _to_onnx(
 def _verify(
     reference: Reference, path: Path, sample_images: np.ndarray, ood: OodScorer | None
 ) -> ExportCheck:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=[CPU_PROVIDER])
     batches = [sample_images[:1], sample_images] if len(sample_images) > 1 else [sample_images]
     worst = ExportCheck(0, 0.0, 0.0, -np.inf, 0.0 if ood is not None else None)
     names = [*OUTPUT_NAMES, OUTPUT_OOD_SCORE] if ood is not None else list(OUTPUT_NAMES)

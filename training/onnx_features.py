@@ -31,7 +31,7 @@ import onnxruntime as ort
 import torch
 
 from tlserve.contract.errors import ExportError
-from tlserve.contract.rules import INPUT_IMAGES, OUTPUT_EMBEDDINGS
+from tlserve.contract.rules import CPU_PROVIDER, INPUT_IMAGES, OUTPUT_EMBEDDINGS
 from tlserve.training.export import EMBEDDING_ATOL, EMBEDDING_RTOL, OPSET
 from tlserve.training.export import _quiet as quiet_exporter
 from tlserve.training.layers import PooledFeatures
@@ -77,7 +77,7 @@ class OnnxEmbedder:
             "session.intra_op.allow_spinning", "1" if spinning else "0"
         )
         source = str(model) if isinstance(model, Path) else model
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(source, options, providers=[CPU_PROVIDER])
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

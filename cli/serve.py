@@ -45,6 +45,12 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=("auto", "on", "off"),
         help="measure threads x instances x batch size at load (auto: models >= 1 ms)",
     )
+    serve.add_argument(
+        "--variant",
+        choices=("auto", "float32", "int8", "fp16"),
+        help="auto: check each version's variants on this host, serve the fastest that keeps "
+        "accuracy; a kind by name: serve it if it passes the accuracy check, else refuse",
+    )
     serve.add_argument("--tune-seconds", type=float, help="time bound of tuning per model")
     serve.add_argument("--trt-cache-dir", help="keep TensorRT engines here across restarts")
     serve.add_argument(

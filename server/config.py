@@ -24,7 +24,14 @@ from tlserve.server.policy import (
     parse_version_policy,
 )
 
-__all__ = ["DEVICES", "GPU_FALLBACKS", "ConfigError", "ServerConfig", "derived_rpc_limit"]
+__all__ = [
+    "DEVICES",
+    "GPU_FALLBACKS",
+    "VARIANT_CHOICES",
+    "ConfigError",
+    "ServerConfig",
+    "derived_rpc_limit",
+]
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 LATEST_ONE = VersionPolicy("latest")
@@ -34,6 +41,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 GPU_FALLBACKS = ("fail", "cpu")
 TUNE_MODES = ("auto", "on", "off")
+# Which variant of each version serves (server/variants.py): "auto" checks and
+# times the version's variants here; a kind by name serves it if it passes the
+# accuracy check, else the version does not load.
+VARIANT_CHOICES = ("auto", "float32", "int8", "fp16")
 # Calls past max_concurrent_rpcs that gRPC itself still takes: health checks,
 # metadata and reflection, which the inference bound never refuses.
 CONTROL_RPC_ROOM = 32
@@ -97,6 +108,7 @@ class ServerConfig:
     # models whose batch-1 run takes at least a millisecond; "on"; "off".
     # Settings given by flag or env are never changed (explicit_keys).
     tune: str = "auto"
+    variant: str = "auto"
     tune_seconds: float = 5.0
     tune_latency_cap: float = 0.1
     # TensorRT engine and timing caches; empty: rebuilt on every load.
@@ -144,6 +156,10 @@ class ServerConfig:
         ):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ConfigError(f"{_env_name(key)} must be at least 1, got {getattr(self, key)}")
+        if self.variant not in VARIANT_CHOICES:
+            raise ConfigError(
+                f"TLSERVE_VARIANT must be one of {VARIANT_CHOICES}, got {self.variant!r}"
+            )
         if self.tune not in TUNE_MODES:
             raise ConfigError(f"TLSERVE_TUNE must be one of {TUNE_MODES}, got {self.tune!r}")
         if self.tune_latency_cap <= 0:

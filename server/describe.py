@@ -92,9 +92,12 @@ def _parameters(result: pb.ModelConfig, loaded: LoadedModel) -> None:
             result.parameters["lone_batch_threads"].string_value = str(tuning.lone_threads)
         if tuning.reason:
             result.parameters["tuning"].string_value = tuning.reason
-    card = loaded.model.card
-    if card is not None:
-        result.parameters["variant"].string_value = card.notes.get("variant", "float32")
+    variant = loaded.variant
+    if variant is not None:
+        result.parameters["variant"].string_value = variant.variant
+        result.parameters["variant_source"].string_value = variant.source
+        result.parameters["variant_reason"].string_value = variant.reason
+        result.parameters["host_cpu"].string_value = variant.host
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:

@@ -25,6 +25,7 @@ from tlserve.server.metrics import ServerMetrics
 from tlserve.server.runtime import OnnxModel
 from tlserve.server.statistics import ModelStatistics
 from tlserve.server.tuning import Tuning, publish_tuning, tune_model, withdraw_tuning
+from tlserve.server.variants import VariantChoice, choose_variant
 
 __all__ = [
     "LoadedModel",
@@ -90,6 +91,7 @@ class LoadedModel:
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     tuning: Tuning | None = None  # the settings it serves with (server/tuning.py)
+    variant: VariantChoice | None = None  # the file it serves, and why (server/variants.py)
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -121,8 +123,11 @@ async def load_version(
     config: ServerConfig, metrics: ServerMetrics, name: str, version: str
 ) -> LoadedModel:
     """Load one version, warm it up and start its batcher; nothing else changes."""
-    path = config.model_repository / name / version / MODEL_FILE
-    # Load, warm up before ready and (server/tuning.py) pick the settings.
+    version_dir = config.model_repository / name / version
+    # Which file serves (server/variants.py), then load, warm up before ready
+    # and (server/tuning.py) pick the settings, all before the version is ready.
+    variant = await asyncio.to_thread(choose_variant, version_dir, config)
+    path = variant.path
     model, tuning, lone = await asyncio.to_thread(tune_model, path, config, metrics)
     # `instances` threads: that many batches of the one session run at once.
     executor = ThreadPoolExecutor(
@@ -148,16 +153,16 @@ async def load_version(
     await batcher.start()
     metrics.model_info.labels(name, version, model.provider).set(1)
     log.info(
-        "loaded model %r version %s from %s on %s (%d classes, %d instance(s))",
-        name,
-        version,
-        path,
-        model.provider,
-        len(model.card.labels) if model.card else 0,
-        tuning.instances,
+        "loaded model %r version %s from %s on %s (%d classes, %d instance(s)); variant %s "
+        "[%s] on %s: %s",
+        *(name, version, path, model.provider, len(model.card.labels) if model.card else 0),
+        *(tuning.instances, variant.variant, variant.source, variant.host, variant.reason),
     )
     publish_tuning(metrics, name, version, tuning)
-    return LoadedModel(name, version, model, batcher, executor, stats, tuning=tuning)
+    metrics.model_variant.labels(name, version, variant.variant, variant.source).set(1)
+    return LoadedModel(
+        name, version, model, batcher, executor, stats, tuning=tuning, variant=variant
+    )
 
 
 async def retire(loaded: LoadedModel, metrics: ServerMetrics, grace: float) -> None:
@@ -176,4 +181,9 @@ async def retire(loaded: LoadedModel, metrics: ServerMetrics, grace: float) -> N
         metrics.model_info.remove(loaded.name, loaded.version, loaded.model.provider)
     if loaded.tuning is not None:
         withdraw_tuning(metrics, loaded.name, loaded.version, loaded.tuning)
+    if loaded.variant is not None:
+        with contextlib.suppress(KeyError):
+            metrics.model_variant.remove(
+                loaded.name, loaded.version, loaded.variant.variant, loaded.variant.source
+            )
     log.info("unloaded model %r version %s", loaded.name, loaded.version)

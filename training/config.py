@@ -64,8 +64,8 @@ class TrainConfig:
     time_budget: float | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     drop_duplicates: bool = False
-    # A faster variant of the export, measured before publishing
-    # (tlserve.training.quantize): none, int8, fp16 or auto. The command line
+    # Faster variants published beside the float32 export when they pass the
+    # accuracy check (tlserve.training.quantize): none, int8, fp16 or auto. The command line
     # defaults to auto; the API to none, so callers get float32 unless they ask.
     quantize: str = "none"
 

@@ -1,22 +1,22 @@
-"""A faster variant of an exported model, measured before it is published.
+"""Faster variants of an exported model, checked here before they are published beside it.
 
-The variants: ``int8`` (:mod:`tlserve.training.int8`, for CPUs) and ``fp16``
+The variants (:mod:`tlserve.contract.variants`): ``int8`` and ``int8-rr``
+(:mod:`tlserve.training.int8`, for CPUs; ``int8-rr`` has 7-bit weights, whose
+products do not saturate on CPUs without VNNI) and ``fp16``
 (:mod:`tlserve.training.fp16`, for GPUs).
 
-Whether the variant is worth serving is measured on this host, never
-assumed (int8 speed-ups range from none to 2.5x across CPUs): held-out
-accuracy of both, top-1 agreement, and images/s in alternating passes.
-``auto`` keeps the variant only when it loses at most ``budget_points`` of
-accuracy **and** is at least ``min_speedup`` times faster; otherwise the
-float32 model is published and the card says why. Either way the card of the
-published file records both variants' figures (``metrics``/``notes``).
+The float32 model is always published. A variant is published beside it when
+it passes the accuracy rule (:func:`tlserve.contract.variants.check_accuracy`)
+on the version's reference set on this host, or when it was asked for by name.
+Whether it serves is the serving host's decision (``tlserve serve`` checks it
+again there, and times it): speed here is recorded, not required, because it
+says little about another CPU. The card of ``model.onnx`` records every
+variant's figures (``metrics``/``notes``), and report.json the same.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,135 +24,168 @@ from pathlib import Path
 import numpy as np
 
 from tlserve.contract.errors import InvalidInput
-from tlserve.training.variants import HeldOut, Measured, compare_variants, record_decision
+from tlserve.contract.rules import CPU_PROVIDER
+from tlserve.contract.variants import (
+    CPU_VARIANTS,
+    DEFAULT_BUDGET_POINTS,
+    GPU_VARIANTS,
+    AccuracyCheck,
+    ReferenceSet,
+    check_accuracy,
+    variant_file,
+)
+from tlserve.training.variants import (
+    HeldOut,
+    Measured,
+    compare_variants,
+    load_session,
+    record_variants,
+    top1,
+)
 
 __all__ = [
-    "DEFAULT_BUDGET_POINTS",
-    "DEFAULT_MIN_SPEEDUP",
     "QUANTIZE_MODES",
-    "Decision",
-    "decide",
+    "Outcome",
+    "VariantReport",
+    "build_variants",
     "make_variant",
-    "select_variant",
+    "variants_for",
 ]
 
 log = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("none", "int8", "fp16", "auto")
-DEFAULT_BUDGET_POINTS = 0.5
-DEFAULT_MIN_SPEEDUP = 1.2
 
 
 @dataclass(frozen=True)
-class Decision:
-    """Which variant was published and why, with the figures behind it."""
+class Outcome:
+    """One variant as checked here: the reference-set check, held-out figures, the verdict."""
 
-    chosen: str  # "float32" or the variant's name
-    variant: str  # the candidate that was measured: "int8" or "fp16"
-    reason: str
+    variant: str
+    check: AccuracyCheck
     measured: Measured
+    published: bool
+    reason: str
 
     def to_dict(self) -> dict[str, object]:
-        """For report.json."""
         return {
-            "chosen": self.chosen,
             "variant": self.variant,
+            "published": self.published,
             "reason": self.reason,
+            "reference_check": {
+                "images": self.check.images,
+                "accuracy": self.check.accuracy,
+                "float32_accuracy": self.check.reference_accuracy,
+                "agreement": self.check.agreement,
+                "drop_points": self.check.drop_points,
+                "passed": self.check.passed,
+            },
             **self.measured.to_dict(),
         }
 
 
-def decide(
-    mode: str,
-    variant: str,
-    measured: Measured,
-    *,
-    budget_points: float = DEFAULT_BUDGET_POINTS,
-    min_speedup: float = DEFAULT_MIN_SPEEDUP,
-) -> tuple[str, str]:
-    """``(chosen, reason)``: the variant when asked for, or when ``auto`` finds it worth it."""
-    drop, speedup = measured.accuracy_drop_points, measured.speedup
-    figures = (
-        f"accuracy {_pct(measured.reference.accuracy)} -> {_pct(measured.candidate.accuracy)} "
-        f"on {measured.held_out} held-out images, {speedup:.2f}x images/s on this host"
-    )
-    if mode == variant:
-        return variant, f"{variant} asked for ({figures})"
-    if drop is None:
-        return "float32", f"no held-out images to check {variant} accuracy on; kept float32"
-    if drop > budget_points:
-        return "float32", (
-            f"{variant} lost {drop:.2f} accuracy points (budget {budget_points:g}): kept "
-            f"float32 ({figures})"
-        )
-    if speedup < min_speedup:
-        return "float32", (
-            f"{variant} measured only {speedup:.2f}x as fast here (needs {min_speedup:g}x): "
-            f"kept float32 ({figures})"
-        )
-    return variant, f"{variant}: {figures}; within budget {budget_points:g} points"
+@dataclass(frozen=True)
+class VariantReport:
+    """What :func:`build_variants` made, checked and published (report.json's ``variant``)."""
+
+    mode: str
+    budget_points: float
+    reference_images: int
+    reference_held_out: int
+    outcomes: tuple[Outcome, ...]
+
+    @property
+    def published(self) -> tuple[str, ...]:
+        return tuple(o.variant for o in self.outcomes if o.published)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "budget_points": self.budget_points,
+            "published": list(self.published),
+            "reference": {"images": self.reference_images, "held_out": self.reference_held_out},
+            "variants": [o.to_dict() for o in self.outcomes],
+        }
 
 
-def _pct(accuracy: float | None) -> str:
-    return "n/a" if accuracy is None else f"{100 * accuracy:.2f}%"
+def variants_for(mode: str, providers: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The variants ``mode`` makes: ``auto`` makes fp16 where a GPU provider exists, else int8."""
+    if mode not in QUANTIZE_MODES:
+        raise InvalidInput(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
+    if mode == "none":
+        return ()
+    if mode == "auto":
+        from tlserve.training.fp16 import gpu_providers
+
+        return GPU_VARIANTS if gpu_providers(providers) else CPU_VARIANTS
+    return CPU_VARIANTS if mode == "int8" else GPU_VARIANTS
 
 
 def make_variant(variant: str, source: Path, target: Path, calibration: np.ndarray) -> None:
-    """Write ``variant`` (``int8`` or ``fp16``) of ``source`` to ``target``."""
-    if variant == "int8":
+    """Write ``variant`` (``int8``, ``int8-rr`` or ``fp16``) of ``source`` to ``target``."""
+    if variant in CPU_VARIANTS:
         from tlserve.training.int8 import quantize_int8
 
-        quantize_int8(source, target, calibration)
-    elif variant == "fp16":
+        quantize_int8(source, target, calibration, reduce_range=variant == "int8-rr")
+    elif variant in GPU_VARIANTS:
         from tlserve.training.fp16 import convert_fp16
 
         convert_fp16(source, target)
     else:
-        raise InvalidInput(f"unknown model variant {variant!r}; expected int8 or fp16")
+        raise InvalidInput(f"unknown model variant {variant!r}; expected int8, int8-rr or fp16")
 
 
-def select_variant(
+def build_variants(
     exported: Path,
     calibration: np.ndarray,
+    reference: ReferenceSet,
     held_out: HeldOut | None,
     *,
     mode: str = "auto",
     budget_points: float = DEFAULT_BUDGET_POINTS,
-    min_speedup: float = DEFAULT_MIN_SPEEDUP,
     providers: Sequence[str] | None = None,
     seconds: float = 0.4,
     maker: Callable[[str, Path, Path, np.ndarray], None] = make_variant,
-) -> Decision | None:
-    """Make, measure and maybe keep a faster variant of ``exported``, in place.
+) -> VariantReport | None:
+    """Make each variant ``mode`` asks for beside ``exported``, check it, keep what passes.
 
-    ``mode``: ``none`` (nothing happens, None returned), ``int8`` or ``fp16``
-    (that variant is published whatever the figures, which are still
-    recorded), ``auto`` (``fp16`` when ``providers`` start with a GPU one,
-    else ``int8``; kept only within the accuracy and speed budgets). After
-    the call ``exported`` holds the chosen model with both variants'
-    figures in its card.
+    A variant file that passes (or was asked for by name: ``int8``, ``fp16``)
+    stays beside ``exported`` as ``variant_file(name)``; one that fails is
+    deleted. Each is checked on ``reference`` (the rule the server applies
+    again) and scored on ``held_out`` with its speed here, for the record.
+    ``exported``'s card gets every figure. None when ``mode`` is ``none``.
     """
-    if mode not in QUANTIZE_MODES:
-        raise InvalidInput(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
-    if mode == "none":
+    variants = variants_for(mode, providers)
+    if not variants:
         return None
     from tlserve.training.fp16 import gpu_providers
 
     gpu = gpu_providers(providers)
-    variant = mode if mode != "auto" else ("fp16" if gpu else "int8")
-    measure_on = list(gpu) if variant == "fp16" and gpu else ["CPUExecutionProvider"]
-    with tempfile.TemporaryDirectory(prefix="tlserve-variant-") as tmp:
-        candidate = Path(tmp) / f"model.{variant}.onnx"
-        maker(variant, exported, candidate, calibration)
+    outcomes = []
+    for variant in variants:
+        target = exported.with_name(variant_file(variant))
+        maker(variant, exported, target, calibration)
+        measure_on = list(gpu) if variant in GPU_VARIANTS and gpu else [CPU_PROVIDER]
         measured = compare_variants(
-            exported, candidate, held_out, name=variant, providers=measure_on, seconds=seconds
+            exported, target, held_out, name=variant, providers=measure_on, seconds=seconds
         )
-        chosen, reason = decide(
-            mode, variant, measured, budget_points=budget_points, min_speedup=min_speedup
-        )
-        decision = Decision(chosen, variant, reason, measured)
-        if chosen != "float32":
-            shutil.copyfile(candidate, exported)
-    record_decision(exported, decision.chosen, decision.variant, decision.reason, measured)
-    log.info("variant: publishing %s: %s", chosen, reason)
-    return decision
+        answers = top1(load_session(target, measure_on), reference.images)
+        check = check_accuracy(reference, answers, variant, budget_points)
+        asked = mode != "auto"
+        published = check.passed or asked
+        verdict = "published" if check.passed else "published as asked" if asked else "dropped"
+        reason = f"{verdict}: {check.reason}; {measured.speedup:.2f}x float32 images/s here"
+        if not published:
+            target.unlink()
+        outcomes.append(Outcome(variant, check, measured, published, reason))
+        log.info("variant %s", reason)
+    report = VariantReport(
+        mode, budget_points, len(reference.labels), reference.held_out, tuple(outcomes)
+    )
+    record_variants(
+        exported,
+        report.published,
+        budget_points,
+        {o.variant: (o.reason, o.measured) for o in outcomes},
+    )
+    return report

@@ -1,8 +1,9 @@
 """Faster variants checked on a dataset: at training time, and for published models.
 
-:func:`select_for_dataset` draws the calibration images stratified from the
-training split and scores on the held-out split; training calls it through
-:func:`variant_report` on the file it just exported.
+:func:`build_for_dataset` draws the calibration images stratified from the
+training split, the reference set (:func:`reference_set`) from the held-out
+split, and scores on the held-out split; training calls it on the file it just
+exported.
 
 ``tlserve quantize REPO/NAME/VERSION`` (:func:`quantize_published`): versions
 are immutable (a server may be serving this one), so the result is published
@@ -28,28 +29,33 @@ from tlserve.contract.card import ModelCard, Preprocessing
 from tlserve.contract.errors import InvalidInput
 from tlserve.contract.images import prepare_image
 from tlserve.contract.rules import MODEL_FILE, valid_model_name
+from tlserve.contract.variants import (
+    DEFAULT_BUDGET_POINTS,
+    REFERENCE_FILE,
+    REFERENCE_IMAGES,
+    VARIANTS,
+    ReferenceSet,
+    min_reference_images,
+    variant_file,
+)
 from tlserve.training.data import Dataset, load_dataset
 from tlserve.training.publish import publish
-from tlserve.training.quantize import (
-    DEFAULT_BUDGET_POINTS,
-    DEFAULT_MIN_SPEEDUP,
-    Decision,
-    select_variant,
-)
-from tlserve.training.variants import HeldOut
+from tlserve.training.quantize import VariantReport, build_variants
+from tlserve.training.variants import HeldOut, load_session, probabilities
 
 __all__ = [
     "CALIBRATION_IMAGES",
+    "build_for_dataset",
     "load_labelled",
     "quantize_published",
-    "select_for_dataset",
+    "reference_set",
     "stratified",
-    "variant_report",
 ]
 
 log = logging.getLogger(__name__)
 
 _REPORT = "report.json"
+_MODEL_FILES = {variant_file(v) for v in VARIANTS} | {REFERENCE_FILE}
 # A few hundred images pin the activation ranges; more adds calibration time
 # (one forward pass each) without moving MinMax ranges much.
 CALIBRATION_IMAGES = 256
@@ -88,7 +94,39 @@ def load_labelled(
     return np.stack(rows), np.asarray(labels, dtype=np.int64)
 
 
-def select_for_dataset(
+def reference_set(
+    exported: Path,
+    dataset: Dataset,
+    spec: Preprocessing,
+    *,
+    seed: int = 0,
+    budget_points: float = DEFAULT_BUDGET_POINTS,
+) -> ReferenceSet:
+    """Up to :data:`REFERENCE_IMAGES` labelled inputs with ``exported``'s probabilities on them.
+
+    Held-out images (test, else val) first, stratified by class; when there are
+    too few of them to resolve ``budget_points``, training images fill the set up.
+    """
+    held_out = _labelled(dataset.test or dataset.val, REFERENCE_IMAGES, seed)
+    fill: list[tuple[Path, int]] = []
+    if len(held_out) < min_reference_images(budget_points):
+        fill = _labelled(dataset.train, REFERENCE_IMAGES - len(held_out), seed)
+    images, labels = load_labelled(held_out, spec)
+    held = len(labels)  # readable held-out images
+    if fill:
+        more, more_labels = load_labelled(fill, spec)
+        images, labels = np.concatenate([images, more]), np.concatenate([labels, more_labels])
+    answers = probabilities(load_session(exported), images)
+    return ReferenceSet(images, labels, answers, held_out=held)
+
+
+def _labelled(samples: Sequence[tuple[Path, int]], limit: int, seed: int) -> list[tuple[Path, int]]:
+    """:func:`stratified` with each path's label."""
+    label_of = dict(samples)
+    return [(path, label_of[path]) for path in stratified(samples, limit, seed)]
+
+
+def build_for_dataset(
     exported: Path,
     dataset: Dataset,
     spec: Preprocessing,
@@ -96,34 +134,29 @@ def select_for_dataset(
     mode: str = "auto",
     seed: int = 0,
     budget_points: float = DEFAULT_BUDGET_POINTS,
-    min_speedup: float = DEFAULT_MIN_SPEEDUP,
-) -> Decision | None:
-    """:func:`select_variant` with calibration images drawn stratified from ``dataset.train``
-    and the held-out check on ``dataset.test`` (else ``val``)."""
+) -> tuple[VariantReport | None, dict[str, bytes]]:
+    """:func:`build_variants` with calibration images drawn stratified from
+    ``dataset.train``, the reference set from :func:`reference_set` and the held-out
+    figures on ``dataset.test`` (else ``val``).
+
+    Returns the report and the files to publish beside ``exported`` (the variants
+    that passed, and ``reference.npz``); none when ``mode`` is ``none``.
+    """
     if mode == "none":
-        return None
+        return None, {}
     calibration, _ = load_labelled(
         [(p, 0) for p in stratified(dataset.train, CALIBRATION_IMAGES, seed)], spec
     )
     scored = dataset.test or dataset.val
     held_out = HeldOut(*load_labelled(scored, spec)) if scored else None
-    return select_variant(
-        exported,
-        calibration,
-        held_out,
-        mode=mode,
-        budget_points=budget_points,
-        min_speedup=min_speedup,
+    reference = reference_set(exported, dataset, spec, seed=seed, budget_points=budget_points)
+    report = build_variants(
+        exported, calibration, reference, held_out, mode=mode, budget_points=budget_points
     )
-
-
-def variant_report(
-    exported: Path, dataset: Dataset, spec: Preprocessing, *, mode: str = "auto", seed: int = 0
-) -> dict[str, object] | None:
-    """The training hook: :func:`select_for_dataset` on the file just exported, as the
-    ``variant`` entry of report.json (None when ``mode`` is ``none``)."""
-    decision = select_for_dataset(exported, dataset, spec, mode=mode, seed=seed)
-    return decision.to_dict() if decision else None
+    files = {REFERENCE_FILE: reference.to_bytes()}
+    for variant in report.published if report else ():
+        files[variant_file(variant)] = exported.with_name(variant_file(variant)).read_bytes()
+    return report, files
 
 
 def quantize_published(
@@ -132,13 +165,13 @@ def quantize_published(
     data_dir: Path | None = None,
     mode: str = "auto",
     budget_points: float = DEFAULT_BUDGET_POINTS,
-    min_speedup: float = DEFAULT_MIN_SPEEDUP,
     test_fraction: float = 0.2,
-) -> tuple[Path, Decision]:
-    """Measure a variant of ``version_dir``'s model and publish the chosen one as a new version.
+) -> tuple[Path, VariantReport]:
+    """Make and check variants of ``version_dir``'s model; publish them beside a copy of
+    it, with a reference set, as the next version.
 
-    Returns the new version directory and the decision. ``mode`` is
-    ``int8``, ``fp16`` or ``auto`` (see :func:`select_variant`).
+    Returns the new version directory and the report. ``mode`` is ``int8``,
+    ``fp16`` or ``auto`` (see :func:`tlserve.training.quantize.build_variants`).
     """
     version_dir = Path(version_dir)
     source = version_dir / MODEL_FILE
@@ -178,24 +211,24 @@ def quantize_published(
     with tempfile.TemporaryDirectory(prefix="tlserve-requantize-") as tmp:
         model = Path(tmp) / MODEL_FILE
         shutil.copyfile(source, model)
-        decision = select_for_dataset(
+        made, files = build_for_dataset(
             model,
             dataset,
             card.preprocessing,
             mode=mode,
             seed=int(card.notes.get("seed", 0)),
             budget_points=budget_points,
-            min_speedup=min_speedup,
         )
-        assert decision is not None  # mode is never "none" here
+        assert made is not None  # mode is never "none" here
         extras = {
             f.name: f.read_bytes()
             for f in sorted(version_dir.iterdir())
-            if f.is_file() and f.name != MODEL_FILE and valid_model_name(f.name)
+            if f.is_file() and f.name not in _MODEL_FILES and valid_model_name(f.name)
         }
+        extras.update(files)
         if report:
-            report["variant"] = decision.to_dict()
+            report["variant"] = made.to_dict()
             report["quantized_from"] = str(version_dir)
             extras[_REPORT] = json.dumps(report, indent=2, default=str).encode()
         published = publish(model, version_dir.parent.parent, version_dir.parent.name, extras)
-    return published, decision
+    return published, made

@@ -34,7 +34,7 @@ from tlserve.training.loops import rank_and_world
 from tlserve.training.ood import OodScorer, fit_for_model
 from tlserve.training.publish import publish
 from tlserve.training.report import REPORT_FILENAME, candidate_row, candidates_note, report_files
-from tlserve.training.requantize import variant_report
+from tlserve.training.requantize import build_for_dataset
 from tlserve.training.result import TrainResult
 from tlserve.training.strategies import FitContext, FittedHead, create_strategy
 from tlserve.training.strategies.auto import probe_layers
@@ -236,11 +236,12 @@ def _export_and_publish(
         exported = Path(tmp) / MODEL_FILE
         check = export_onnx(fitted.embedder, head, card, exported, samples, ood=ood)
         report["export_check"] = asdict(check)
-        report["variant"] = variant_report(
+        made, variant_files = build_for_dataset(
             exported, dataset, card.preprocessing, mode=config.quantize, seed=config.seed
         )
+        report["variant"] = made.to_dict() if made else None
         report["wall_seconds"] = round(time.perf_counter() - start, 3)
-        files = report_files(report, dataset.classes)
+        files = {**report_files(report, dataset.classes), **variant_files}
         return publish(exported, Path(config.model_repository), config.name, files)
 
 

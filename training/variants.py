@@ -3,16 +3,15 @@
 - which nodes stay in float (:func:`float_regions`),
 - how it is measured against the float32 model (:func:`compare_variants`:
   held-out accuracy, top-1 agreement, images/s in alternating passes),
-- and how the figures land in the model card (:func:`record_decision`).
+- and how the figures land in the model cards (:func:`record_variants`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,13 @@ import onnx
 
 from tlserve.contract.card import ModelCard
 from tlserve.contract.errors import InvalidInput
-from tlserve.contract.rules import INPUT_IMAGES, OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES
+from tlserve.contract.rules import (
+    CPU_PROVIDER,
+    INPUT_IMAGES,
+    OUTPUT_EMBEDDINGS,
+    OUTPUT_PROBABILITIES,
+)
+from tlserve.contract.variants import host_cpu, variant_file
 
 __all__ = [
     "COMPUTE_OPS",
@@ -32,8 +37,11 @@ __all__ = [
     "Measured",
     "compare_variants",
     "float_regions",
+    "load_session",
     "name_nodes",
-    "record_decision",
+    "probabilities",
+    "record_variants",
+    "top1",
 ]
 
 #: The ops whose arithmetic a variant speeds up; what lies before the first
@@ -169,21 +177,17 @@ def compare_variants(
     held_out: HeldOut | None,
     *,
     name: str,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    providers: Sequence[str] = (CPU_PROVIDER,),
     seconds: float = 0.4,
 ) -> Measured:
     """Score both on ``held_out`` and time them in alternating passes on this host.
 
     ``name`` is the candidate's (``int8``, ``fp16``); the reference is float32.
     """
-    import onnxruntime as ort
-
-    sessions = [
-        ort.InferenceSession(str(p), providers=list(providers)) for p in (reference, candidate)
-    ]
+    sessions = [load_session(p, providers) for p in (reference, candidate)]
     shape = [d if isinstance(d, int) else 1 for d in sessions[0].get_inputs()[0].shape]
     probe = held_out.images if held_out is not None else np.zeros(shape, np.uint8)
-    predictions = [_predict(s, probe) for s in sessions]
+    predictions = [top1(s, probe) for s in sessions]
     accuracies = [
         None if held_out is None else float(np.mean(p == held_out.labels)) for p in predictions
     ]
@@ -200,16 +204,29 @@ def compare_variants(
         agreement=float(np.mean(predictions[0] == predictions[1])),
         held_out=0 if held_out is None else len(held_out.labels),
         provider=sessions[1].get_providers()[0],
-        host=_host(),
+        host=host_cpu(),
     )
 
 
-def _predict(session: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
+def load_session(path: Path, providers: Sequence[str] = (CPU_PROVIDER,)) -> Any:
+    """An onnxruntime session of ``path`` on ``providers``."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=list(providers))
+
+
+def probabilities(session: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The session's ``probabilities`` for each image, float32 ``[N, C]``."""
     chunks = [
         session.run([OUTPUT_PROBABILITIES], {INPUT_IMAGES: images[i : i + batch]})[0]
         for i in range(0, len(images), batch)
     ]
-    return np.asarray(np.concatenate(chunks).argmax(axis=1), dtype=np.int64)
+    return np.asarray(np.concatenate(chunks), dtype=np.float32)
+
+
+def top1(session: Any, images: np.ndarray) -> np.ndarray:
+    """The session's top-1 class for each image."""
+    return np.asarray(probabilities(session, images).argmax(axis=1), dtype=np.int64)
 
 
 def _speeds(
@@ -231,41 +248,48 @@ def _speeds(
     return runs
 
 
-def _host() -> str:
-    """The CPU and the instruction sets int8 speed depends on."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()[:40]  # the first CPU's
-        info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-        model, flags = info.get("model name", model), set(info.get("flags", "").split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_fp16")
-    return f"{model} [{' '.join(f for f in wanted if f in flags) or 'no VNNI/AMX flags'}]"
+def record_variants(
+    path: Path,
+    published: Sequence[str],
+    budget_points: float,
+    outcomes: Mapping[str, tuple[str, Measured]],
+) -> None:
+    """Write the variants' figures into the card of the float32 model at ``path``, and
+    name each published variant file's own kind in its card (``notes.variant``)."""
+    card = _read_card(path)
+    metrics = dict(card.metrics)
+    notes = {**card.notes, "variant": "float32"}
+    for variant, (reason, measured) in outcomes.items():
+        for figures in (measured.reference, measured.candidate):
+            if figures.accuracy is not None:
+                metrics[f"{figures.name}_accuracy"] = figures.accuracy
+            for batch, speed in figures.images_per_second.items():
+                metrics[f"{figures.name}_images_per_second_b{batch}"] = round(speed, 1)
+        metrics[f"{variant}_top1_agreement"] = measured.agreement
+        metrics[f"{variant}_speedup"] = round(measured.speedup, 3)
+        notes[f"{variant}_reason"] = reason
+        notes["variants_measured_on"] = f"{measured.provider}, {measured.host}"
+    notes["variants"] = ",".join(published)
+    notes["variant_budget_points"] = f"{budget_points:g}"
+    _write_card(path, dataclasses.replace(card, metrics=metrics, notes=notes))
+    for variant in published:
+        target = path.with_name(variant_file(variant))
+        own = _read_card(target)
+        _write_card(target, dataclasses.replace(own, notes={**own.notes, "variant": variant}))
 
 
-def record_decision(path: Path, chosen: str, variant: str, reason: str, measured: Measured) -> None:
-    """Write the variants' figures into the card of the model file at ``path``."""
-    model = onnx.load(str(path))
-    props = {p.key: p.value for p in model.metadata_props}
+def _read_card(path: Path) -> ModelCard:
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     card = ModelCard.from_props(props)
     if card is None:
         raise InvalidInput(f"{path} carries no tlserve model card to record the variants in")
-    metrics = dict(card.metrics)
-    for figures in (measured.reference, measured.candidate):
-        if figures.accuracy is not None:
-            metrics[f"{figures.name}_accuracy"] = figures.accuracy
-        for batch, speed in figures.images_per_second.items():
-            metrics[f"{figures.name}_images_per_second_b{batch}"] = round(speed, 1)
-    metrics[f"{variant}_top1_agreement"] = measured.agreement
-    metrics[f"{variant}_speedup"] = round(measured.speedup, 3)
-    notes = {
-        **card.notes,
-        "variant": chosen,
-        "variant_reason": reason,
-        "variant_measured_on": f"{measured.provider}, {measured.host}",
-    }
-    props.update(dataclasses.replace(card, metrics=metrics, notes=notes).to_props())
+    return card
+
+
+def _write_card(path: Path, card: ModelCard) -> None:
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(card.to_props())
     del model.metadata_props[:]
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)

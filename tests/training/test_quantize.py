@@ -20,11 +20,18 @@ from tests.training.shapes import TINY_BACKBONE
 from tlserve.cli.main import main
 from tlserve.contract.card import ModelCard, Preprocessing
 from tlserve.contract.errors import InvalidInput
+from tlserve.contract.variants import ReferenceSet, check_accuracy
 from tlserve.training.fp16 import convert_fp16, gpu_providers
 from tlserve.training.int8 import quantize_int8
-from tlserve.training.quantize import decide, select_variant
+from tlserve.training.quantize import build_variants
 from tlserve.training.requantize import quantize_published, stratified
-from tlserve.training.variants import HeldOut, float_regions, name_nodes
+from tlserve.training.variants import (
+    HeldOut,
+    float_regions,
+    load_session,
+    name_nodes,
+    probabilities,
+)
 
 SIZE = 16
 LABELS = ("a-red", "b-green", "c-blue")  # sorted, as folder names are
@@ -174,66 +181,75 @@ def test_normalisation_and_everything_after_the_last_conv_stay_float(conv_model:
     assert all(after[name] == [1, 3, SIZE, SIZE] for name in changed)
 
 
-def test_auto_falls_back_to_float32_when_accuracy_drops_past_the_budget(conv_model: Path) -> None:
-    def miscalibrated(variant: str, source: Path, target: Path, _: np.ndarray) -> None:
-        # Ranges calibrated on black images only: real colours saturate.
-        quantize_int8(source, target, np.zeros((4, SIZE, SIZE, 3), np.uint8))
+def reference_for(model: Path, n: int = 240, seed: int = 3) -> ReferenceSet:
+    """``n`` labelled colour images with ``model``'s probabilities: a reference set."""
+    images = colour_images(n, seed)
+    answers = probabilities(load_session(model), images.images)
+    return ReferenceSet(images.images, images.labels, answers, held_out=n)
 
-    before = conv_model.read_bytes()
-    decision = select_variant(
-        conv_model, colour_images(30).images, colour_images(60, seed=3),
-        budget_points=0.01, min_speedup=0.0, seconds=0.02, maker=miscalibrated,
+
+def miscalibrated(variant: str, source: Path, target: Path, _: np.ndarray) -> None:
+    """An int8 variant calibrated on black images only: real colours saturate."""
+    quantize_int8(source, target, np.zeros((4, SIZE, SIZE, 3), np.uint8))
+
+
+def test_auto_drops_a_variant_that_fails_the_reference_check(conv_model: Path) -> None:
+    report = build_variants(
+        conv_model, colour_images(30).images, reference_for(conv_model), colour_images(60, 5),
+        seconds=0.02, maker=miscalibrated,
     )  # fmt: skip
-    assert decision is not None and decision.chosen == "float32"
-    assert "accuracy points" in decision.reason
-    assert "QuantizeLinear" not in _ops(conv_model)
+    assert report is not None and report.published == ()
+    assert all("dropped" in o.reason and "over the 0.5-point budget" in o.reason
+               for o in report.outcomes)  # fmt: skip
+    assert not conv_model.with_name("model.int8.onnx").exists()
+    assert "QuantizeLinear" not in _ops(conv_model)  # model.onnx stays float32
     card = _card(conv_model)
-    assert card.notes["variant"] == "float32" and card.notes["variant_reason"] == decision.reason
+    assert card.notes["variant"] == "float32" and card.notes["variants"] == ""
     assert card.metrics["float32_accuracy"] == 1.0
     assert card.metrics["int8_accuracy"] < 1.0  # both variants' figures are recorded
     assert {"int8_top1_agreement", "int8_images_per_second_b1"} <= set(card.metrics)
-    assert card.labels == ModelCard.from_props(_props_of(before)).labels  # type: ignore[union-attr]
+    assert card.notes["int8_reason"] == report.outcomes[0].reason
 
 
-def _props_of(data: bytes) -> dict[str, str]:
-    return {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
-
-
-def test_auto_falls_back_when_int8_is_not_measured_faster(conv_model: Path) -> None:
-    decision = select_variant(
-        conv_model, colour_images(30).images, colour_images(30, seed=3),
-        budget_points=100.0, min_speedup=1000.0, seconds=0.02,
+def test_auto_publishes_both_int8_encodings_beside_float32_when_they_pass(
+    conv_model: Path,
+) -> None:
+    report = build_variants(
+        conv_model, colour_images(30).images, reference_for(conv_model), colour_images(30, 5),
+        seconds=0.02,
     )  # fmt: skip
-    assert decision is not None and decision.chosen == "float32"
-    assert "as fast here" in decision.reason
-    assert _card(conv_model).metrics["int8_speedup"] == pytest.approx(
-        decision.measured.speedup, rel=1e-3
-    )
+    assert report is not None and report.published == ("int8", "int8-rr")
+    assert "QuantizeLinear" not in _ops(conv_model)
+    for variant in ("int8", "int8-rr"):
+        path = conv_model.with_name(f"model.{variant}.onnx")
+        assert "QuantizeLinear" in _ops(path) and _io(path) == _io(conv_model)
+        assert _card(path).notes["variant"] == variant and _card(path).labels == LABELS
+    assert _card(conv_model).notes["variants"] == "int8,int8-rr"
+    assert _card(conv_model).notes["variant_budget_points"] == "0.5"
+    assert report.to_dict()["published"] == ["int8", "int8-rr"]  # report.json's entry
 
 
-def test_auto_publishes_int8_within_budget_and_int8_mode_forces_it(conv_model: Path) -> None:
-    auto = select_variant(
-        conv_model, colour_images(30).images, colour_images(30, seed=3),
-        budget_points=100.0, min_speedup=0.0, seconds=0.02,
+def test_asking_for_int8_publishes_it_even_when_the_check_fails_here(conv_model: Path) -> None:
+    report = build_variants(
+        conv_model, colour_images(30).images, reference_for(conv_model), None,
+        mode="int8", seconds=0.02, maker=miscalibrated,
     )  # fmt: skip
-    assert auto is not None and auto.chosen == "int8"
-    assert "QuantizeLinear" in _ops(conv_model) and _card(conv_model).notes["variant"] == "int8"
-    forced = build_conv_classifier(conv_model.with_name("forced.onnx"))
-    decision = select_variant(
-        forced, colour_images(30).images, None, mode="int8", min_speedup=1000.0, seconds=0.02
+    assert report is not None and report.published == ("int8", "int8-rr")
+    assert all("published as asked" in o.reason for o in report.outcomes)
+    assert build_variants(conv_model, colour_images(3).images, reference_for(conv_model), None,
+                          mode="none") is None  # fmt: skip
+
+
+def test_a_check_on_too_few_images_cannot_pass() -> None:
+    labels = np.arange(40) % 3
+    reference = ReferenceSet(
+        np.zeros((40, SIZE, SIZE, 3), np.uint8), labels, np.eye(3, dtype=np.float32)[labels], 40
     )
-    assert decision is not None and decision.chosen == "int8" and "asked for" in decision.reason
-    assert select_variant(forced, colour_images(3).images, None, mode="none") is None
-
-
-def test_decide_needs_held_out_labels_to_choose_a_variant() -> None:
-    from tlserve.training.variants import Figures, Measured
-
-    measured = Measured(
-        Figures("float32", None, {1: 100.0}), Figures("int8", None, {1: 300.0}), 1.0, 0, "cpu", "h"
+    check = check_accuracy(reference, labels.copy(), "int8")  # perfect agreement
+    assert not check.passed and "40 images cannot show a 0.5-point budget (it needs 200)" in (
+        check.reason
     )
-    assert decide("auto", "int8", measured)[0] == "float32"
-    assert decide("int8", "int8", measured)[0] == "int8"
+    assert check_accuracy(reference, labels.copy(), "int8", budget_points=5.0).passed
 
 
 def test_fp16_variant_runs_on_cpu_through_the_same_functions(conv_model: Path) -> None:
@@ -242,20 +258,15 @@ def test_fp16_variant_runs_on_cpu_through_the_same_functions(conv_model: Path) -
     assert _io(target) == _io(conv_model) and _props(target) == _props(conv_model)
     weights = {t.name: t.data_type for t in onnx.load(str(target)).graph.initializer}
     assert weights["conv1"] == TensorProto.FLOAT16 and weights["head"] == TensorProto.FLOAT
-    decision = select_variant(
-        conv_model, colour_images(3).images, colour_images(30, seed=3),
+    report = build_variants(
+        conv_model, colour_images(3).images, reference_for(conv_model), colour_images(30, 3),
         mode="fp16", providers=["CPUExecutionProvider"], seconds=0.02,
     )  # fmt: skip
-    assert decision is not None and decision.chosen == "fp16"
-    assert decision.measured.candidate.accuracy == 1.0
-    assert decision.measured.provider == "CPUExecutionProvider"  # measured where it ran
-    assert _card(conv_model).notes["variant"] == "fp16"
-
-
-def test_gpu_providers_pick_fp16_only_where_a_gpu_provider_exists() -> None:
-    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert gpu_providers(cuda) == ("CUDAExecutionProvider", "CPUExecutionProvider")
-    assert gpu_providers(["CPUExecutionProvider"]) == ()
+    assert report is not None and report.published == ("fp16",)
+    outcome = report.outcomes[0]
+    assert outcome.measured.candidate.accuracy == 1.0 and outcome.check.passed
+    assert outcome.measured.provider == "CPUExecutionProvider"  # measured where it ran
+    assert _card(conv_model.with_name("model.fp16.onnx")).notes["variant"] == "fp16"
 
 
 @pytest.mark.gpu
@@ -263,11 +274,18 @@ def test_fp16_on_a_real_gpu(conv_model: Path) -> None:
     gpu = gpu_providers()
     if not gpu:
         pytest.skip("no CUDA/TensorRT provider in this onnxruntime")
-    decision = select_variant(
-        conv_model, colour_images(3).images, colour_images(30, seed=3), mode="auto", seconds=0.2
-    )
-    assert decision is not None and decision.variant == "fp16"
-    assert decision.measured.provider in gpu
+    report = build_variants(
+        conv_model, colour_images(3).images, reference_for(conv_model), colour_images(30, 3),
+        seconds=0.2,
+    )  # fmt: skip
+    assert report is not None and report.published == ("fp16",)
+    assert report.outcomes[0].measured.provider in gpu
+
+
+def test_gpu_providers_pick_fp16_only_where_a_gpu_provider_exists() -> None:
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert gpu_providers(cuda) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert gpu_providers(["CPUExecutionProvider"]) == ()
 
 
 def test_calibration_images_are_drawn_from_every_class() -> None:
@@ -308,19 +326,27 @@ def test_quantize_a_published_model_from_the_command_line(
     assert code == 0, capsys.readouterr().err
     version = tmp_path / "models" / "colours" / "2"
     card = _card(version / "model.onnx")
-    assert card.notes["variant"] == "int8" and card.labels == LABELS
+    assert card.notes["variant"] == "float32" and card.labels == LABELS
+    assert card.notes["variants"] == "int8,int8-rr"
     assert card.metrics["int8_accuracy"] == 1.0  # 30 held-out PNGs from test/
-    assert _io(version / "model.onnx") == _io(conv_model)
-    assert json.loads((version / "report.json").read_text())["variant"]["chosen"] == "int8"
+    assert _io(version / "model.int8.onnx") == _io(conv_model)
+    reference = ReferenceSet.load(version / "reference.npz")
+    assert reference.held_out == 30 and len(reference.labels) == 60  # topped up from train/
+    assert json.loads((version / "report.json").read_text())["variant"]["published"] == [
+        "int8", "int8-rr"
+    ]  # fmt: skip
     assert (version / "report.md").read_bytes() == b"# report"
     assert "int8" in capsys.readouterr().out
+    old = tmp_path / "old" / "colours" / "1" / "model.onnx"
+    old.parent.mkdir(parents=True)
+    old.write_bytes((version / "model.int8.onnx").read_bytes())  # an older tlserve's layout
     with pytest.raises(InvalidInput, match="already the int8 variant"):
-        quantize_published(version)
+        quantize_published(old.parent)
     assert main(["quantize", str(tmp_path / "models" / "colours" / "9")]) == 1  # no model there
 
 
 @pytest.mark.slow
-def test_train_publishes_the_variant_auto_chose(shapes_folder: Path, tmp_path: Path) -> None:
+def test_train_publishes_the_variants_beside_float32(shapes_folder: Path, tmp_path: Path) -> None:
     from tlserve.training import train
 
     repo = tmp_path / "models"
@@ -329,35 +355,9 @@ def test_train_publishes_the_variant_auto_chose(shapes_folder: Path, tmp_path: P
         quantize="int8",
     )  # fmt: skip
     card = _card(result.model_path)
-    assert card.notes["variant"] == "int8"
+    assert card.notes["variant"] == "float32" and card.notes["variants"] == "int8,int8-rr"
     assert {"float32_accuracy", "int8_accuracy", "int8_top1_agreement"} <= set(card.metrics)
+    assert (result.version_dir / "model.int8.onnx").is_file()
+    assert (result.version_dir / "reference.npz").is_file()
     report = json.loads((result.version_dir / "report.json").read_text())
-    assert report["variant"]["chosen"] == "int8"
-
-
-def test_the_server_serves_the_int8_version_and_says_so(conv_model: Path, tmp_path: Path) -> None:
-    import grpc
-
-    from tests.conftest import ServerThread
-    from tlserve.client import Client
-    from tlserve.protos import grpc_service_pb2 as pb
-    from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
-
-    repo = tmp_path / "models"
-    target = repo / "colours" / "1" / "model.onnx"
-    target.parent.mkdir(parents=True)
-    target.write_bytes(conv_model.read_bytes())
-    images = colour_images(9, seed=4)
-    select_variant(target, images.images, images, mode="int8", seconds=0.02)
-    running = ServerThread(repo)
-    try:
-        with Client(running.target) as client:
-            outputs = client.infer("colours", {"images": images.images})
-        assert (outputs["probabilities"].argmax(1) == images.labels).all()
-        assert set(outputs) == {"probabilities", "embeddings", "ood_score"}
-        with grpc.insecure_channel(running.target) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            config = stub.ModelConfig(pb.ModelConfigRequest(name="colours"), timeout=5).config
-        assert config.parameters["variant"].string_value == "int8"
-    finally:
-        running.stop()
+    assert report["variant"]["published"] == ["int8", "int8-rr"]

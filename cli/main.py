@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         "inspect", help="print a model version's metadata and evaluation report"
     )
     inspect.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    inspect.add_argument(
+        "--check",
+        action="store_true",
+        help="also check and time the version's variants on this host, as `tlserve serve` "
+        "does at load, and say which one it would serve and why",
+    )
 
     add_serve(sub)  # tlserve.cli.serve
     add_commands(sub)  # classify, models, health: tlserve.cli.remote
@@ -145,8 +151,9 @@ def _add_training_flags(train: argparse.ArgumentParser) -> None:
         "--quantize",
         choices=("none", "int8", "fp16", "auto"),
         default="auto",
-        help="publish a faster variant when measured worth it here: auto keeps int8 (fp16 "
-        "on a GPU) within the accuracy and speed budgets (default: %(default)s)",
+        help="also publish faster variants beside the float32 model: auto keeps int8 (fp16 "
+        "on a GPU) when it passes the accuracy check here; the serving host checks and "
+        "times it again and decides (default: %(default)s)",
     )
 
 
@@ -203,6 +210,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"metric     {key} = {value:.4f}")
     for key, note in sorted(card.notes.items()):
         print(f"note       {key} = {note}")
+    _print_variants(model_dir, args.check)
     report = model_dir / "report.json"
     if report.is_file():
         data = json.loads(report.read_text())
@@ -221,6 +229,23 @@ def _inspect(args: argparse.Namespace) -> int:
                 print(f"  {calibration['reason']}")
         print(f"wall time  {data.get('wall_seconds', 0):.0f} s; report: {model_dir / 'report.md'}")
     return 0
+
+
+def _print_variants(model_dir: Path, check: bool) -> None:
+    """The variant files beside model.onnx and, with ``check``, what this host would serve."""
+    from tlserve.contract.variants import REFERENCE_FILE, VARIANTS, variant_file
+
+    files = [v for v in VARIANTS if (model_dir / variant_file(v)).is_file()]
+    reference = (model_dir / REFERENCE_FILE).is_file()
+    print(f"variants   {', '.join(files)}" + (f" (+ {REFERENCE_FILE})" if reference else ""))
+    if check:
+        from tlserve.server.config import ServerConfig
+        from tlserve.server.variants import choose_variant
+
+        config = ServerConfig(model_repository=model_dir.parent.parent, device="cpu")
+        choice = choose_variant(model_dir, config)
+        print(f"this host  {choice.host}")
+        print(f"  serves {choice.variant} [{choice.source}]: {choice.reason}")
 
 
 def _fmt(value: float | None) -> str:

@@ -155,3 +155,16 @@ def test_a_reference_set_round_trips_and_a_bad_file_is_named(tmp_path: Path) -> 
     path.write_bytes(b"not a zip")
     with pytest.raises(Exception, match=r"reference\.npz is not a tlserve reference set"):
         ReferenceSet.load(path)
+
+
+def test_inspect_says_which_variant_this_host_would_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tlserve.cli.main import main
+
+    version = make_version(tmp_path / "m" / "1", corrupt=True)
+    assert main(["inspect", str(version), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "variants   float32, int8 (+ reference.npz)" in out
+    assert "this host  " in out and "serves float32 [measured]" in out
+    assert "over the 0.5-point budget" in out

@@ -20,7 +20,9 @@ def add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "across train and test/val (leaks), per-class counts, unreadable files.",
     )
     check.add_argument("data_dir", type=Path, metavar="DATA_DIR")
-    check.add_argument("--backbone", default="tf_efficientnet_lite0")
+    # No default here: the training package's, read when the command runs (the
+    # parser must not import torch for every tlserve command).
+    check.add_argument("--backbone", help="the backbone to embed with, as for tlserve train")
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--workers", type=int, help="image decoding processes")
     check.add_argument(
@@ -33,11 +35,15 @@ def add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from tlserve.training.backbones import DEFAULT_BACKBONE
     from tlserve.training.datacheck import check_folder
     from tlserve.training.thumbnails import data_check_files, data_check_markdown
 
     found = check_folder(
-        args.data_dir, backbone=args.backbone, seed=args.seed, workers=args.workers
+        args.data_dir,
+        backbone=args.backbone or DEFAULT_BACKBONE,
+        seed=args.seed,
+        workers=args.workers,
     )
     report = {"data_check": found.to_dict()}
     if args.json:

@@ -55,9 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--backbone",
-        default="tf_efficientnet_lite0",
+        # No default here: TrainConfig's, read when the command runs (the parser
+        # must not import torch for every tlserve command).
         help="tf_efficientnet_lite0/1/2 (weights shipped), timm:<model> or tv:<model> "
-        "(torchvision; weights from --backbone-weights) (default: %(default)s)",
+        "(torchvision; weights from --backbone-weights) (default: lite0)",
     )
     train.add_argument("--seed", type=int, default=0)
     _add_training_flags(train)
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from tlserve.training import TrainConfig, train
+    from tlserve.training.backbones import DEFAULT_BACKBONE
 
     result = train(
         TrainConfig(
@@ -89,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
             model_repository=args.model_repository,
             name=args.name,
             strategy=args.strategy,
-            backbone=args.backbone,
+            backbone=args.backbone or DEFAULT_BACKBONE,
             seed=args.seed,
             options=_strategy_options(args),
             backbone_weights=args.backbone_weights,

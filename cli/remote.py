@@ -23,6 +23,7 @@ from tlserve.client import (
     Unavailable,
 )
 from tlserve.contract.errors import ConfigError
+from tlserve.contract.predictions import DEFAULT_TOP_K
 
 __all__ = ["EXIT_CODES", "EXIT_PIPE", "add_commands", "exit_code_for"]
 
@@ -110,7 +111,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     classify.add_argument("paths", nargs="+", type=Path, metavar="FILE_OR_DIR")
     classify.add_argument("--model", required=True, help="model name on the server")
     classify.add_argument("--version", default="", help="model version (default: the newest)")
-    classify.add_argument("--top-k", type=int, default=3, help="labels per image (default: 3)")
+    classify.add_argument(
+        "--top-k", type=int, default=DEFAULT_TOP_K, help="labels per image (default: %(default)s)"
+    )
     classify.add_argument(
         "--preprocess", choices=("server", "client"), default="server",
         help="where images are decoded and resized (default: server)",

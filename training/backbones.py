@@ -43,6 +43,7 @@ from tlserve.training.efficientnet_lite import (
 )
 
 __all__ = [
+    "DEFAULT_BACKBONE",
     "Backbone",
     "create_backbone",
     "create_imagenet_classifier",
@@ -51,6 +52,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: What ``tlserve train`` and ``tlserve check`` embed with unless told otherwise:
+#: registered below, with its shipped ImageNet weights.
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 TIMM_PREFIX = "timm:"
 TORCHVISION_PREFIX = "tv:"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tlserve.training.backbones import DEFAULT_BACKBONE
 from tlserve.training.cache import default_cache_dir
 
 __all__ = ["DEFAULT_TIME_BUDGET_CPU", "DEFAULT_TIME_BUDGET_GPU", "TrainConfig", "cache_root"]
@@ -49,7 +50,7 @@ class TrainConfig:
     model_repository: Path
     name: str
     strategy: str = "linear"
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     seed: int = 0
     batch_size: int = 32
     workers: int | None = None

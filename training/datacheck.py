@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from tlserve.training.backbones import DEFAULT_BACKBONE
 from tlserve.training.features import Features, SkippedFile
 from tlserve.training.strategies.base import FitContext
 from tlserve.training.suspects import (
@@ -210,7 +211,7 @@ def _without(features: Features, gone: set[str]) -> Features:
 def check_folder(
     data_dir: Path,
     *,
-    backbone: str = "tf_efficientnet_lite0",
+    backbone: str = DEFAULT_BACKBONE,
     seed: int = 0,
     test_fraction: float = 0.2,
     batch_size: int = 32,

@@ -1,0 +1,54 @@
+"""The ``tlserve`` command's defaults and choices are the packages' own, not copies."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tlserve.cli import main as cli
+from tlserve.contract.predictions import DEFAULT_TOP_K
+
+
+def _subcommand(name: str) -> argparse.ArgumentParser:
+    [sub] = [a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    parser: argparse.ArgumentParser = sub.choices[name]
+    return parser
+
+
+def test_classify_asks_for_the_contracts_default_top_k() -> None:
+    args = cli._parser().parse_args(["classify", "--model", "m", "a.png"])
+    assert args.top_k == DEFAULT_TOP_K
+
+
+def test_train_and_check_embed_with_the_registrys_default_backbone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tlserve import training
+    from tlserve.training.backbones import DEFAULT_BACKBONE, list_backbones
+    from tlserve.training.datacheck import check_folder
+
+    assert DEFAULT_BACKBONE in list_backbones()
+    assert {f.name: f.default for f in dataclasses.fields(training.TrainConfig)}[
+        "backbone"
+    ] == DEFAULT_BACKBONE
+    assert inspect.signature(check_folder).parameters["backbone"].default == DEFAULT_BACKBONE
+
+    seen: list[Any] = []
+
+    class Result:
+        def summary(self) -> str:
+            return ""
+
+    def train(config: Any) -> Result:
+        seen.append(config)
+        return Result()
+
+    monkeypatch.setattr(training, "train", train)
+    argv = ["train", str(tmp_path), "--model-repository", str(tmp_path), "--name", "m"]
+    assert cli.main(argv) == 0
+    assert seen[0].backbone == DEFAULT_BACKBONE

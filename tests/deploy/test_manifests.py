@@ -22,7 +22,7 @@ METRICS = {
     "tlserve_compute_duration_seconds", "tlserve_preprocess_duration_seconds",
     "tlserve_batch_size", "tlserve_queue_depth", "tlserve_model_loaded",
     "tlserve_ood_score_ratio", "tlserve_ood_flagged_images_total",
-    "tlserve_shed_requests_total", "tlserve_model_setting",
+    "tlserve_shed_requests_total", "tlserve_model_setting", "tlserve_model_variant",
 }  # fmt: skip
 
 needs_kubectl = pytest.mark.skipif(

@@ -17,6 +17,7 @@ __all__ = [
     "INPUT_IMAGES",
     "MAX_IMAGE_PIXELS",
     "MAX_MESSAGE_BYTES",
+    "MAX_REQUEST_PIXELS",
     "MODEL_FILE",
     "OUTPUT_EMBEDDINGS",
     "OUTPUT_OOD_SCORE",
@@ -43,6 +44,10 @@ OUTPUT_OOD_SCORE = "ood_score"
 #: Largest image (width x height) decoded anywhere; a 20 kB PNG can claim
 #: 50,000 x 50,000 pixels, so this is checked from the header first.
 MAX_IMAGE_PIXELS = 64_000_000
+
+#: Default pixel budget of one request, all its images together: four images
+#: at the per-image limit, or 256 photos of 1 megapixel.
+MAX_REQUEST_PIXELS = 256_000_000
 
 #: Largest gRPC message either side sends or accepts by default (gRPC's own
 #: default, 4 MiB, is too small for a batch of images).

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tlserve.contract.errors import ConfigError
-from tlserve.contract.rules import MAX_IMAGE_PIXELS, MAX_MESSAGE_BYTES
-from tlserve.server.decode import MAX_REQUEST_PIXELS
+from tlserve.contract.rules import MAX_IMAGE_PIXELS, MAX_MESSAGE_BYTES, MAX_REQUEST_PIXELS
 from tlserve.server.policy import (
     MODEL_CONTROLS,
     QUEUE_POLICIES,

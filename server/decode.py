@@ -51,7 +51,7 @@ from PIL import Image
 from tlserve.contract.card import Preprocessing
 from tlserve.contract.errors import InvalidInput
 from tlserve.contract.images import prepare_image, resize_and_crop, short_side
-from tlserve.contract.rules import MAX_IMAGE_PIXELS, shown
+from tlserve.contract.rules import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, shown
 
 
 def _load_simplejpeg() -> ModuleType | None:
@@ -68,7 +68,6 @@ __all__ = [
     "EXACT",
     "FAST_JPEG",
     "IMAGE_FORMATS",
-    "MAX_REQUEST_PIXELS",
     "ImageDecoder",
     "ImageHeader",
     "image_format",
@@ -81,10 +80,6 @@ EXACT = "exact"
 
 #: The formats Classify and Embed accept (Pillow's names), by their magic bytes.
 IMAGE_FORMATS: dict[str, bytes] = {"JPEG": b"\xff\xd8\xff", "PNG": b"\x89PNG\r\n\x1a\n"}
-
-#: Default pixel budget of one request, all its images together: four images
-#: at the per-image limit, or 256 photos of 1 megapixel.
-MAX_REQUEST_PIXELS = 256_000_000
 
 _EXIF_ORIENTATION = 0x0112
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# The config's own tuples: a value the config refuses is never a choice here.
+from tlserve.server.config import DEVICES, GPU_FALLBACKS, TUNE_MODES, VARIANT_CHOICES
+from tlserve.server.policy import MODEL_CONTROLS, QUEUE_POLICIES
+
 __all__ = ["add_serve"]
 
 
@@ -15,11 +19,9 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--grpc-port", type=int, help="0 picks a free port (default 8001)")
     serve.add_argument("--metrics-port", type=int, help="0 picks a free port (default 8002)")
+    serve.add_argument("--device", choices=DEVICES, help="execution provider")
     serve.add_argument(
-        "--device", choices=("auto", "cpu", "cuda", "tensorrt"), help="execution provider"
-    )
-    serve.add_argument(
-        "--gpu-fallback", choices=("fail", "cpu"), help="GPU asked for but unusable: fail or cpu"
+        "--gpu-fallback", choices=GPU_FALLBACKS, help="GPU asked for but unusable: fail or cpu"
     )
     serve.add_argument("--max-batch-size", type=int)
     serve.add_argument("--max-queue-delay", type=float, help="seconds to wait to fill a batch")
@@ -30,7 +32,9 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="calls held at once; more are refused before they are read (0: derived)",
     )
     serve.add_argument(
-        "--queue-policy", help="adaptive-lifo: freshest first while the queue stands; or fifo"
+        "--queue-policy",
+        choices=QUEUE_POLICIES,
+        help="adaptive-lifo: freshest first while the queue stands; or fifo",
     )
     serve.add_argument(
         "--max-streams-per-connection",
@@ -42,12 +46,12 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--intra-op-threads", type=int, help="threads per run (0: onnxruntime's)")
     serve.add_argument(
         "--tune",
-        choices=("auto", "on", "off"),
+        choices=TUNE_MODES,
         help="measure threads x instances x batch size at load (auto: models >= 1 ms)",
     )
     serve.add_argument(
         "--variant",
-        choices=("auto", "float32", "int8", "fp16"),
+        choices=VARIANT_CHOICES,
         help="auto: check each version's variants on this host, serve the fastest that keeps "
         "accuracy; a kind by name: serve it if it passes the accuracy check, else refuse",
     )
@@ -57,7 +61,7 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--version-policy", help='"latest:N" (default latest:1), "specific:1,3", "all"'
     )
     serve.add_argument(
-        "--model-control", choices=("poll", "explicit"), help="watch the repository, or RPCs only"
+        "--model-control", choices=MODEL_CONTROLS, help="watch the repository, or RPCs only"
     )
     serve.add_argument("--poll-interval", type=float, help="seconds between repository scans")
     serve.add_argument("--drain-delay", type=float, help="seconds to keep serving after SIGTERM")

@@ -26,6 +26,7 @@ from tlserve.server.policy import (
 __all__ = [
     "DEVICES",
     "GPU_FALLBACKS",
+    "TUNE_MODES",
     "VARIANT_CHOICES",
     "ConfigError",
     "ServerConfig",

@@ -52,3 +52,24 @@ def test_train_and_check_embed_with_the_registrys_default_backbone(
     argv = ["train", str(tmp_path), "--model-repository", str(tmp_path), "--name", "m"]
     assert cli.main(argv) == 0
     assert seen[0].backbone == DEFAULT_BACKBONE
+
+
+def test_serve_offers_exactly_the_values_the_config_accepts(tmp_path: Path) -> None:
+    from tlserve.contract.errors import ConfigError
+    from tlserve.server import config, policy
+    from tlserve.server.config import ServerConfig
+
+    choices = {a.dest: a.choices for a in _subcommand("serve")._actions if a.choices}
+    assert choices == {
+        "device": config.DEVICES,
+        "gpu_fallback": config.GPU_FALLBACKS,
+        "tune": config.TUNE_MODES,
+        "variant": config.VARIANT_CHOICES,
+        "queue_policy": policy.QUEUE_POLICIES,
+        "model_control": policy.MODEL_CONTROLS,
+    }
+    for flag, values in choices.items():
+        for value in values:
+            ServerConfig.load({"model_repository": tmp_path, flag: value}, environ={})
+        with pytest.raises(ConfigError, match=f"TLSERVE_{flag.upper()}"):
+            ServerConfig.load({"model_repository": tmp_path, flag: "nonsense"}, environ={})

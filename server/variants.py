@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tlserve.contract.card import ModelCard
-from tlserve.contract.errors import NotAllowed
+from tlserve.contract.errors import InvalidInput, NotAllowed
 from tlserve.contract.rules import GPU_PROVIDERS, INPUT_IMAGES, MODEL_FILE, OUTPUT_PROBABILITIES
 from tlserve.contract.variants import (
     CPU_VARIANTS,
@@ -113,12 +113,21 @@ def choose_variant(
         if asked != "auto":
             raise NotAllowed(f"--variant {asked} refused for {version_dir}: {missing}")
         return choice("float32", "only", f"{missing}: float32 serves")
-    reference = ReferenceSet.load(reference_file)
+    try:
+        reference = ReferenceSet.load(reference_file)
+    except InvalidInput as exc:
+        if asked != "auto":
+            raise NotAllowed(f"--variant {asked} refused for {version_dir}: {exc}") from exc
+        return choice("float32", "only", f"{exc}: float32 serves")
     budget = _budget(card)
     refused: list[str] = []
     for variant in present:
-        model = loader(version_dir / variant_file(variant), config)
-        answers = _top1(model, reference.images)
+        try:
+            model = loader(version_dir / variant_file(variant), config)
+            answers = _top1(model, reference.images)
+        except Exception as exc:  # an optional file that cannot run here is not served
+            refused.append(f"{variant} did not run here: {exc}")
+            continue
         check = check_accuracy(reference, answers, variant, budget)
         if not check.passed:
             refused.append(check.reason)

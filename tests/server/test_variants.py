@@ -168,3 +168,16 @@ def test_inspect_says_which_variant_this_host_would_serve(
     assert "variants   float32, int8 (+ reference.npz)" in out
     assert "this host  " in out and "serves float32 [measured]" in out
     assert "over the 0.5-point budget" in out
+
+
+def test_a_broken_reference_set_or_variant_file_falls_back_to_float32(tmp_path: Path) -> None:
+    version = make_version(tmp_path / "m" / "1")
+    (version / "reference.npz").write_bytes(b"truncated")
+    choice = choose_variant(version, _config(tmp_path))
+    assert choice.variant == "float32" and "not a tlserve reference set" in choice.reason
+    with pytest.raises(NotAllowed, match="--variant int8 refused"):
+        choose_variant(version, _config(tmp_path, "int8"))
+    other = make_version(tmp_path / "n" / "1")
+    (other / "model.int8.onnx").write_bytes(b"not onnx")
+    choice = choose_variant(other, _config(tmp_path))
+    assert choice.variant == "float32" and "int8 did not run here" in choice.reason

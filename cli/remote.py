@@ -24,10 +24,10 @@ from tlserve.client import (
 )
 from tlserve.contract.errors import ConfigError
 from tlserve.contract.predictions import DEFAULT_TOP_K
+from tlserve.contract.rules import IMAGE_SUFFIXES
 
 __all__ = ["EXIT_CODES", "EXIT_PIPE", "add_commands", "exit_code_for"]
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 _CLASSIFY_BATCH = 16
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RETRY, EXIT_DENIED = 0, 1, 2, 3, 4

@@ -14,6 +14,7 @@ __all__ = [
     "CPU_PROVIDER",
     "CUDA_PROVIDER",
     "GPU_PROVIDERS",
+    "IMAGE_SUFFIXES",
     "INPUT_IMAGES",
     "MAX_IMAGE_PIXELS",
     "MAX_MESSAGE_BYTES",
@@ -40,6 +41,11 @@ INPUT_IMAGES = "images"
 OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_EMBEDDINGS = "embeddings"
 OUTPUT_OOD_SCORE = "ood_score"
+
+#: The file suffixes (lower case) taken for images where tlserve walks a folder:
+#: training's class folders and ``tlserve classify DIR``. Pillow reads them all
+#: (``contract.images.decode_image`` scales 16-bit TIFF greyscale down too).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 
 #: Largest image (width x height) decoded anywhere; a 20 kB PNG can claim
 #: 50,000 x 50,000 pixels, so this is checked from the header first.

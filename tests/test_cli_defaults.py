@@ -73,3 +73,18 @@ def test_serve_offers_exactly_the_values_the_config_accepts(tmp_path: Path) -> N
             ServerConfig.load({"model_repository": tmp_path, flag: value}, environ={})
         with pytest.raises(ConfigError, match=f"TLSERVE_{flag.upper()}"):
             ServerConfig.load({"model_repository": tmp_path, flag: "nonsense"}, environ={})
+
+
+def test_classify_and_training_take_the_same_files_for_images(tmp_path: Path) -> None:
+    from tlserve.cli.remote import _walk
+    from tlserve.training.data import load_dataset
+
+    names = ["cat/a.png", "cat/b.TIFF", "cat/c.gif", "cat/d.txt", "dog/e.jpeg", "dog/f.webp"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")  # listed by suffix, never decoded here
+    (tmp_path / "dog/g.bmp").write_bytes(b"")
+    dataset = load_dataset(tmp_path)
+    trained = sorted(path for samples in dataset.splits().values() for path, _ in samples)
+    assert trained == sorted(_walk([tmp_path]))
+    assert len(trained) == 6  # all but the .txt

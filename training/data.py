@@ -26,12 +26,12 @@ from typing import Literal
 import numpy as np
 
 from tlserve.contract.errors import DataError
+from tlserve.contract.rules import IMAGE_SUFFIXES
 
-__all__ = ["IMAGE_SUFFIXES", "DataError", "Dataset", "Sample", "load_dataset", "split_samples"]
+__all__ = ["DataError", "Dataset", "Sample", "load_dataset", "split_samples"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 SPLITS = ("train", "val", "test")
 
 Sample = tuple[Path, int]

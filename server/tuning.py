@@ -172,7 +172,9 @@ def tune_model(
             skip += "; one intra-op thread (a thread pool would spin on the request path's cores)"
         return Tuned(model, _finish(untuned, skip, started))
     host = cores()
-    default = (config.intra_op_threads or host, config.instances)
+    # On a GPU the thread count matters little, and another session would build
+    # its engines again: the loaded one is measured as it is.
+    default = (config.intra_op_threads or (0 if on_gpu else host), config.instances)
     candidates = layouts(default, host, fixed, on_gpu)
     batches = (
         [config.max_batch_size]
@@ -218,10 +220,16 @@ def tune_model(
     )
     if on_gpu and model.batchable:
         warm_up(model, list(range(1, max_batch + 1)))
-    cap_ms = 1e3 * config.tune_latency_cap
+    cap, cap_ms = config.tune_latency_cap, 1e3 * config.tune_latency_cap
     parts = [why or f"{threads} x {instances}: the only layout the given settings allow"]
+    past = any(  # only batches[0] is kept when it runs past the cap
+        t.layout == chosen and t.batch == max_batch and t.batch_seconds > cap for t in found.probes
+    )
     if searched["max_batch_size"]:
-        parts.append(f"max batch {max_batch}: the largest whose batch ran within {cap_ms:.0f} ms")
+        within = f"even that ran past {cap_ms:.0f} ms" if past else (
+            f"the largest whose batch ran within {cap_ms:.0f} ms"
+        )  # fmt: skip
+        parts.append(f"max batch {max_batch}: {within}")
     if lone:
         parts.append(f"a batch running alone uses {lone} threads (all cores)")
     if found.cut:

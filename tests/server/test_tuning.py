@@ -69,6 +69,13 @@ def test_a_search_cut_by_its_time_bound_keeps_the_default(model_repo: Path) -> N
     assert elapsed < 2.0  # the bound plus one trial per layout and their session loads
 
 
+def test_a_batch_of_one_past_the_latency_cap_is_kept_and_said_so(model_repo: Path) -> None:
+    config = _config(model_repo, tune="on", tune_seconds=0.5, tune_latency_cap=1e-9)
+    _, tuning, _ = tune_model(_path(model_repo), config)
+    assert tuning.max_batch_size == 1 and "max batch 1: even that ran past 0 ms" in tuning.reason
+    assert {t.batch for t in tuning.trials} == {1}  # larger batches only take longer
+
+
 def test_auto_leaves_a_sub_millisecond_model_alone_and_off_means_off(model_repo: Path) -> None:
     # auto: not searched, but on one intra-op thread (no pool spinning on the
     # request path's cores), unless threads were given; off: nothing changes.

@@ -109,7 +109,6 @@ async def start_server(
     registry = ModelRegistry(config, metrics)
     preprocess = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
     core = InferenceCore(registry, metrics, preprocess)
-    metrics.models_loaded.set_function(registry.version_count)
     register_gpu_metrics(metrics.registry, config.device)
 
     credentials = server_credentials(config)  # bad TLS/auth settings fail before binding

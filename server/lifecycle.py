@@ -76,10 +76,6 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted(self._serving)
 
-    def version_count(self) -> int:
-        """Model versions loaded and serving, over every model."""
-        return sum(len(versions) for versions in self._serving.values())
-
     def has(self, name: str) -> bool:
         return name in self._serving
 

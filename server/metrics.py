@@ -148,9 +148,6 @@ class ServerMetrics:
             ["model"],
             registry=r,
         )
-        self.models_loaded = Gauge(
-            "tlserve_models_loaded", "Model versions loaded and serving.", registry=r
-        )
         # Model lifecycle: loads, swaps and unloads by outcome.
         self.model_loads = Counter(
             "tlserve_model_loads",

@@ -95,12 +95,16 @@ def test_the_metrics_users_look_for_are_there(server: ServerThread) -> None:
         "tlserve_inferences",
         "tlserve_queue_depth",
         "tlserve_inflight_requests",
-        "tlserve_models_loaded",
         "tlserve_model_loaded",
         "tlserve_images_decoded",
     ):
         assert wanted in names, wanted
-    assert "tlserve_models_loaded 1.0" in text
+    # One gauge says what is loaded: a series per version, with its provider.
+    loaded = [s for s in text.splitlines() if s.startswith("tlserve_model_loaded{")]
+    assert loaded == [
+        'tlserve_model_loaded{model="tiny",provider="CPUExecutionProvider",version="1"} 1.0'
+    ]
+    assert "tlserve_models_loaded" not in text
     assert 'tlserve_inferences_total{model="tiny",outcome="OK",version="1"}' in text
 
 

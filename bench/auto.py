@@ -121,7 +121,10 @@ def main() -> None:
                         image_size=args.image_size,
                         cache_dir=Path(tmp) / "cache",
                         time_budget=args.time_budget if strategy == "auto" else None,
-                        options={**options, "epochs": args.epochs},
+                        # Only the strategies that train epochs take the option.
+                        options={**options, "epochs": args.epochs}
+                        if strategy in ("finetune", "scratch", "auto")
+                        else options,
                     )
                 )
                 wall = time.perf_counter() - start

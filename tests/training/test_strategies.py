@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from tests.training.shapes import TINY_BACKBONE, fit_context
+from tlserve.contract.errors import ConfigError
 from tlserve.contract.images import prepare_image
 from tlserve.training import train
 from tlserve.training.backbones import Backbone
@@ -203,5 +204,21 @@ def test_auto_maps_measurements_onto_the_four_scenarios(
 
 def test_registry_has_every_strategy() -> None:
     assert set(STRATEGIES) == {"linear", "trees", "finetune", "scratch", "auto"}
-    auto = create_strategy("auto", epochs=2, layer=-3)
-    assert auto.options == {"epochs": 2}  # type: ignore[attr-defined]
+    auto = create_strategy("auto", epochs=2, folds=3)
+    assert auto.options == {"epochs": 2}  # type: ignore[attr-defined]  # for its finetune
+    assert auto.folds == 3  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "named"),
+    [
+        ("finetune", {"epoch": 3}, "'epoch'; it takes augment, "),  # a typo of epochs
+        ("linear", {"epochs": 3, "layer": -2}, "'epochs'; it takes c_grid, folds, layer"),
+        ("auto", {"layer": -2}, "'layer'; it takes "),  # auto picks the layer itself
+    ],
+)
+def test_an_option_the_strategy_does_not_have_is_refused_by_name(
+    name: str, options: dict[str, object], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"strategy '{name}' has no option {named}"):
+        create_strategy(name, **options)

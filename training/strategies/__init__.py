@@ -9,8 +9,10 @@ says why.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from tlserve.contract.errors import ConfigError
 from tlserve.training.strategies.auto import AutoStrategy
 from tlserve.training.strategies.base import FitContext, FittedHead, HeldOutLogits, Strategy
 from tlserve.training.strategies.finetune import FineTune, Scratch
@@ -34,8 +36,10 @@ STRATEGIES: dict[str, type[Strategy]] = {
 def create_strategy(name: str, **options: Any) -> Strategy:
     """The strategy called ``name``, built with ``options`` (its dataclass fields).
 
-    Options the strategy does not have are ignored (the CLI passes one set of
-    flags to whichever strategy is chosen); ``auto`` hands the fine-tuning ones on.
+    ``auto`` also takes fine-tuning's options and hands them on to the
+    candidates it trains. An option the strategy does not have is a
+    :class:`ConfigError` naming it and those it takes: a typo (``epoch=3``)
+    must not train with the default unnoticed.
     """
     try:
         cls = STRATEGIES[name]
@@ -43,9 +47,20 @@ def create_strategy(name: str, **options: Any) -> Strategy:
         raise ValueError(
             f"unknown strategy {name!r}: available are {', '.join(sorted(STRATEGIES))}"
         ) from exc
-    fields = set(getattr(cls, "__dataclass_fields__", {}))
-    known = {k: v for k, v in options.items() if k in fields}
+    own = _settings(cls) - {"options"}
+    handed_on = _settings(FineTune) if cls is AutoStrategy else set()
+    unknown = sorted(set(options) - own - handed_on)
+    if unknown:
+        raise ConfigError(
+            f"strategy {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"it takes {', '.join(sorted(own | handed_on))}"
+        )
     if cls is AutoStrategy:
-        tuning = set(FineTune.__dataclass_fields__)
-        known["options"] = {k: v for k, v in options.items() if k in tuning}
-    return cls(**known)
+        mine = {k: v for k, v in options.items() if k in own}
+        return AutoStrategy(**mine, options={k: v for k, v in options.items() if k not in own})
+    return cls(**options)
+
+
+def _settings(cls: type) -> set[str]:
+    """A strategy's dataclass fields (its ClassVar ``name`` is not one)."""
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
@@ -57,7 +57,6 @@ class FitContext:
     cache_dir: Path | None = None
     checkpoint_dir: Path | None = None
     resume: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
     deadline: float | None = None
     _cache: dict[tuple[str, Layer], Features] = field(default_factory=dict, repr=False)
     _embedders: dict[Layers, ImageEmbedder] = field(default_factory=dict, repr=False)

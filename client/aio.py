@@ -15,7 +15,6 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
-from tlserve.client import wire
 from tlserve.client.local import LocalClassifier
 from tlserve.client.results import (
     ImageInput,
@@ -34,6 +33,7 @@ from tlserve.client.transport import (
     channel_options,
     open_channel,
 )
+from tlserve.client.wire import predictions, tensors
 from tlserve.contract.card import ModelCard
 from tlserve.contract.codec import decode_response_outputs, encode_request_inputs
 from tlserve.contract.errors import (
@@ -167,7 +167,7 @@ class AsyncClient:
             top_k=top_k,
         )
         response = await self._unary(self._images.Classify, request, timeout)
-        return [wire.predictions(result) for result in response.results]
+        return [predictions(result) for result in response.results]
 
     async def embed(
         self,
@@ -251,8 +251,8 @@ class AsyncClient:
             name=response.name,
             versions=tuple(response.versions),
             platform=response.platform,
-            inputs=wire.tensors(response.inputs),
-            outputs=wire.tensors(response.outputs),
+            inputs=tensors(response.inputs),
+            outputs=tensors(response.outputs),
             execution_provider=params.get("execution_provider", ""),
             card=ModelCard.from_props(params),
         )

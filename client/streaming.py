@@ -6,8 +6,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import grpc
 
-from tlserve.client import wire
 from tlserve.client.results import ImageInput, StreamResult, encode_image
+from tlserve.client.wire import async_iter, stream_result
 from tlserve.contract.errors import TlserveError, from_rpc_error
 from tlserve.protos import tlserve_v1_pb2 as v1
 from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
@@ -30,7 +30,7 @@ async def classify_stream(
 
     async def requests() -> AsyncIterator[v1.ClassifyRequest]:
         index = 0
-        async for image in wire.async_iter(images):
+        async for image in async_iter(images):
             try:
                 encoded = encode_image(image)
             except TlserveError as exc:
@@ -46,7 +46,7 @@ async def classify_stream(
     index = 0
     try:
         async for reply in call:
-            yield wire.stream_result(index, reply)
+            yield stream_result(index, reply)
             index += 1
     except grpc.RpcError as exc:
         raise from_rpc_error(exc) from exc

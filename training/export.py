@@ -13,19 +13,18 @@ The exporter is torch's ``torch.export``-based one (``dynamo=True``), the
 default since torch 2.9; the TorchScript exporter is deprecated and warns.
 A model is verified before anyone can see it: ``onnx.checker`` (full check),
 then onnxruntime on CPU against the PyTorch module on real images, at batch
-sizes 1 and N, within :data:`PROBABILITY_ATOL` / :data:`EMBEDDING_RTOL` /
-:data:`EMBEDDING_ATOL` (and ``ood_score`` against its NumPy reference on the
-PyTorch embeddings within :data:`~tlserve.training.ood.OOD_RTOL`).
+sizes 1 and N, within the tolerances of :mod:`~tlserve.training.onnx_trace`
+(and ``ood_score`` against its NumPy reference on the PyTorch embeddings
+within :data:`~tlserve.training.ood.OOD_RTOL`).
 :func:`publish` then moves it into ``<repository>/<name>/<version>/`` with
 one atomic rename.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,15 +45,20 @@ from tlserve.contract.rules import (
 from tlserve.training.backbones import Backbone
 from tlserve.training.heads import Head, TreeHead, head_logits, softmax
 from tlserve.training.modules import ImageClassifier, ImageEmbedder
+from tlserve.training.onnx_trace import (
+    BATCH_AXIS,
+    EMBEDDING_ATOL,
+    EMBEDDING_RTOL,
+    OPSET,
+    PROBABILITY_ATOL,
+    embedding_excess,
+    trace_to_onnx,
+)
 from tlserve.training.ood import OodScorer, add_ood_output, compare_ood
 from tlserve.training.publish import publish
 
 __all__ = [
-    "EMBEDDING_ATOL",
-    "EMBEDDING_RTOL",
-    "OPSET",
     "OUTPUT_NAMES",
-    "PROBABILITY_ATOL",
     "ExportCheck",
     "compare_outputs",
     "export_onnx",
@@ -63,16 +67,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OPSET = 18
 OUTPUT_NAMES = (OUTPUT_PROBABILITIES, OUTPUT_EMBEDDINGS)
-BATCH_AXIS = "batch"
-
-# Tolerances between onnxruntime (CPU) and PyTorch on the same uint8 images.
-# Observed differences are ~1e-7 for probabilities and ~1e-5 for embeddings
-# (different convolution kernels); the bounds leave room for other CPUs.
-PROBABILITY_ATOL = 1e-4
-EMBEDDING_RTOL = 1e-3
-EMBEDDING_ATOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -137,10 +132,10 @@ def export_onnx(
     if isinstance(head, TreeHead):
         from tlserve.training.tree_graph import join_tree_head
 
-        traced = _to_onnx(embedder, sample_images, (OUTPUT_EMBEDDINGS,))
+        traced = trace_to_onnx(embedder, sample_images, (OUTPUT_EMBEDDINGS,))
         proto = join_tree_head(traced, head, opset=OPSET, batch_axis=BATCH_AXIS)
     else:
-        proto = _to_onnx(ImageClassifier(embedder, head).eval(), sample_images, OUTPUT_NAMES)
+        proto = trace_to_onnx(ImageClassifier(embedder, head).eval(), sample_images, OUTPUT_NAMES)
     if ood is not None:
         add_ood_output(proto, ood, batch_axis=BATCH_AXIS)
         card = ood.on_card(card)
@@ -190,44 +185,6 @@ def _reference(embedder: ImageEmbedder, head: Head) -> Reference:
     return run
 
 
-@contextlib.contextmanager
-def _quiet(names: tuple[str, ...] = ("onnx_ir", "onnxscript")) -> Iterator[None]:
-    """Hold the exporter's optimiser loggers at WARNING: at INFO they log every pass."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
-def _to_onnx(
-    model: torch.nn.Module, sample_images: np.ndarray, output_names: tuple[str, ...]
-) -> onnx.ModelProto:
-    # Trace with two images: a size-1 example lets torch.export specialise the
-    # batch dimension to 1 despite the dynamic_shapes request.
-    example = torch.from_numpy(np.concatenate([sample_images[:1], sample_images[:1]]))
-    with _quiet():
-        program = torch.onnx.export(
-            model,
-            (example,),
-            dynamo=True,
-            input_names=[INPUT_IMAGES],
-            output_names=list(output_names),
-            dynamic_shapes=({0: torch.export.Dim(BATCH_AXIS)},),
-            opset_version=OPSET,
-            external_data=False,
-            verbose=False,
-        )
-    if program is None:  # only the TorchScript exporter returns None
-        raise ExportError("torch.onnx.export returned no program")
-    proto: onnx.ModelProto = program.model_proto
-    return proto
-
-
 def _verify(
     reference: Reference, path: Path, sample_images: np.ndarray, ood: OodScorer | None
 ) -> ExportCheck:
@@ -269,9 +226,8 @@ def compare_outputs(
             f"torch {torch_p.shape}, {torch_e.shape}"
         )
     p_diff = float(np.max(np.abs(onnx_p - torch_p)))
-    e_abs = np.abs(onnx_e - torch_e)
-    e_excess = float(np.max(e_abs - (EMBEDDING_ATOL + EMBEDDING_RTOL * np.abs(torch_e))))
-    check = ExportCheck(len(onnx_p), p_diff, float(np.max(e_abs)), e_excess)
+    e_excess = embedding_excess(onnx_e, torch_e)
+    check = ExportCheck(len(onnx_p), p_diff, float(np.max(np.abs(onnx_e - torch_e))), e_excess)
     if not (p_diff <= PROBABILITY_ATOL and e_excess <= 0.0):  # also catches NaN
         raise ExportError(
             f"onnxruntime disagrees with torch on {check.images} images: "

@@ -3,13 +3,14 @@
 Feature extraction runs the frozen :class:`~tlserve.training.modules.ImageEmbedder`
 over every image once. On CPU, PyTorch eager runs it far slower than
 onnxruntime runs the same graph (``make bench-train`` prints both), so the
-embedder is exported once with the exporter :mod:`~tlserve.training.export`
-uses, cached on disk next to the features (keyed by its weights, layers,
-preprocessing, opset and torch version), and run in onnxruntime.
+embedder is exported once, traced as the model export traces
+(:mod:`~tlserve.training.onnx_trace`), cached on disk next to the features
+(keyed by its weights, layers, preprocessing, opset and torch version), and
+run in onnxruntime.
 
 The fast path is exact within the export check's tolerances
-(:data:`~tlserve.training.export.EMBEDDING_RTOL` x ``|torch|`` +
-:data:`~tlserve.training.export.EMBEDDING_ATOL`): every extraction first
+(:data:`~tlserve.training.onnx_trace.EMBEDDING_RTOL` x ``|torch|`` +
+:data:`~tlserve.training.onnx_trace.EMBEDDING_ATOL`): every extraction first
 compares onnxruntime with torch on a few of its own images and falls back to
 torch when they disagree or the module cannot be exported. The torch path runs
 the weights in channels_last, the faster layout for CPU convolutions.
@@ -31,11 +32,16 @@ import onnxruntime as ort
 import torch
 
 from tlserve.contract.errors import ExportError
-from tlserve.contract.rules import CPU_PROVIDER, INPUT_IMAGES, OUTPUT_EMBEDDINGS
-from tlserve.training.export import EMBEDDING_ATOL, EMBEDDING_RTOL, OPSET
-from tlserve.training.export import _quiet as quiet_exporter
+from tlserve.contract.rules import CPU_PROVIDER, OUTPUT_EMBEDDINGS
 from tlserve.training.layers import PooledFeatures
 from tlserve.training.modules import ImageEmbedder
+from tlserve.training.onnx_trace import (
+    EMBEDDING_ATOL,
+    EMBEDDING_RTOL,
+    OPSET,
+    embedding_excess,
+    trace_to_onnx,
+)
 
 __all__ = [
     "ENGINES",
@@ -102,28 +108,15 @@ def embedder_key(embedder: ImageEmbedder) -> str:
 def export_embedder(embedder: ImageEmbedder, images: np.ndarray) -> bytes:
     """``embedder`` as a serialised ONNX model with a dynamic batch axis (torch.export-based)."""
     embedder.eval()
-    # Two images: from one, torch.export specialises the batch dimension to 1.
-    example = torch.from_numpy(np.ascontiguousarray(np.concatenate([images[:1], images[:1]])))
     try:
-        with quiet_exporter():
-            program = torch.onnx.export(
-                embedder,
-                (example,),
-                dynamo=True,
-                input_names=[INPUT_IMAGES],
-                output_names=[OUTPUT_EMBEDDINGS],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-                opset_version=OPSET,
-                external_data=False,
-                verbose=False,
-            )
+        proto = trace_to_onnx(embedder, images, [OUTPUT_EMBEDDINGS])
+    except ExportError:
+        raise
     # torch.export raises many unrelated types (unsupported ops, data-dependent
     # control flow, guards); each means the same here: use torch instead.
     except Exception as exc:
         raise ExportError(f"cannot export {type(embedder.backbone).__name__}: {exc}") from exc
-    if program is None:
-        raise ExportError("torch.onnx.export returned no program")
-    model: bytes = program.model_proto.SerializeToString()
+    model: bytes = proto.SerializeToString()
     return model
 
 
@@ -174,7 +167,7 @@ def check_against_torch(fast: Embed, embedder: ImageEmbedder, images: np.ndarray
     if got.shape != expected.shape:
         raise ExportError(f"onnxruntime gave {got.shape}, torch {expected.shape}")
     difference = np.abs(got - expected)
-    if not np.all(difference <= EMBEDDING_ATOL + EMBEDDING_RTOL * np.abs(expected)):
+    if not embedding_excess(got, expected) <= 0.0:  # also catches NaN
         raise ExportError(
             f"onnxruntime features differ from torch's by up to {float(np.max(difference)):.3g} "
             f"(limit {EMBEDDING_ATOL:g} + {EMBEDDING_RTOL:g} x |torch|)"

@@ -24,7 +24,6 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -39,10 +38,8 @@ from tlserve.contract.errors import ExportError
 from tlserve.contract.images import prepare_decoded
 from tlserve.contract.predictions import OOD_THRESHOLD_METRIC
 from tlserve.contract.rules import OUTPUT_EMBEDDINGS, OUTPUT_OOD_SCORE
-
-if TYPE_CHECKING:  # export imports this module, and features imports export
-    from tlserve.training.features import Features
-    from tlserve.training.strategies.base import FitContext, FittedHead
+from tlserve.training.features import Features, extract_features
+from tlserve.training.strategies.base import FitContext, FittedHead
 
 __all__ = [
     "METHOD",
@@ -262,7 +259,6 @@ def fit_for_model(context: FitContext, fitted: FittedHead) -> OodScorer:
     images' scores (of the training images' when none is held out); AUROC
     against :data:`OOD_REFERENCE_SET` when scikit-image is installed.
     """
-    from tlserve.training.features import extract_features
 
     def embedded(split: str) -> Features | None:
         samples = context.splits.get(split, [])

@@ -5,7 +5,7 @@ tensor ``[N, C]``, not a sequence of maps); :func:`onnx.compose.merge_models`
 wires the backbone's ``embeddings`` output into the trees' input; a few nodes
 then turn the trees' probabilities into calibrated ones,
 ``softmax(log(max(p, eps)) / T)``, named ``probabilities``. Both parts use
-opset :data:`~tlserve.training.export.OPSET` and ``ai.onnx.ml`` 3 (the
+opset :data:`~tlserve.training.onnx_trace.OPSET` and ``ai.onnx.ml`` 3 (the
 ``TreeEnsembleClassifier`` every onnxruntime since 1.x runs).
 """
 

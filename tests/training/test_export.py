@@ -15,14 +15,10 @@ from tests.training.shapes import TINY_BACKBONE, write_shapes
 from tlserve.contract.card import ModelCard
 from tlserve.contract.errors import ExportError, InvalidInput
 from tlserve.training.backbones import Backbone, create_backbone
-from tlserve.training.export import (
-    PROBABILITY_ATOL,
-    ExportCheck,
-    compare_outputs,
-    export_onnx,
-)
+from tlserve.training.export import ExportCheck, compare_outputs, export_onnx
 from tlserve.training.features import load_images
 from tlserve.training.modules import ImageClassifier, ImageEmbedder
+from tlserve.training.onnx_trace import PROBABILITY_ATOL
 from tlserve.training.publish import publish
 
 LABELS = ("circle", "square", "triangle")

@@ -15,11 +15,11 @@ from tlserve.contract.images import prepare_image
 from tlserve.training import onnx_features
 from tlserve.training.backbones import Backbone, create_backbone
 from tlserve.training.data import Sample, load_dataset
-from tlserve.training.export import EMBEDDING_ATOL, EMBEDDING_RTOL
 from tlserve.training.features import extract_features
 from tlserve.training.layers import PooledFeatures
 from tlserve.training.modules import ImageEmbedder
 from tlserve.training.onnx_features import check_against_torch, embedder_key
+from tlserve.training.onnx_trace import EMBEDDING_ATOL, EMBEDDING_RTOL
 
 
 @pytest.fixture(scope="module")

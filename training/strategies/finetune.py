@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from tlserve.training.strategies.base import FitContext, FittedHead
+from tlserve.training.strategies.recipe import Recipe
 from tlserve.training.strategies.run import BackboneRun
 from tlserve.training.strategies.validation import prepare_run_images
 
@@ -44,25 +45,10 @@ __all__ = ["FineTune", "Scratch"]
 
 
 @dataclass
-class FineTune:
+class FineTune(Recipe):
     """Strategy ``finetune``: probe the head, then unfreeze with discriminative LRs."""
 
     name: ClassVar[str] = "finetune"
-    epochs: int = 10  # at most: early stopping picks the best epoch
-    patience: int = 3
-    lr: float | str = 1e-3
-    backbone_lr_mult: float = 0.1
-    layer_decay: float = 0.75
-    unfreeze: int | str = "all"
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.1
-    augment: str = "auto"
-    bn: str = "frozen"
-    probe_head: bool = True
-    pretrained: bool = True
-    val_fraction: float = 0.15  # carved from train when there is no val/
-    precision: str = "auto"  # float32, bf16 or auto (tlserve.training.precision)
 
     def fit(self, context: FitContext) -> FittedHead:
         run = BackboneRun(self, context, prepare_run_images(context, self.val_fraction))

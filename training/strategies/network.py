@@ -7,7 +7,7 @@ learning rate decays by ``layer_decay`` per layer group towards the stem);
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -15,9 +15,7 @@ import torch
 from timm.optim import param_groups_layer_decay  # type: ignore[attr-defined]
 
 from tlserve.training.modules import ImageEmbedder
-
-if TYPE_CHECKING:
-    from tlserve.training.strategies.finetune import FineTune
+from tlserve.training.strategies.recipe import Recipe
 
 __all__ = ["Network", "param_groups", "reset_parameters"]
 
@@ -36,7 +34,7 @@ class Network(torch.nn.Module):
 
 
 def param_groups(
-    network: Network, recipe: FineTune
+    network: Network, recipe: Recipe
 ) -> tuple[list[dict[str, Any]], set[torch.nn.Module]]:
     """Head group + layer-decayed backbone groups; freezes what ``unfreeze`` leaves out."""
     backbone = network.embedder.backbone

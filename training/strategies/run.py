@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,10 +32,8 @@ from tlserve.training.strategies.base import FitContext, FittedHead, HeldOutLogi
 from tlserve.training.strategies.checkpoint import load_checkpoint, save_checkpoint
 from tlserve.training.strategies.linear import fit_logistic_regression
 from tlserve.training.strategies.network import Network, param_groups, reset_parameters
+from tlserve.training.strategies.recipe import Recipe
 from tlserve.training.strategies.validation import EarlyStopping, PreparedImages, validate
-
-if TYPE_CHECKING:
-    from tlserve.training.strategies.finetune import FineTune
 
 __all__ = ["BackboneRun"]
 
@@ -54,7 +52,7 @@ class BackboneRun:
 
     def __init__(
         self,
-        recipe: FineTune,
+        recipe: Recipe,
         context: FitContext,
         data: PreparedImages,
         *,

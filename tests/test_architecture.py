@@ -73,6 +73,77 @@ def test_contract_imports_no_server_runtime_or_torch() -> None:
     assert not broken, "\n".join(broken)
 
 
+def _module_name(path: Path) -> str:
+    parts = ("tlserve", *path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Each tlserve module -> the tlserve modules it imports.
+
+    Every import statement counts, at module level, in a function or under
+    ``TYPE_CHECKING``: hiding one only moves the loop to run time or to the
+    type checker. ``from a.b import c`` reads ``a.b`` (and ``a.b.c`` when that
+    is a module); importing ``a.b.c`` runs ``a.b``'s ``__init__`` too, unless
+    the importer is inside ``a.b`` already.
+    """
+    paths = {_module_name(p): p for package in (*PACKAGES, "protos") for p in _modules(package)}
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        own = {module.rsplit(".", n)[0] for n in range(module.count(".") + 1)}
+        named: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                named.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+                    package = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{package}.{base}".rstrip(".")
+                named.add(base)
+                named.update(f"{base}.{alias.name}" for alias in node.names)
+        ancestors = {n.rsplit(".", k)[0] for n in named for k in range(1, n.count(".") + 1)}
+        graph[module] = {t for t in named | (ancestors - own) if t in paths and t != module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[str]:
+    """One ``a -> b -> a`` line for each import that closes a loop (depth first)."""
+    found: list[str] = []
+    path: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                found.append(" -> ".join([*path[path.index(target) :], target]))
+            elif target not in state:
+                visit(target)
+        path.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return found
+
+
+def test_no_import_cycle_among_tlserve_modules() -> None:
+    graph = _import_graph()
+    # The graph sees what a module-level reading would miss: the CLI imports
+    # training inside a function, and a package's __init__ runs for its modules.
+    assert "tlserve.training" in graph["tlserve.cli.main"]
+    assert "tlserve.training.strategies" in graph["tlserve.training.ood"]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a -> b -> c -> a"]
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles (move what both sides need into a module of its own):\n" + (
+        "\n".join(cycles)
+    )
+
+
 def test_importing_the_contract_pulls_in_no_heavy_package() -> None:
     code = (
         "import sys\n"

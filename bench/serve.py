@@ -48,6 +48,7 @@ from serve_client import STREAM_WINDOW, Server, latency_ms, model_settings, serv
 
 from tlserve.contract.card import ModelCard
 from tlserve.contract.images import prepare_image
+from tlserve.contract.rules import CPU_PROVIDER
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "bench"
@@ -118,8 +119,8 @@ def bench_model(name: str, path: Path, passes: int, seconds: float) -> dict[str,
     one_thread.intra_op_num_threads = 1
     sessions = {
         v: [
-            ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]),
-            ort.InferenceSession(str(p), one_thread, providers=["CPUExecutionProvider"]),
+            ort.InferenceSession(str(p), providers=[CPU_PROVIDER]),
+            ort.InferenceSession(str(p), one_thread, providers=[CPU_PROVIDER]),
         ]
         for v, p in paths.items()
     }

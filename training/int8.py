@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from tlserve.contract.errors import InvalidInput
-from tlserve.contract.rules import INPUT_IMAGES
+from tlserve.contract.rules import CPU_PROVIDER, INPUT_IMAGES
 from tlserve.training.variants import float_regions, name_nodes
 
 __all__ = ["quantize_int8"]
@@ -77,7 +77,7 @@ def quantize_int8(
             nodes_to_exclude=kept,
             calibrate_method=CalibrationMethod.MinMax,
             reduce_range=reduce_range,
-            calibration_providers=["CPUExecutionProvider"],
+            calibration_providers=[CPU_PROVIDER],
         )
     quantized = onnx.load(str(target))
     _keep_contract(model, quantized)

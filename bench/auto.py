@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=1800.0, help="auto's budget")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("tlserve.training.strategies.auto").setLevel(logging.INFO)
+    logging.getLogger("tlserve.training.fit.strategies.auto").setLevel(logging.INFO)
     from tlserve.training import TrainConfig, train
 
     rows: list[tuple[str, str, float, float, str]] = []

@@ -126,7 +126,7 @@ def int8_model(float_path: Path) -> tuple[Path, dict[str, object]]:
     import hashlib
     import json
 
-    from tlserve.training.int8 import quantize_int8
+    from tlserve.training.artifact.int8 import quantize_int8
 
     name = float_path.parent.parent.name
     path = float_path.parent.parent.parent / f"{name}-int8" / "1" / "model.onnx"
@@ -166,7 +166,7 @@ def _images(name: str, spec: Preprocessing) -> tuple[np.ndarray, np.ndarray, np.
         shape = (64, spec.height, spec.width, 3)
         return rng.integers(0, 256, shape, np.uint8), rng.integers(0, 256, shape, np.uint8), None
     from tlserve.contract.images import prepare_image
-    from tlserve.training.data import load_dataset
+    from tlserve.training.data.folders import load_dataset
 
     dataset = load_dataset(ROOT / "examples" / "fashion-mnist", seed=0)
     step = max(1, len(dataset.train) // 256)

@@ -36,12 +36,10 @@ from tlserve.client import Client
 from tlserve.contract.card import ModelCard
 from tlserve.contract.images import prepare_decoded
 from tlserve.contract.rules import CPU_PROVIDER
-from tlserve.training.backbones import create_backbone
-from tlserve.training.cache import default_cache_dir
-from tlserve.training.data import load_dataset
-from tlserve.training.export import export_onnx
-from tlserve.training.features import load_images
-from tlserve.training.ood import (
+from tlserve.training.artifact.export import export_onnx
+from tlserve.training.artifact.publish import publish
+from tlserve.training.backbone.backbones import create_backbone
+from tlserve.training.check.ood import (
     OodScorer,
     add_ood_output,
     fit_for_model,
@@ -50,9 +48,11 @@ from tlserve.training.ood import (
     ood_auroc,
     reference_ood_images,
 )
-from tlserve.training.publish import publish
-from tlserve.training.strategies import FitContext
-from tlserve.training.strategies.linear import LinearProbe
+from tlserve.training.data.folders import load_dataset
+from tlserve.training.features.cache import default_cache_dir
+from tlserve.training.features.extract import load_images
+from tlserve.training.fit.strategies import FitContext
+from tlserve.training.fit.strategies.linear import LinearProbe
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "bench" / "ood"

@@ -67,8 +67,8 @@ def _torch_forward(module: torch.nn.Module, *, bf16: bool = False) -> Forward:
 def _forwards(images: np.ndarray, args: argparse.Namespace, export_dir: Path) -> Forward:
     """Print each path's raw forward speed; return the limit (onnxruntime on the export)."""
     from tlserve.training import create_backbone
-    from tlserve.training.modules import ImageEmbedder
-    from tlserve.training.onnx_features import OnnxEmbedder, embedder_key, export_embedder
+    from tlserve.training.backbone.modules import ImageEmbedder
+    from tlserve.training.features.onnx_features import OnnxEmbedder, embedder_key, export_embedder
 
     net = create_backbone("tf_efficientnet_lite0")
     eager = ImageEmbedder.from_backbone(net).eval()
@@ -103,8 +103,8 @@ def _extraction(args: argparse.Namespace, export_dir: Path, limit: Forward) -> N
     """Extraction as training runs it, taking turns with the limit on the same images."""
     from tlserve.contract.images import prepare_image
     from tlserve.training import create_backbone, load_dataset
-    from tlserve.training.features import default_workers, extract_features
-    from tlserve.training.modules import ImageEmbedder
+    from tlserve.training.backbone.modules import ImageEmbedder
+    from tlserve.training.features.extract import default_workers, extract_features
 
     samples = load_dataset(ROOT / "examples" / "fashion-mnist").train[: args.extract_images]
     embedder = ImageEmbedder.from_backbone(create_backbone("tf_efficientnet_lite0"))
@@ -141,7 +141,7 @@ def _mode(name: str) -> Iterator[None]:
 def _finetune(args: argparse.Namespace) -> None:
     from tlserve.contract.images import prepare_image
     from tlserve.training import create_backbone, load_dataset
-    from tlserve.training.modules import ImageEmbedder
+    from tlserve.training.backbone.modules import ImageEmbedder
 
     data = load_dataset(ROOT / "examples" / "fashion-mnist")
     net = create_backbone("tf_efficientnet_lite0")

@@ -35,9 +35,9 @@ def add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from tlserve.training.backbones import DEFAULT_BACKBONE
-    from tlserve.training.datacheck import check_folder
-    from tlserve.training.thumbnails import data_check_files, data_check_markdown
+    from tlserve.training.backbone.backbones import DEFAULT_BACKBONE
+    from tlserve.training.check.datacheck import check_folder
+    from tlserve.training.report.thumbnails import data_check_files, data_check_markdown
 
     found = check_folder(
         args.data_dir,

@@ -71,7 +71,7 @@ def _data_check_summary(version_dir: Path, data_dir: Path) -> str:
     check = report.get("data_check")
     if check:
         return str(check["summary"])
-    from tlserve.training.datacheck import check_folder
+    from tlserve.training.check.datacheck import check_folder
 
     return check_folder(data_dir).summary()
 

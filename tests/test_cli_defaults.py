@@ -29,8 +29,8 @@ def test_train_and_check_embed_with_the_registrys_default_backbone(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from tlserve import training
-    from tlserve.training.backbones import DEFAULT_BACKBONE, list_backbones
-    from tlserve.training.datacheck import check_folder
+    from tlserve.training.backbone.backbones import DEFAULT_BACKBONE, list_backbones
+    from tlserve.training.check.datacheck import check_folder
 
     assert DEFAULT_BACKBONE in list_backbones()
     assert {f.name: f.default for f in dataclasses.fields(training.TrainConfig)}[
@@ -77,7 +77,7 @@ def test_serve_offers_exactly_the_values_the_config_accepts(tmp_path: Path) -> N
 
 def test_classify_and_training_take_the_same_files_for_images(tmp_path: Path) -> None:
     from tlserve.cli.remote import _walk
-    from tlserve.training.data import load_dataset
+    from tlserve.training.data.folders import load_dataset
 
     names = ["cat/a.png", "cat/b.TIFF", "cat/c.gif", "cat/d.txt", "dog/e.jpeg", "dog/f.webp"]
     for name in names:

@@ -6,19 +6,19 @@
     result = train(TrainConfig(Path("examples/fashion-mnist"), model_repository=Path("models"),
                                name="fashion", strategy="auto", time_budget=600))
 
-Modules: :mod:`~tlserve.training.data` (find the images),
-:mod:`~tlserve.training.backbones` (pretrained CNNs),
-:mod:`~tlserve.training.features`, :mod:`~tlserve.training.strategies`,
-:mod:`~tlserve.training.evaluate`, :mod:`~tlserve.training.export` and
-:mod:`~tlserve.training.publish`. This package imports torch; the client and
+Modules: :mod:`~tlserve.training.data.folders` (find the images),
+:mod:`~tlserve.training.backbone.backbones` (pretrained CNNs),
+:mod:`~tlserve.training.features.extract`, :mod:`~tlserve.training.fit.strategies`,
+:mod:`~tlserve.training.fit.evaluate`, :mod:`~tlserve.training.artifact.export` and
+:mod:`~tlserve.training.artifact.publish`. This package imports torch; the client and
 the server never import it.
 """
 
 from __future__ import annotations
 
-from tlserve.training.backbones import Backbone, create_backbone
+from tlserve.training.backbone.backbones import Backbone, create_backbone
 from tlserve.training.config import TrainConfig
-from tlserve.training.data import DataError, Dataset, load_dataset
+from tlserve.training.data.folders import DataError, Dataset, load_dataset
 from tlserve.training.train import TrainResult, train
 
 __all__ = [

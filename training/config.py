@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlserve.training.backbones import DEFAULT_BACKBONE
-from tlserve.training.cache import default_cache_dir
+from tlserve.training.backbone.backbones import DEFAULT_BACKBONE
+from tlserve.training.features.cache import default_cache_dir
 
 __all__ = ["DEFAULT_TIME_BUDGET_CPU", "DEFAULT_TIME_BUDGET_GPU", "TrainConfig", "cache_root"]
 
@@ -66,8 +66,9 @@ class TrainConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     drop_duplicates: bool = False
     # Faster variants published beside the float32 export when they pass the
-    # accuracy check (tlserve.training.quantize): none, int8, fp16 or auto. The command line
-    # defaults to auto; the API to none, so callers get float32 unless they ask.
+    # accuracy check (tlserve.training.artifact.quantize): none, int8, fp16 or
+    # auto. The command line defaults to auto; the API to none, so callers get
+    # float32 unless they ask.
     quantize: str = "none"
 
     def __post_init__(self) -> None:

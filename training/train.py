@@ -19,25 +19,30 @@ import torch
 
 from tlserve.contract.card import ModelCard
 from tlserve.contract.rules import MODEL_FILE, check_model_name, tlserve_version
-from tlserve.training.backbones import Backbone, create_backbone
-from tlserve.training.calibration import calibrate_on, calibration_report
+from tlserve.training.artifact.export import export_onnx
+from tlserve.training.artifact.publish import publish
+from tlserve.training.artifact.requantize import build_for_dataset
+from tlserve.training.backbone.backbones import Backbone, create_backbone
+from tlserve.training.check.datacheck import check_before_training
+from tlserve.training.check.ood import OodScorer, fit_for_model
 from tlserve.training.config import TrainConfig
-from tlserve.training.data import Dataset, load_dataset
-from tlserve.training.datacheck import check_before_training
-from tlserve.training.distributed import broadcast_path, init_distributed
-from tlserve.training.evaluate import Evaluation, evaluate
-from tlserve.training.export import export_onnx
-from tlserve.training.features import SkippedFile, load_images
-from tlserve.training.heads import softmax, with_temperature
-from tlserve.training.heldout import calibration_sets, held_out_logits
-from tlserve.training.loops import rank_and_world
-from tlserve.training.ood import OodScorer, fit_for_model
-from tlserve.training.publish import publish
-from tlserve.training.report import REPORT_FILENAME, candidate_row, candidates_note, report_files
-from tlserve.training.requantize import build_for_dataset
-from tlserve.training.result import TrainResult
-from tlserve.training.strategies import FitContext, FittedHead, create_strategy
-from tlserve.training.strategies.auto import probe_layers
+from tlserve.training.data.folders import Dataset, load_dataset
+from tlserve.training.features.extract import SkippedFile, load_images
+from tlserve.training.fit.calibration import calibrate_on, calibration_report
+from tlserve.training.fit.distributed import broadcast_path, init_distributed
+from tlserve.training.fit.evaluate import Evaluation, evaluate
+from tlserve.training.fit.heads import softmax, with_temperature
+from tlserve.training.fit.heldout import calibration_sets, held_out_logits
+from tlserve.training.fit.loops import rank_and_world
+from tlserve.training.fit.strategies import FitContext, FittedHead, create_strategy
+from tlserve.training.fit.strategies.auto import probe_layers
+from tlserve.training.report.files import (
+    REPORT_FILENAME,
+    candidate_row,
+    candidates_note,
+    report_files,
+)
+from tlserve.training.report.result import TrainResult
 
 __all__ = ["REPORT_FILENAME", "TrainConfig", "TrainResult", "train"]
 
@@ -56,8 +61,8 @@ def train(config: TrainConfig | Path, /, **settings: Any) -> TrainResult:
     ``model.onnx`` (labels, preprocessing, metrics, provenance inside),
     ``report.json``, ``report.md`` and figures. Probabilities are calibrated
     on held-out logits (:func:`_calibration_sets`). Under ``torchrun`` rank 0
-    exports and publishes. Raises :class:`~tlserve.training.data.DataError`
-    for unusable data, :class:`~tlserve.training.export.ExportError` if the
+    exports and publishes. Raises :class:`~tlserve.training.data.folders.DataError`
+    for unusable data, :class:`~tlserve.training.artifact.export.ExportError` if the
     export fails to verify.
     """
     if not isinstance(config, TrainConfig):

@@ -19,7 +19,7 @@ from tests.conftest import ServerThread, build_tiny_classifier, png_bytes
 from tlserve.client import Client
 from tlserve.contract.card import ModelCard
 from tlserve.contract.predictions import Classification
-from tlserve.training.ood import OodScorer, add_ood_output, fit_ood
+from tlserve.training.check.ood import OodScorer, add_ood_output, fit_ood
 
 RED, GREY = (230, 20, 20), (128, 128, 128)
 
@@ -146,14 +146,14 @@ def test_example_model_flags_photos_through_a_real_server(tmp_path: Path) -> Non
 
     from PIL import Image
 
-    from tlserve.training.backbones import create_backbone
-    from tlserve.training.data import load_dataset
-    from tlserve.training.export import export_onnx
-    from tlserve.training.features import load_images
-    from tlserve.training.ood import fit_for_model, ood_auroc, reference_ood_images
-    from tlserve.training.publish import publish
-    from tlserve.training.strategies import FitContext
-    from tlserve.training.strategies.linear import LinearProbe
+    from tlserve.training.artifact.export import export_onnx
+    from tlserve.training.artifact.publish import publish
+    from tlserve.training.backbone.backbones import create_backbone
+    from tlserve.training.check.ood import fit_for_model, ood_auroc, reference_ood_images
+    from tlserve.training.data.folders import load_dataset
+    from tlserve.training.features.extract import load_images
+    from tlserve.training.fit.strategies import FitContext
+    from tlserve.training.fit.strategies.linear import LinearProbe
 
     dataset = load_dataset(FASHION)
     net = create_backbone("tf_efficientnet_lite0")

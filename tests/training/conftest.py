@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.training.shapes import TINY_BACKBONE, fit_context, write_shapes
-from tlserve.training.backbones import Backbone, create_backbone
-from tlserve.training.strategies import FitContext
+from tlserve.training.backbone.backbones import Backbone, create_backbone
+from tlserve.training.fit.strategies import FitContext
 
 
 @pytest.fixture(autouse=True)

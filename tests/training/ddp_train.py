@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.training.shapes import TINY_BACKBONE
 from tlserve.training import train
-from tlserve.training.loops import rank_and_world
+from tlserve.training.fit.loops import rank_and_world
 
 
 def main(data: str, repo: str, out: str) -> None:

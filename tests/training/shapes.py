@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tlserve.training.backbones import Backbone
-from tlserve.training.data import load_dataset
-from tlserve.training.strategies import FitContext
+from tlserve.training.backbone.backbones import Backbone
+from tlserve.training.data.folders import load_dataset
+from tlserve.training.fit.strategies import FitContext
 
 # A 0.2M-parameter timm ConvNeXt at 64x64: random init, O(1) embeddings,
 # created in milliseconds.

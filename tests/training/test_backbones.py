@@ -12,17 +12,17 @@ from skimage import data as skimage_data
 from tests.training.shapes import TINY_BACKBONE, encode_png
 from tlserve.contract.card import Preprocessing
 from tlserve.contract.images import prepare_image
-from tlserve.training.backbones import (
+from tlserve.training.backbone.backbones import (
     create_backbone,
     create_imagenet_classifier,
     list_backbones,
 )
-from tlserve.training.efficientnet_lite import (
+from tlserve.training.backbone.efficientnet_lite import (
     LITE0_STAGE_DEPTHS,
     lite0_weights_file,
     remap_lukemelas_keys,
 )
-from tlserve.training.modules import ImageEmbedder
+from tlserve.training.backbone.modules import ImageEmbedder
 
 ESPRESSO = 967
 CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from tlserve.training.cache import default_cache_dir, feature_key, load_features, save_features
-from tlserve.training.features import Features, SkippedFile
+from tlserve.training.features.cache import (
+    default_cache_dir,
+    feature_key,
+    load_features,
+    save_features,
+)
+from tlserve.training.features.extract import Features, SkippedFile
 
 
 def _features() -> Features:

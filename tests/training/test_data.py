@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.training.shapes import write_shapes
-from tlserve.training.data import DataError, load_dataset, split_samples
+from tlserve.training.data.folders import DataError, load_dataset, split_samples
 
 
 def test_train_and_test_folders(shapes_folder: Path) -> None:

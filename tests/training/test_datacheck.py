@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlserve.training.backbones import Backbone
-from tlserve.training.data import load_dataset
-from tlserve.training.datacheck import (
+from tlserve.training.backbone.backbones import Backbone
+from tlserve.training.check.datacheck import (
     DataCheck,
     check_before_training,
     check_data,
     confident_learning,
     without_duplicates,
 )
-from tlserve.training.features import Features, SkippedFile
-from tlserve.training.strategies import FitContext
-from tlserve.training.thumbnails import data_check_files, data_check_markdown
+from tlserve.training.data.folders import load_dataset
+from tlserve.training.features.extract import Features, SkippedFile
+from tlserve.training.fit.strategies import FitContext
+from tlserve.training.report.thumbnails import data_check_files, data_check_markdown
 
 FLIPS = 4
 FASHION = Path(__file__).resolve().parents[2] / "examples" / "fashion-mnist"

@@ -14,12 +14,12 @@ import torch
 from tests.training.shapes import TINY_BACKBONE, write_shapes
 from tlserve.contract.card import ModelCard
 from tlserve.contract.errors import ExportError, InvalidInput
-from tlserve.training.backbones import Backbone, create_backbone
-from tlserve.training.export import ExportCheck, compare_outputs, export_onnx
-from tlserve.training.features import load_images
-from tlserve.training.modules import ImageClassifier, ImageEmbedder
-from tlserve.training.onnx_trace import PROBABILITY_ATOL
-from tlserve.training.publish import publish
+from tlserve.training.artifact.export import ExportCheck, compare_outputs, export_onnx
+from tlserve.training.artifact.publish import publish
+from tlserve.training.backbone.backbones import Backbone, create_backbone
+from tlserve.training.backbone.modules import ImageClassifier, ImageEmbedder
+from tlserve.training.features.extract import load_images
+from tlserve.training.features.onnx_trace import PROBABILITY_ATOL
 
 LABELS = ("circle", "square", "triangle")
 
@@ -125,7 +125,7 @@ def test_parity_failure_raises_with_the_figures() -> None:
 def test_failed_verification_leaves_no_model(
     exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("tlserve.training.export.PROBABILITY_ATOL", -1.0)
+    monkeypatch.setattr("tlserve.training.artifact.export.PROBABILITY_ATOL", -1.0)
     path = tmp_path / "m.onnx"
     with pytest.raises(ExportError, match="onnxruntime disagrees with torch on 1 images"):
         export_onnx(exported.backbone, exported.head, exported.card, path, exported.images[:2])

@@ -12,14 +12,14 @@ import torch
 from tests.training.shapes import TINY_BACKBONE, write_shapes
 from tlserve.contract.errors import ExportError
 from tlserve.contract.images import prepare_image
-from tlserve.training import onnx_features
-from tlserve.training.backbones import Backbone, create_backbone
-from tlserve.training.data import Sample, load_dataset
-from tlserve.training.features import extract_features
-from tlserve.training.layers import PooledFeatures
-from tlserve.training.modules import ImageEmbedder
-from tlserve.training.onnx_features import check_against_torch, embedder_key
-from tlserve.training.onnx_trace import EMBEDDING_ATOL, EMBEDDING_RTOL
+from tlserve.training.backbone.backbones import Backbone, create_backbone
+from tlserve.training.backbone.layers import PooledFeatures
+from tlserve.training.backbone.modules import ImageEmbedder
+from tlserve.training.data.folders import Sample, load_dataset
+from tlserve.training.features import onnx_features
+from tlserve.training.features.extract import extract_features
+from tlserve.training.features.onnx_features import check_against_torch, embedder_key
+from tlserve.training.features.onnx_trace import EMBEDDING_ATOL, EMBEDDING_RTOL
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_the_export_is_cached_by_weights(
         raise AssertionError("the cached export should have been used")
 
     monkeypatch.setattr(onnx_features, "export_embedder", no_export)
-    caplog.set_level(logging.INFO, logger="tlserve.training.onnx_features")
+    caplog.set_level(logging.INFO, logger="tlserve.training.features.onnx_features")
     # auto takes a cached export even for a handful of images.
     extract_features(embedder, samples[:3], export_dir=exported, workers=0)
     assert "features through onnxruntime" in caplog.text

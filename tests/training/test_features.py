@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tlserve.contract.images import prepare_image
-from tlserve.training.backbones import Backbone
-from tlserve.training.data import load_dataset
-from tlserve.training.features import extract_features, load_images
-from tlserve.training.modules import ImageEmbedder
+from tlserve.training.backbone.backbones import Backbone
+from tlserve.training.backbone.modules import ImageEmbedder
+from tlserve.training.data.folders import load_dataset
+from tlserve.training.features.extract import extract_features, load_images
 
 
 def test_features_are_the_embedder_on_prepared_images(

@@ -8,9 +8,9 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from tlserve.training.data import DataError
-from tlserve.training.strategies import STRATEGIES, create_strategy
-from tlserve.training.strategies.linear import (
+from tlserve.training.data.folders import DataError
+from tlserve.training.fit.strategies import STRATEGIES, create_strategy
+from tlserve.training.fit.strategies.linear import (
     DEFAULT_C_GRID,
     LinearProbe,
     fit_logistic_regression,

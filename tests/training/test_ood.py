@@ -13,12 +13,10 @@ import torch
 from tests.training.shapes import TINY_BACKBONE, write_shapes
 from tlserve.contract.card import ModelCard
 from tlserve.contract.errors import ExportError
-from tlserve.training.backbones import Backbone, create_backbone
-from tlserve.training.data import load_dataset
-from tlserve.training.export import export_onnx
-from tlserve.training.features import extract_features, load_images
-from tlserve.training.modules import ImageEmbedder
-from tlserve.training.ood import (
+from tlserve.training.artifact.export import export_onnx
+from tlserve.training.backbone.backbones import Backbone, create_backbone
+from tlserve.training.backbone.modules import ImageEmbedder
+from tlserve.training.check.ood import (
     OOD_RTOL,
     OodScorer,
     compare_ood,
@@ -28,9 +26,11 @@ from tlserve.training.ood import (
     ood_auroc,
     reference_ood_images,
 )
-from tlserve.training.strategies import FitContext
-from tlserve.training.strategies.linear import LinearProbe
-from tlserve.training.strategies.trees import fit_trees
+from tlserve.training.data.folders import load_dataset
+from tlserve.training.features.extract import extract_features, load_images
+from tlserve.training.fit.strategies import FitContext
+from tlserve.training.fit.strategies.linear import LinearProbe
+from tlserve.training.fit.strategies.trees import fit_trees
 
 LABELS = ("circle", "square", "triangle")
 

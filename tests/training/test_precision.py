@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tlserve.training.precision import resolve_precision, training_device
-from tlserve.training.strategies import FitContext
-from tlserve.training.strategies.finetune import FineTune
+from tlserve.training.fit.precision import resolve_precision, training_device
+from tlserve.training.fit.strategies import FitContext
+from tlserve.training.fit.strategies.finetune import FineTune
 
 
 def test_precision_names_and_auto() -> None:

@@ -21,11 +21,11 @@ from tlserve.cli.main import main
 from tlserve.contract.card import ModelCard, Preprocessing
 from tlserve.contract.errors import InvalidInput
 from tlserve.contract.variants import ReferenceSet, check_accuracy
-from tlserve.training.fp16 import convert_fp16, gpu_providers
-from tlserve.training.int8 import quantize_int8
-from tlserve.training.quantize import build_variants
-from tlserve.training.requantize import quantize_published, stratified
-from tlserve.training.variants import (
+from tlserve.training.artifact.fp16 import convert_fp16, gpu_providers
+from tlserve.training.artifact.int8 import quantize_int8
+from tlserve.training.artifact.quantize import build_variants
+from tlserve.training.artifact.requantize import quantize_published, stratified
+from tlserve.training.artifact.variants import (
     HeldOut,
     float_regions,
     load_session,
@@ -314,7 +314,7 @@ def _colour_folder(root: Path) -> Path:
 def test_quantize_a_published_model_from_the_command_line(
     conv_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tlserve.training.publish import publish
+    from tlserve.training.artifact.publish import publish
 
     data = _colour_folder(tmp_path / "colours")
     report = {"data": {"root": str(data)}, "name": "colours"}

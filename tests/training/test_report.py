@@ -15,19 +15,19 @@ from PIL import Image
 from tests.training.shapes import TINY_BACKBONE, write_shapes
 from tlserve.cli.main import STRATEGY_NAMES
 from tlserve.training import train
-from tlserve.training.backbones import Backbone
-from tlserve.training.calibration import (
+from tlserve.training.backbone.backbones import Backbone
+from tlserve.training.data.folders import load_dataset
+from tlserve.training.fit.calibration import (
     calibrate_on,
     calibration_report,
     choose_temperature,
     ece_change_interval,
     fit_temperature,
 )
-from tlserve.training.data import load_dataset
-from tlserve.training.evaluate import evaluate
-from tlserve.training.heads import softmax
-from tlserve.training.report import report_files
-from tlserve.training.strategies import STRATEGIES, FitContext
+from tlserve.training.fit.evaluate import evaluate
+from tlserve.training.fit.heads import softmax
+from tlserve.training.fit.strategies import STRATEGIES, FitContext
+from tlserve.training.report.files import report_files
 
 
 def test_temperature_is_recovered_and_lowers_ece() -> None:

@@ -12,12 +12,12 @@ import torch
 
 from tests.training.shapes import TINY_BACKBONE
 from tlserve.training import TrainConfig, train
-from tlserve.training.selection import Score, paired_difference, select, wilson_interval
-from tlserve.training.strategies import FitContext
-from tlserve.training.strategies.finetune import FineTune
-from tlserve.training.strategies.linear import fit_logistic_regression
-from tlserve.training.strategies.run import BackboneRun
-from tlserve.training.strategies.validation import EarlyStopping, prepare_run_images, validate
+from tlserve.training.fit.selection import Score, paired_difference, select, wilson_interval
+from tlserve.training.fit.strategies import FitContext
+from tlserve.training.fit.strategies.finetune import FineTune
+from tlserve.training.fit.strategies.linear import fit_logistic_regression
+from tlserve.training.fit.strategies.run import BackboneRun
+from tlserve.training.fit.strategies.validation import EarlyStopping, prepare_run_images, validate
 
 
 def _score(name: str, correct: np.ndarray, cost: float, rows: list[str] | None = None) -> Score:
@@ -74,7 +74,7 @@ def test_ties_within_one_standard_error_go_to_the_cheaper_candidate() -> None:
 def test_a_tiny_budget_stops_after_the_cheap_candidates(
     shapes_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("INFO", logger="tlserve.training.strategies.auto")
+    caplog.set_level("INFO", logger="tlserve.training.fit.strategies.auto")
     result = train(
         TrainConfig(
             shapes_folder,

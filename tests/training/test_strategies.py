@@ -15,13 +15,13 @@ from tests.training.shapes import TINY_BACKBONE, fit_context
 from tlserve.contract.errors import ConfigError
 from tlserve.contract.images import prepare_image
 from tlserve.training import train
-from tlserve.training.backbones import Backbone
+from tlserve.training.backbone.backbones import Backbone
+from tlserve.training.backbone.layers import PooledFeatures, layer_channels, parse_layer
 from tlserve.training.config import cache_root
-from tlserve.training.data import load_dataset
-from tlserve.training.layers import PooledFeatures, layer_channels, parse_layer
-from tlserve.training.strategies import STRATEGIES, create_strategy
-from tlserve.training.strategies.finetune import FineTune, Scratch
-from tlserve.training.strategies.scenarios import Measurements, choose
+from tlserve.training.data.folders import load_dataset
+from tlserve.training.fit.strategies import STRATEGIES, create_strategy
+from tlserve.training.fit.strategies.finetune import FineTune, Scratch
+from tlserve.training.fit.strategies.scenarios import Measurements, choose
 
 
 def _onnx_accuracy(model_path: Path, root: Path) -> float:

@@ -15,7 +15,7 @@ from tlserve.contract.card import ModelCard
 from tlserve.contract.errors import InvalidInput
 from tlserve.contract.images import prepare_image
 from tlserve.training import DataError, train
-from tlserve.training.data import load_dataset
+from tlserve.training.data.folders import load_dataset
 
 
 def test_train_publishes_a_model_that_classifies(shapes_folder: Path, tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Stage 6, artifact: export to ONNX, verify, build the faster variants and publish atomically."""

@@ -1,0 +1,1 @@
+"""Stage 2, backbone: the pretrained CNNs, their layers, the modules that become the graph."""

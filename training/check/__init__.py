@@ -1,0 +1,1 @@
+"""Stage 5, check: know the data (label issues, duplicates, leaks); score unlike images (OOD)."""

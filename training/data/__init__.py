@@ -1,0 +1,1 @@
+"""Stage 1, data: find the labelled images of a run and split them."""

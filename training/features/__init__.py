@@ -1,0 +1,1 @@
+"""Stage 3, features: frozen-backbone embeddings, computed fast (onnxruntime) and cached on disk."""

@@ -1,0 +1,1 @@
+"""Stage 4, fit: the strategies, how a candidate is chosen, calibrated and evaluated."""

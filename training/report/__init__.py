@@ -1,0 +1,1 @@
+"""Stage 7, report: report.json, report.md with its figures, and what train() returns."""

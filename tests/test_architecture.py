@@ -144,6 +144,53 @@ def test_no_import_cycle_among_tlserve_modules() -> None:
     )
 
 
+# Training's stages (its sub-packages), in pipeline order: each imports only
+# itself and the stages before it, so the folders read as the layers they are.
+TRAINING_STAGES = ["data", "backbone", "features", "fit", "check", "artifact", "report"]
+# Above every stage: the package's API, one run's settings, and the pipeline.
+TRAINING_TOP = {"tlserve.training", "tlserve.training.config", "tlserve.training.train"}
+
+
+def _training_stage(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[:2] == ["tlserve", "training"] and len(parts) > 2 and parts[2] in TRAINING_STAGES:
+        return TRAINING_STAGES.index(parts[2])
+    return None
+
+
+def _training_upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """One line for each import of a later stage, or of the top, by a stage module."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        own = _training_stage(module)
+        if own is None:
+            continue
+        for target in sorted(t for t in targets if f"{t}.".startswith("tlserve.training.")):
+            theirs = _training_stage(target)
+            if theirs is None or theirs > own:
+                name = "top" if theirs is None else TRAINING_STAGES[theirs]
+                found.append(f"{module} ({TRAINING_STAGES[own]}) imports {target} ({name})")
+    return found
+
+
+def test_training_stages_import_only_downward() -> None:
+    graph = _import_graph()
+    training = [m for m in graph if f"{m}.".startswith("tlserve.training.")]
+    assert {f"tlserve.training.{stage}" for stage in TRAINING_STAGES} <= set(training)
+    loose = sorted(m for m in training if _training_stage(m) is None and m not in TRAINING_TOP)
+    assert not loose, "training modules in no stage (move each into one):\n" + "\n".join(loose)
+    toy = {"tlserve.training.data.a": {"tlserve.training.fit.b", "tlserve.training.config"}}
+    assert _training_upward_imports(toy) == [
+        "tlserve.training.data.a (data) imports tlserve.training.config (top)",
+        "tlserve.training.data.a (data) imports tlserve.training.fit.b (fit)",
+    ]
+    upward = _training_upward_imports(graph)
+    assert not upward, (
+        f"a training stage imports a later one (order: {' < '.join(TRAINING_STAGES)}; "
+        "move the module, or what it needs, down):\n" + "\n".join(upward)
+    )
+
+
 def test_importing_the_contract_pulls_in_no_heavy_package() -> None:
     code = (
         "import sys\n"

@@ -25,9 +25,9 @@ import numpy as np
 from bench_models import DEMO_MODEL, fast_model
 
 from tlserve.client import AsyncClient
-from tlserve.server.app import start_server
 from tlserve.server.config import ServerConfig
-from tlserve.server.runtime import CUDA, OnnxModel, ProviderError
+from tlserve.server.edge.app import start_server
+from tlserve.server.models.runtime import CUDA, OnnxModel, ProviderError
 
 
 def _model_path(work: Path) -> Path:

@@ -210,8 +210,8 @@ def _print(name: str, results: dict[str, Any]) -> None:
 def restarts(path: Path, count: int, seconds: float) -> dict[str, Any]:
     """Start the server ``count`` times on ``path`` alone and list what tuning chose; then
     each distinct choice's in-process throughput, in interleaved rounds of ``seconds``."""
-    from tlserve.server.runtime import OnnxModel
-    from tlserve.server.tuning_search import measure
+    from tlserve.server.models.runtime import OnnxModel
+    from tlserve.server.models.tuning_search import measure
 
     repo = OUT / "models" / "restarts"
     (repo / "lite0" / "1").mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from tlserve.training import TrainConfig, train
-    from tlserve.training.backbone.backbones import DEFAULT_BACKBONE
+    from tlserve.training.backbones import DEFAULT_BACKBONE
 
     result = train(
         TrainConfig(
@@ -242,7 +242,7 @@ def _print_variants(model_dir: Path, check: bool) -> None:
     print(f"variants   {', '.join(files)}" + (f" (+ {REFERENCE_FILE})" if reference else ""))
     if check:
         from tlserve.server.config import ServerConfig
-        from tlserve.server.variants import choose_variant
+        from tlserve.server.models.variants import choose_variant
 
         config = ServerConfig(model_repository=model_dir.parent.parent, device="cpu")
         choice = choose_variant(model_dir, config)

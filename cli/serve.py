@@ -76,9 +76,9 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tlserve.server.app import serve
     from tlserve.server.config import ServerConfig
-    from tlserve.server.eventloop import install_event_loop
+    from tlserve.server.edge.app import serve
+    from tlserve.server.edge.eventloop import install_event_loop
 
     overrides = {name: getattr(args, name) for name in args.config_flags}
     install_event_loop()

@@ -1,7 +1,7 @@
 """Every error tlserve raises, on both sides of the wire, in one tree.
 
 Each error carries the gRPC status code it travels as. The server raises them
-from its core and one decorator (``tlserve.server.handling``) turns them into
+from its core and one decorator (``tlserve.server.edge.handling``) turns them into
 ``context.abort``; the client turns a received ``grpc.RpcError`` back into the
 same class with :func:`from_rpc_error`, chained ``from`` the original so
 nothing is lost. The CLI maps each class to an exit code

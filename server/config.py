@@ -41,7 +41,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 GPU_FALLBACKS = ("fail", "cpu")
 TUNE_MODES = ("auto", "on", "off")
-# Which variant of each version serves (server/variants.py): "auto" checks and
+# Which variant of each version serves (server/models/variants.py): "auto" checks and
 # times the version's variants here; a kind by name serves it if it passes the
 # accuracy check, else the version does not load.
 VARIANT_CHOICES = ("auto", "float32", "int8", "fp16")
@@ -72,23 +72,23 @@ class ServerConfig:
     max_queue_size: int = 256
     # Inference calls (ModelInfer, Classify, Embed, streams) the server works
     # on at once; one more is refused with RESOURCE_EXHAUSTED before its
-    # message is read (server/admission.py); health and metadata calls never
+    # message is read (server/edge/admission.py); health and metadata calls never
     # are. 0 = derived: three batches per instance, at least 32 (derived_rpc_limit).
     max_concurrent_rpcs: int = 0
     # Calls one connection may have open at once; more wait on the caller's
     # side (HTTP/2 flow control), costing the server nothing, and leave room
     # for other callers. 0 = derived: a quarter of max_concurrent_rpcs, at least 16.
     max_streams_per_connection: int = 0
-    # Queue order (server/queueing.py): "adaptive-lifo" serves the freshest
+    # Queue order (server/batching/queueing.py): "adaptive-lifo" serves the freshest
     # requests first while the queue stands; "fifo" always in arrival order.
     queue_policy: str = "adaptive-lifo"
     # Batch sizes the batcher runs at once, without waiting out max_queue_delay
-    # ("4,8" in flags and env); empty: none preferred. See server/batcher.py.
+    # ("4,8" in flags and env); empty: none preferred. See server/batching/batcher.py.
     preferred_batch_sizes: tuple[int, ...] = ()
     # Concurrent executions per model: N batches of one onnxruntime session run
     # at once, each on its own thread (one copy of the weights).
     instances: int = 1
-    # Model lifecycle (server/lifecycle.py). Which versions of each model are
+    # Model lifecycle (server/models/lifecycle.py). Which versions of each model are
     # served: "latest:N" or "specific:1,3" (or "all") in flags and env.
     version_policy: VersionPolicy = LATEST_ONE
     # "poll": rescan the repository every poll_interval seconds and load, swap
@@ -102,7 +102,7 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     intra_op_threads: int = 0
     preprocess_threads: int = 4
-    # Load-time tuning (server/tuning.py) of intra_op_threads, instances and
+    # Load-time tuning (server/models/tuning.py) of intra_op_threads, instances and
     # max_batch_size, within tune_seconds per model version, for the best
     # throughput whose batch runs within tune_latency_cap seconds. "auto":
     # models whose batch-1 run takes at least a millisecond; "on"; "off".
@@ -116,7 +116,7 @@ class ServerConfig:
     # The keys given by flags or env (filled by load); the tuner leaves them alone.
     explicit_keys: frozenset[str] = frozenset()
     log_level: str = "INFO"
-    # Security and limits (server/security.py). TLS when cert and key are set;
+    # Security and limits (server/edge/security.py). TLS when cert and key are set;
     # mTLS (client certificates required) when tls_client_ca is set too.
     tls_cert: str = ""
     tls_key: str = ""

@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 MODEL_CONTROLS = ("poll", "explicit")
-#: The batcher's queue order (see tlserve.server.queueing).
+#: The batcher's queue order (see tlserve.server.batching.queueing).
 QUEUE_POLICIES = ("adaptive-lifo", "fifo")
 
 

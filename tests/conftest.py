@@ -110,8 +110,8 @@ class ServerThread:
     """
 
     def __init__(self, repo: Path, **overrides: object) -> None:
-        from tlserve.server.app import RunningServer, start_server
         from tlserve.server.config import ServerConfig
+        from tlserve.server.edge.app import RunningServer, start_server
 
         self.config = ServerConfig.load(
             {"model_repository": repo, "grpc_port": 0, "metrics_port": 0, "drain_delay": 0.0,

@@ -19,7 +19,7 @@ from tlserve.client import AsyncClient, RetryPolicy
 from tlserve.contract import errors
 from tlserve.protos import tlserve_v1_pb2 as v1
 from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
-from tlserve.server.handling import handled
+from tlserve.server.edge.handling import handled
 
 TREE = sorted(
     (

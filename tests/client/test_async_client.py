@@ -31,7 +31,7 @@ RED, GREEN, BLUE = (250, 10, 10), (10, 240, 10), (5, 5, 255)
 #: Client-side preprocessing matches Classify (stated in docs/calling.md): the
 #: model sees the very same pixels, so the same labels in the same order and
 #: scores within 1e-6 -- except for a large JPEG, which the server decodes on its
-#: DCT-downscaling fast path (server/decode.py: mean difference at most 2 grey
+#: DCT-downscaling fast path (server/core/decode.py: mean difference at most 2 grey
 #: levels); there the top label agrees and scores are within 1e-3.
 EXACT_TOLERANCE = 1e-6
 FAST_JPEG_TOLERANCE = 1e-3

@@ -24,18 +24,23 @@ def _run(
     )
 
 
+_CACHES = shutil.ignore_patterns(
+    ".venv", "*.egg-info", ".git", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"
+)
+# Only at the top: a models/ folder below it is a package (server/models/).
+_TOP_ONLY = {"build", "dist", "examples", "models"}
+
+
+def _not_source(folder: str, names: list[str]) -> set[str]:
+    skipped = set(_CACHES(folder, names))
+    return skipped | (_TOP_ONLY & set(names)) if Path(folder) == ROOT else skipped
+
+
 def test_the_bare_install_is_the_client_without_heavy_dependencies(tmp_path: Path) -> None:
     assert (ROOT / "pyproject.toml").is_file()
     source = tmp_path / "src"
     # A copy, so the build writes its build/ and egg-info there, not into the repo.
-    shutil.copytree(
-        ROOT,
-        source,
-        ignore=shutil.ignore_patterns(
-            ".venv", "build", "dist", "*.egg-info", ".git", "examples", "__pycache__",
-            ".mypy_cache", ".ruff_cache", ".pytest_cache", "models",
-        ),
-    )  # fmt: skip
+    shutil.copytree(ROOT, source, ignore=_not_source)
     venv = tmp_path / "venv"
     made = _run([sys.executable, "-m", "venv", venv], cwd=tmp_path, timeout=120)
     assert made.returncode == 0, made.stderr

@@ -22,7 +22,7 @@ from tlserve.contract.errors import (
     ServerError,
     Unavailable,
 )
-from tlserve.server.batcher import DynamicBatcher
+from tlserve.server.batching.batcher import DynamicBatcher
 from tlserve.server.metrics import ServerMetrics
 
 Arrays = dict[str, np.ndarray]

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from tlserve.contract.card import Preprocessing
 from tlserve.contract.errors import InvalidInput
 from tlserve.contract.images import RESAMPLE, decode_image, prepare_image, resized_size
-from tlserve.server.decode import IMAGE_FORMATS, ImageDecoder, image_format
+from tlserve.server.core.decode import IMAGE_FORMATS, ImageDecoder, image_format
 
 SPEC = Preprocessing(
     height=224, width=224, crop_pct=0.875, interpolation="bicubic",

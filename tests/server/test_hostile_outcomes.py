@@ -18,8 +18,8 @@ from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.protos import tlserve_v1_pb2 as v1
 from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
-from tlserve.server import handling
-from tlserve.server.handling import MAX_DETAILS, details
+from tlserve.server.edge import handling
+from tlserve.server.edge.handling import MAX_DETAILS, details
 
 
 def _request() -> pb.ModelInferRequest:

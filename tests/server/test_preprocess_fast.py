@@ -1,6 +1,6 @@
 """The fast JPEG path against training's preprocessing, on real photos.
 
-Stated tolerance (server/decode.py): mean absolute difference from
+Stated tolerance (server/core/decode.py): mean absolute difference from
 ``prepare_image`` at most 2.0 grey levels per image, and the same top-1
 ImageNet class with the real EfficientNet-Lite0. Everything that is not a
 large plain JPEG is decoded exactly as training does, bit for bit.
@@ -23,7 +23,7 @@ from tlserve.contract.card import Preprocessing
 from tlserve.contract.images import prepare_image
 from tlserve.protos import tlserve_v1_pb2 as v1
 from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
-from tlserve.server.decode import EXACT, FAST_JPEG, ImageDecoder
+from tlserve.server.core.decode import EXACT, FAST_JPEG, ImageDecoder
 
 MEAN_ABS_TOLERANCE = 2.0
 LITE0 = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # 224, crop 0.875, bicubic
@@ -112,8 +112,8 @@ def test_fast_path_keeps_lite0_top1_on_real_photos(
     large_jpegs: dict[tuple[str, int], bytes],
 ) -> None:
     torch = pytest.importorskip("torch")
-    from tlserve.training.backbone.backbones import create_imagenet_classifier
-    from tlserve.training.backbone.modules import ImageEmbedder
+    from tlserve.training.backbones import create_imagenet_classifier
+    from tlserve.training.modules import ImageEmbedder
 
     model, spec = create_imagenet_classifier("tf_efficientnet_lite0")
     assert spec == LITE0

@@ -21,9 +21,16 @@ from tests.conftest import TINY_SIZE, ServerThread
 from tlserve.client import Client
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
-from tlserve.server import runtime
-from tlserve.server.gpu import register_gpu_metrics
-from tlserve.server.runtime import CPU, CUDA, TENSORRT, OnnxModel, ProviderError, providers_for
+from tlserve.server.models import runtime
+from tlserve.server.models.gpu import register_gpu_metrics
+from tlserve.server.models.runtime import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    OnnxModel,
+    ProviderError,
+    providers_for,
+)
 
 HAS_CUDA = CUDA in ort.get_available_providers()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="onnxruntime has no CUDAExecutionProvider here")
@@ -59,7 +66,7 @@ def test_cuda_with_fail_policy_leaves_the_server_not_ready(model_repo: Path) -> 
 def test_cuda_with_cpu_policy_serves_on_cpu_loudly(
     model_repo: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="tlserve.server.runtime")
+    caplog.set_level(logging.WARNING, logger="tlserve.server.models.runtime")
     running = ServerThread(model_repo, device="cuda", gpu_fallback="cpu")
     try:
         with Client(running.target) as client:

@@ -23,7 +23,7 @@ from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.protos import tlserve_v1_pb2 as v1
 from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
 from tlserve.server.config import ConfigError, ServerConfig
-from tlserve.server.security import load_token, server_credentials
+from tlserve.server.edge.security import load_token, server_credentials
 
 TOKEN = "s3cret-token-for-tests"
 

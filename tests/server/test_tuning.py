@@ -17,9 +17,9 @@ from tlserve.client import Client
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.server.config import ServerConfig
-from tlserve.server.runtime import OnnxModel, load_model, provider_options
-from tlserve.server.tuning import Trial, candidate_batches, decide, tune_model, warm_up
-from tlserve.server.tuning_search import ROUNDS, Layout, layouts, lone_threads, search
+from tlserve.server.models.runtime import OnnxModel, load_model, provider_options
+from tlserve.server.models.tuning import Trial, candidate_batches, decide, tune_model, warm_up
+from tlserve.server.models.tuning_search import ROUNDS, Layout, layouts, lone_threads, search
 
 
 def _config(repo: Path, **overrides: object) -> ServerConfig:
@@ -147,8 +147,8 @@ def test_a_narrow_choice_comes_back_with_an_all_cores_session_for_lone_batches(
     def narrowest(repeats: dict[Layout, list[float]], default: Layout) -> tuple[Layout, str]:
         return min(repeats), "the narrowest, for this test"
 
-    monkeypatch.setattr("tlserve.server.tuning.cores", lambda: 2)  # the same on any host
-    monkeypatch.setattr("tlserve.server.tuning.decide", narrowest)
+    monkeypatch.setattr("tlserve.server.models.tuning.cores", lambda: 2)  # the same on any host
+    monkeypatch.setattr("tlserve.server.models.tuning.decide", narrowest)
     config = _config(model_repo, tune="on", tune_seconds=1.0)
     model, tuning, lone = tune_model(_path(model_repo), config)
     assert (tuning.intra_op_threads, tuning.instances) == (1, 2) == (model.intra_op_threads, 2)

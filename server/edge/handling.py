@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from tlserve.contract.errors import TlserveError, retry_trailer
-from tlserve.server.core import InferenceCore
+from tlserve.server.core.inference import InferenceCore
 from tlserve.server.metrics import outcome_of, time_left
 
 __all__ = ["MAX_DETAILS", "counted", "deadline_of", "details", "handled", "record", "refused"]

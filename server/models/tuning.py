@@ -38,8 +38,8 @@ from typing import NamedTuple
 from tlserve.contract.rules import GPU_PROVIDERS
 from tlserve.server.config import ServerConfig
 from tlserve.server.metrics import ServerMetrics
-from tlserve.server.runtime import OnnxModel, load_model
-from tlserve.server.tuning_search import (
+from tlserve.server.models.runtime import OnnxModel, load_model
+from tlserve.server.models.tuning_search import (
     MIN_RUNS,
     ROUNDS,
     Layout,

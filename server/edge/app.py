@@ -31,16 +31,16 @@ from tlserve.protos import (
     tlserve_v1_pb2_grpc,
 )
 from tlserve.protos import health_pb2 as own_health_pb2
-from tlserve.server.admission import InferenceAdmission
 from tlserve.server.config import CONTROL_RPC_ROOM, ServerConfig
-from tlserve.server.control import ModelControl
-from tlserve.server.core import InferenceCore
-from tlserve.server.gpu import register_gpu_metrics
-from tlserve.server.interceptors import RequestGuard
-from tlserve.server.lifecycle import ModelRegistry
+from tlserve.server.core.control import ModelControl
+from tlserve.server.core.inference import InferenceCore
+from tlserve.server.edge.admission import InferenceAdmission
+from tlserve.server.edge.interceptors import RequestGuard
+from tlserve.server.edge.security import BearerTokenInterceptor, load_token, server_credentials
+from tlserve.server.edge.servicers import ImageServicer, InferenceServicer
 from tlserve.server.metrics import ServerMetrics
-from tlserve.server.security import BearerTokenInterceptor, load_token, server_credentials
-from tlserve.server.servicers import ImageServicer, InferenceServicer
+from tlserve.server.models.gpu import register_gpu_metrics
+from tlserve.server.models.lifecycle import ModelRegistry
 
 __all__ = ["RunningServer", "serve", "start_server"]
 

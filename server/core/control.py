@@ -3,7 +3,7 @@
 The servicers' non-inference RPCs (readiness, metadata, configuration,
 repository index, load and unload) call this and nothing else, as MLServer's
 servicers call its model-repository handlers; the data path is
-:class:`~tlserve.server.core.InferenceCore`'s. Both are testable without a
+:class:`~tlserve.server.core.inference.InferenceCore`'s. Both are testable without a
 gRPC server.
 """
 
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from tlserve.contract.errors import TlserveError
 from tlserve.protos import grpc_service_pb2 as pb
-from tlserve.server.core import InferenceCore
-from tlserve.server.describe import model_config
-from tlserve.server.lifecycle import VersionState
-from tlserve.server.repository import LoadedModel, scan_repository
+from tlserve.server.core.describe import model_config
+from tlserve.server.core.inference import InferenceCore
+from tlserve.server.models.lifecycle import VersionState
+from tlserve.server.models.repository import LoadedModel, scan_repository
 
 __all__ = ["ModelControl", "ModelDescription"]
 

@@ -26,11 +26,11 @@ from tlserve.contract.predictions import (
     ood_threshold,
 )
 from tlserve.contract.rules import OUTPUT_EMBEDDINGS, OUTPUT_OOD_SCORE, OUTPUT_PROBABILITIES
-from tlserve.server.decode import ImageDecoder, ImageHeader
-from tlserve.server.lifecycle import ModelRegistry
+from tlserve.server.core.decode import ImageDecoder, ImageHeader
 from tlserve.server.metrics import ServerMetrics
-from tlserve.server.repository import LoadedModel
-from tlserve.server.runtime import OnnxModel
+from tlserve.server.models.lifecycle import ModelRegistry
+from tlserve.server.models.repository import LoadedModel
+from tlserve.server.models.runtime import OnnxModel
 
 __all__ = ["InferenceCore", "validate_inputs"]
 

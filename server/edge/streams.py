@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tlserve.contract.errors import InvalidInput, TlserveError
-from tlserve.server.handling import details
+from tlserve.server.edge.handling import details
 
 __all__ = ["STREAM_WINDOW", "Undecodable", "answer_in_order", "status_message"]
 

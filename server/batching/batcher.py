@@ -1,6 +1,6 @@
 """Dynamic batching: one queue per model version, futures for the callers.
 
-Requests join a bounded queue (:mod:`tlserve.server.queueing`: what cannot
+Requests join a bounded queue (:mod:`tlserve.server.batching.queueing`: what cannot
 be answered is refused at once, saying why; deadlines are kept in the queue;
 under sustained overload the freshest requests go first). ``instances``
 worker tasks each take what is queued, up to ``max_batch_size`` rows, run it
@@ -29,9 +29,9 @@ from concurrent.futures import Executor
 import numpy as np
 
 from tlserve.contract.errors import ServerError, Unavailable
+from tlserve.server.batching.queueing import Pending, RequestQueue, Speed
+from tlserve.server.batching.statistics import ModelStatistics
 from tlserve.server.metrics import ServerMetrics
-from tlserve.server.queueing import Pending, RequestQueue, Speed
-from tlserve.server.statistics import ModelStatistics
 
 __all__ = ["DynamicBatcher"]
 
@@ -82,7 +82,7 @@ class DynamicBatcher:
         self.speed = Speed(row_seconds, instances)
         self._executor = executor
         self._metrics = metrics
-        # Queue order (see tlserve.server.queueing): newest first once the
+        # Queue order (see tlserve.server.batching.queueing): newest first once the
         # oldest request has waited `standing` seconds (None: as measured).
         self._fresh_first, self._standing = fresh_first, standing
         self._carry: dict[int, Pending] = {}  # per worker: starts its next batch

@@ -31,8 +31,8 @@ import grpc
 from tlserve.contract.errors import InvalidInput
 from tlserve.contract.rules import shown
 from tlserve.protos import grpc_service_pb2, tlserve_v1_pb2
-from tlserve.server.handling import refused
-from tlserve.server.streams import Undecodable
+from tlserve.server.edge.handling import refused
+from tlserve.server.edge.streams import Undecodable
 
 __all__ = ["PER_MESSAGE_ERRORS", "RequestGuard"]
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from tlserve.contract.rules import GPU_PROVIDERS, MODEL_FILE
 from tlserve.protos import grpc_service_pb2 as pb
+from tlserve.server.batching.statistics import Duration, ModelStatistics
 from tlserve.server.config import ServerConfig
-from tlserve.server.lifecycle import VersionState
-from tlserve.server.repository import LoadedModel
-from tlserve.server.runtime import TensorSpec
-from tlserve.server.statistics import Duration, ModelStatistics
+from tlserve.server.models.lifecycle import VersionState
+from tlserve.server.models.repository import LoadedModel
+from tlserve.server.models.runtime import TensorSpec
 
 __all__ = ["EXTENSIONS", "index_entries", "model_config", "model_statistics"]
 

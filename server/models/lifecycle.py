@@ -27,7 +27,7 @@ from tlserve.contract.errors import ModelNotFound, NotAllowed, Unavailable
 from tlserve.contract.rules import check_model_name
 from tlserve.server.config import ServerConfig
 from tlserve.server.metrics import ServerMetrics
-from tlserve.server.repository import (
+from tlserve.server.models.repository import (
     LoadedModel,
     file_identity,
     load_version,

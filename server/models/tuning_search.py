@@ -1,6 +1,6 @@
 """The measuring half of load-time tuning: trials, the search, and the decision rule.
 
-:mod:`tlserve.server.tuning` decides what to search and applies the result.
+:mod:`tlserve.server.models.tuning` decides what to search and applies the result.
 
 A layout is ``(intra_op_threads, instances)``. The search has two phases:
 each layout's batch size grows until its median batch time passes the
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tlserve.server.runtime import OnnxModel
+from tlserve.server.models.runtime import OnnxModel
 
 __all__ = [
     "FLOOR",

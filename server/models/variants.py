@@ -44,7 +44,7 @@ from tlserve.contract.variants import (
     variant_file,
 )
 from tlserve.server.config import ServerConfig
-from tlserve.server.runtime import OnnxModel, load_model
+from tlserve.server.models.runtime import OnnxModel, load_model
 
 __all__ = ["SPEED_BATCHES", "VariantChoice", "choose_variant", "speedup"]
 

@@ -10,7 +10,7 @@ before anything parses its bytes.
 Health checks, reflection and metadata calls are never refused here: a
 Kubernetes probe must not fail because the model is busy. gRPC's own
 ``maximum_concurrent_rpcs`` (set ``CONTROL_RPC_ROOM`` higher, see
-:mod:`tlserve.server.app`) stays as the hard bound on every call.
+:mod:`tlserve.server.edge.app`) stays as the hard bound on every call.
 """
 
 from __future__ import annotations

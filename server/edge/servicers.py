@@ -1,8 +1,8 @@
 """gRPC servicers: decode the proto, call the core, encode the reply.
 
-Status codes, counting and the retry hint are :mod:`tlserve.server.handling`'s
+Status codes, counting and the retry hint are :mod:`tlserve.server.edge.handling`'s
 (one place); stream messages are answered in order by
-:mod:`tlserve.server.streams`.
+:mod:`tlserve.server.edge.streams`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.protos import tlserve_v1_pb2 as v1
 from tlserve.protos import tlserve_v1_pb2_grpc as v1_grpc
-from tlserve.server.control import ModelControl
-from tlserve.server.core import InferenceCore
-from tlserve.server.describe import EXTENSIONS, index_entries, model_statistics
-from tlserve.server.handling import counted, deadline_of, handled
-from tlserve.server.repository import LoadedModel
-from tlserve.server.streams import answer_in_order
+from tlserve.server.core.control import ModelControl
+from tlserve.server.core.describe import EXTENSIONS, index_entries, model_statistics
+from tlserve.server.core.inference import InferenceCore
+from tlserve.server.edge.handling import counted, deadline_of, handled
+from tlserve.server.edge.streams import answer_in_order
+from tlserve.server.models.repository import LoadedModel
 
 __all__ = ["ImageServicer", "InferenceServicer"]
 

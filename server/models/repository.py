@@ -5,7 +5,7 @@ versions. Directories whose names start with a dot are in-progress writes
 and are never read. :func:`load_version` loads and warms one version beside
 whatever else is serving; :func:`retire` waits for its in-flight requests and
 releases it. Which versions serve, and when they change, is
-:mod:`tlserve.server.lifecycle`'s business.
+:mod:`tlserve.server.models.lifecycle`'s business.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlserve.contract.rules import MODEL_FILE, valid_model_name
-from tlserve.server.batcher import DynamicBatcher
+from tlserve.server.batching.batcher import DynamicBatcher
+from tlserve.server.batching.statistics import ModelStatistics
 from tlserve.server.config import ServerConfig
 from tlserve.server.metrics import ServerMetrics
-from tlserve.server.runtime import OnnxModel
-from tlserve.server.statistics import ModelStatistics
-from tlserve.server.tuning import Tuning, publish_tuning, tune_model, withdraw_tuning
-from tlserve.server.variants import VariantChoice, choose_variant
+from tlserve.server.models.runtime import OnnxModel
+from tlserve.server.models.tuning import Tuning, publish_tuning, tune_model, withdraw_tuning
+from tlserve.server.models.variants import VariantChoice, choose_variant
 
 __all__ = [
     "LoadedModel",
@@ -90,8 +90,8 @@ class LoadedModel:
     stats: ModelStatistics
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
-    tuning: Tuning | None = None  # the settings it serves with (server/tuning.py)
-    variant: VariantChoice | None = None  # the file it serves, and why (server/variants.py)
+    tuning: Tuning | None = None  # the settings it serves with (server/models/tuning.py)
+    variant: VariantChoice | None = None  # the file it serves, and why (server/models/variants.py)
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -124,8 +124,8 @@ async def load_version(
 ) -> LoadedModel:
     """Load one version, warm it up and start its batcher; nothing else changes."""
     version_dir = config.model_repository / name / version
-    # Which file serves (server/variants.py), then load, warm up before ready
-    # and (server/tuning.py) pick the settings, all before the version is ready.
+    # Which file serves (server/models/variants.py), then load, warm up before ready
+    # and (server/models/tuning.py) pick the settings, all before the version is ready.
     variant = await asyncio.to_thread(choose_variant, version_dir, config)
     path = variant.path
     model, tuning, lone = await asyncio.to_thread(tune_model, path, config, metrics)

@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from tlserve.training import TrainConfig, train
-    from tlserve.training.backbones import DEFAULT_BACKBONE
+    from tlserve.training.backbone.backbones import DEFAULT_BACKBONE
 
     result = train(
         TrainConfig(

@@ -112,8 +112,8 @@ def test_fast_path_keeps_lite0_top1_on_real_photos(
     large_jpegs: dict[tuple[str, int], bytes],
 ) -> None:
     torch = pytest.importorskip("torch")
-    from tlserve.training.backbones import create_imagenet_classifier
-    from tlserve.training.modules import ImageEmbedder
+    from tlserve.training.backbone.backbones import create_imagenet_classifier
+    from tlserve.training.backbone.modules import ImageEmbedder
 
     model, spec = create_imagenet_classifier("tf_efficientnet_lite0")
     assert spec == LITE0

@@ -25,7 +25,7 @@ from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.server.config import ServerConfig
 from tlserve.server.models.variants import choose_variant
-from tlserve.training.int8 import quantize_int8
+from tlserve.training.artifact.int8 import quantize_int8
 
 
 def make_version(version_dir: Path, *, corrupt: bool = False, reference: bool = True) -> Path:

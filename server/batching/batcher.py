@@ -29,7 +29,8 @@ from concurrent.futures import Executor
 import numpy as np
 
 from tlserve.contract.errors import ServerError, Unavailable
-from tlserve.server.batching.queueing import Pending, RequestQueue, Speed
+from tlserve.server.batching.queueing import Pending, RequestQueue
+from tlserve.server.batching.speed import Speed
 from tlserve.server.batching.statistics import ModelStatistics
 from tlserve.server.metrics import ServerMetrics
 
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 RunFn = Callable[[Arrays], Arrays]
-
-_EWMA = 0.2  # weight of the newest batch in the per-row compute estimate
 
 
 class DynamicBatcher:
@@ -78,7 +77,7 @@ class DynamicBatcher:
         self.instances = instances
         self.stats = stats if stats is not None else ModelStatistics()
         # Recent compute time per row: the basis of the retry hint and of
-        # whether a deadline can be met.
+        # whether a deadline can be met. Written here only; the queue reads it.
         self.speed = Speed(row_seconds, instances)
         self._executor = executor
         self._metrics = metrics
@@ -229,7 +228,7 @@ class DynamicBatcher:
         # Alone: no batch running and none waiting to start beside it.
         lone = self.speed.running_rows == 0 and self.queued_rows == 0 and not self._carry
         run = self._run_alone if lone and self._run_alone is not None else self._run_batch
-        self.speed.running_rows += rows
+        self.speed.started(rows)
         for item in batch:
             item.started = True
             self._metrics.queue_duration.labels(self.name).observe(started - item.enqueued)
@@ -252,10 +251,10 @@ class DynamicBatcher:
                     item.future.set_exception(error)
             return
         finally:
-            self.speed.running_rows -= rows
+            self.speed.ended(rows)
             self._metrics.compute_duration.labels(self.name).observe(time.perf_counter() - started)
             self._metrics.batch_size.labels(self.name).observe(rows)
-        self.speed.row_seconds += _EWMA * (infer_ns / 1e9 / rows - self.speed.row_seconds)
+        self.speed.measured(rows, infer_ns / 1e9)
         output_started = time.perf_counter_ns()
         offset = 0
         for item in batch:

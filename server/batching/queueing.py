@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tlserve.contract.errors import DeadlineExceeded, InvalidInput, Overloaded
+from tlserve.server.batching.speed import Speed
 from tlserve.server.metrics import ServerMetrics
 
-__all__ = ["Pending", "RequestQueue", "Speed"]
+__all__ = ["Pending", "RequestQueue"]
 
 Arrays = dict[str, np.ndarray]
 
@@ -73,18 +74,6 @@ def _time_left(item: Pending) -> tuple[float, float]:
     return (math.inf if item.deadline is None else item.deadline, item.enqueued)
 
 
-@dataclass
-class Speed:
-    """What the batcher measures and the queue plans with."""
-
-    row_seconds: float  # recent compute seconds per row (EWMA over batches)
-    instances: int = 1
-    running_rows: int = 0
-
-    def seconds(self, rows: int) -> float:
-        return rows * self.row_seconds / self.instances
-
-
 class RequestQueue:
     """Pending requests of one model version. Make it inside the running loop."""
 
@@ -100,7 +89,7 @@ class RequestQueue:
         standing: float | None = None,
     ) -> None:
         self.name = name
-        self.speed = speed
+        self.speed = speed  # read here, written only by the batcher
         self.max_rows = max_rows
         self.fresh_first = fresh_first
         # None: a few full batches' compute, as measured (at least 50 ms).

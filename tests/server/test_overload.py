@@ -141,7 +141,7 @@ def test_a_request_the_queue_cannot_answer_in_time_is_refused_without_running(
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         busy = stub.ModelInfer.future(_request(), timeout=30)
         gate.wait_entered(1)
-        batcher.speed.row_seconds = 10.0  # as if each row took 10 s to compute
+        batcher.speed.measured(1, 1000.0)  # as if a row took 1000 s: the estimate passes 5 s
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(_request(seed=1), timeout=5)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -214,3 +214,58 @@ def test_no_handwritten_module_is_longer_than_a_sitting() -> None:
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     ]
     assert not long, "\n".join(long)
+
+
+# The server's layers, top to bottom: each imports only itself and the layers
+# below it. The base is the modules at server/'s top level, which every layer
+# may use; each other layer is the folder of its name.
+SERVER_LAYERS = ["edge", "core", "models", "batching", "base"]
+SERVER_BASE = {
+    "tlserve.server",
+    "tlserve.server.config",
+    "tlserve.server.metrics",
+    "tlserve.server.policy",
+}
+
+
+def _server_layer(module: str) -> str | None:
+    if module in SERVER_BASE:
+        return "base"
+    parts = module.split(".")
+    if parts[:2] == ["tlserve", "server"] and len(parts) > 2 and parts[2] in SERVER_LAYERS[:-1]:
+        return parts[2]
+    return None
+
+
+def _server_upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """One line for each import of a higher server layer by a lower one."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        own = _server_layer(module)
+        for target in sorted(targets):
+            theirs = _server_layer(target)
+            if own and theirs and SERVER_LAYERS.index(theirs) < SERVER_LAYERS.index(own):
+                found.append(f"{module} ({own}) imports {target} ({theirs})")
+    return found
+
+
+def test_server_layers_import_only_downward() -> None:
+    graph = _import_graph()
+    server = [m for m in graph if f"{m}.".startswith("tlserve.server.")]
+    assert {f"tlserve.server.{layer}" for layer in SERVER_LAYERS[:-1]} <= set(server)
+    loose = sorted(m for m in server if _server_layer(m) is None)
+    assert not loose, "server modules in no layer (move each into one):\n" + "\n".join(loose)
+    toy = {
+        "tlserve.server.batching.a": {"tlserve.server.models.b", "tlserve.server.config"},
+        "tlserve.server.config": {"tlserve.server.edge.c"},
+        "tlserve.server.edge.c": {"tlserve.server.core.d", "tlserve.server.edge.e"},
+    }
+    assert _server_upward_imports(toy) == [
+        "tlserve.server.batching.a (batching) imports tlserve.server.models.b (models)",
+        "tlserve.server.config (base) imports tlserve.server.edge.c (edge)",
+    ]
+    upward = _server_upward_imports(graph)
+    assert not upward, (
+        f"a server layer imports a higher one (order: {' > '.join(SERVER_LAYERS)}; "
+        "move the module, or what it needs, down):\n" + "\n".join(upward)
+    )

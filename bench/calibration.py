@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import logging
 import shutil
 import sys
@@ -94,8 +93,8 @@ def main() -> int:
                         root, model_repository=work / "models", name=f"{data}-{strategy}",
                         strategy=strategy, options=options, image_size=size, seed=seed,
                     )  # fmt: skip
-                    report = json.loads((result.version_dir / "report.json").read_text())
-                    change = report["calibration"].get("ece_change_interval")
+                    calibration = result.record.calibration
+                    change = calibration.ece_change_interval if calibration else None
                     interval = f"[{change[0]:+.4f}, {change[1]:+.4f}]" if change else "(T = 1)"
                     before, after = result.ece_before or 0.0, result.ece_after or 0.0
                     rows.append((before, after))

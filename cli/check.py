@@ -45,19 +45,19 @@ def _check(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
     )
-    report = {"data_check": found.to_dict()}
+    found_json = json.dumps(found.to_dict(), indent=2)
     if args.json:
-        print(json.dumps(report["data_check"], indent=2))
+        print(found_json)
     else:
         print(found.summary())
         for line in found.findings(where="--report-dir's data_check.md"):
             print(line)
     if args.report_dir is not None:
         args.report_dir.mkdir(parents=True, exist_ok=True)
-        for name, data in data_check_files(report).items():
+        for name, data in data_check_files(found).items():
             (args.report_dir / name).write_bytes(data)
-        (args.report_dir / "data_check.json").write_text(json.dumps(report["data_check"], indent=2))
-        markdown = "\n".join(data_check_markdown(report)).lstrip("\n")
+        (args.report_dir / "data_check.json").write_text(found_json)
+        markdown = "\n".join(data_check_markdown(found)).lstrip("\n")
         (args.report_dir / "data_check.md").write_text(f"# {args.data_dir}\n{markdown}\n")
         print(f"report: {args.report_dir / 'data_check.md'}")
     return 0

@@ -11,7 +11,6 @@ the server with SIGTERM as Kubernetes would.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import shutil
@@ -67,11 +66,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _data_check_summary(version_dir: Path, data_dir: Path) -> str:
     """The data check's one line: from the training report, else checked now (cached features)."""
-    report = json.loads((version_dir / "report.json").read_text())
-    check = report.get("data_check")
-    if check:
-        return str(check["summary"])
     from tlserve.training.check.datacheck import check_folder
+    from tlserve.training.report.record import RunRecord
+
+    check = RunRecord.load(version_dir).data_check
+    if check:
+        return check.summary()
 
     return check_folder(data_dir).summary()
 

@@ -175,8 +175,6 @@ def _strategy_options(args: argparse.Namespace) -> dict[str, object]:
 
 def _inspect(args: argparse.Namespace) -> int:
     """Print the model card in MODEL_DIR/model.onnx and the summary of report.json."""
-    import json
-
     from tlserve.contract.card import ModelCard
 
     model_dir = Path(args.model_dir)
@@ -215,21 +213,14 @@ def _inspect(args: argparse.Namespace) -> int:
     _print_variants(model_dir, args.check)
     report = model_dir / "report.json"
     if report.is_file():
-        data = json.loads(report.read_text())
-        test = data.get("evaluation", {}).get("test") or {}
-        if test:
-            print(f"held-out   accuracy {test['accuracy']:.4f}, "
-                  f"macro-F1 {test.get('macro_f1', 0.0):.4f} on {test['n']} images")  # fmt: skip
-            for name, row in (test.get("per_class") or {}).items():
-                recall, precision = row.get("recall"), row.get("precision")
-                print(f"  {name:<20} recall {_fmt(recall)}  precision {_fmt(precision)}")
-        calibration = data.get("calibration") or {}
-        if calibration:
-            print(f"calibration T={calibration['temperature']:.3f}, ECE "
-                  f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}")  # fmt: skip
-            if calibration.get("reason"):
-                print(f"  {calibration['reason']}")
-        print(f"wall time  {data.get('wall_seconds', 0):.0f} s; report: {model_dir / 'report.md'}")
+        try:
+            from tlserve.training.report.record import RunRecord
+        except ImportError:  # a serving install: the run record needs the training extra
+            print(f"report     {model_dir / 'report.md'} (the train extra prints its summary)")
+            return 0
+        for line in RunRecord.load(report).summary():
+            print(line)
+        print(f"report     {model_dir / 'report.md'}")
     return 0
 
 
@@ -248,10 +239,6 @@ def _print_variants(model_dir: Path, check: bool) -> None:
         choice = choose_variant(model_dir, config)
         print(f"this host  {choice.host}")
         print(f"  serves {choice.variant} [{choice.source}]: {choice.reason}")
-
-
-def _fmt(value: float | None) -> str:
-    return "  n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

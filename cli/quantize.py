@@ -42,7 +42,7 @@ def _add_budget_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from tlserve.training.artifact.requantize import quantize_published
+    from tlserve.training.quantize_published import quantize_published
 
     version_dir, report = quantize_published(
         args.version_dir, data_dir=args.data, mode=args.variant, budget_points=args.accuracy_budget

@@ -1,15 +1,18 @@
-"""One training run: data → backbone → strategy → calibrate → evaluate → export → publish."""
+"""One training run, stage by stage: data → check → fit → calibrate → evaluate → export → publish.
+
+Each stage adds its section to the run's :class:`RunRecord`, which becomes
+``report.json``, ``report.md``, the model card's notes and the :class:`TrainResult`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import random
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,25 +27,28 @@ from tlserve.training.artifact.publish import publish
 from tlserve.training.artifact.requantize import build_for_dataset
 from tlserve.training.backbone.backbones import Backbone, create_backbone
 from tlserve.training.check.datacheck import check_before_training
-from tlserve.training.check.ood import OodScorer, fit_for_model
+from tlserve.training.check.ood import fit_for_model
 from tlserve.training.config import TrainConfig
 from tlserve.training.data.folders import Dataset, load_dataset
 from tlserve.training.features.extract import SkippedFile, load_images
-from tlserve.training.fit.calibration import calibrate_on, calibration_report
+from tlserve.training.fit.calibration import calibrate_on
 from tlserve.training.fit.distributed import broadcast_path, init_distributed
 from tlserve.training.fit.evaluate import Evaluation, evaluate
-from tlserve.training.fit.heads import softmax, with_temperature
+from tlserve.training.fit.heads import Head, softmax, with_temperature
 from tlserve.training.fit.heldout import calibration_sets, held_out_logits
 from tlserve.training.fit.loops import rank_and_world
 from tlserve.training.fit.strategies import FitContext, FittedHead, create_strategy
 from tlserve.training.fit.strategies.auto import probe_layers
-from tlserve.training.report.files import (
-    REPORT_FILENAME,
-    candidate_row,
-    candidates_note,
-    report_files,
-)
+from tlserve.training.report.files import report_files
+from tlserve.training.report.record import REPORT_FILENAME, ChosenRecord, DataRecord, RunRecord
 from tlserve.training.report.result import TrainResult
+from tlserve.training.report.sections import (
+    CalibrationReport,
+    Candidate,
+    OodRecord,
+    calibration_report,
+)
+from tlserve.training.report.variant_section import VariantsRecord
 
 __all__ = ["REPORT_FILENAME", "TrainConfig", "TrainResult", "train"]
 
@@ -59,8 +65,8 @@ def train(config: TrainConfig | Path, /, **settings: Any) -> TrainResult:
 
     The new version lands in ``<model_repository>/<name>/<version>/``:
     ``model.onnx`` (labels, preprocessing, metrics, provenance inside),
-    ``report.json``, ``report.md`` and figures. Probabilities are calibrated
-    on held-out logits (:func:`_calibration_sets`). Under ``torchrun`` rank 0
+    ``report.json`` (the run's :class:`RunRecord`), ``report.md`` and figures.
+    Probabilities are calibrated on held-out logits. Under ``torchrun`` rank 0
     exports and publishes. Raises :class:`~tlserve.training.data.folders.DataError`
     for unusable data, :class:`~tlserve.training.artifact.export.ExportError` if the
     export fails to verify.
@@ -81,11 +87,62 @@ def train(config: TrainConfig | Path, /, **settings: Any) -> TrainResult:
     net = _with_size(
         create_backbone(config.backbone, weights=config.backbone_weights), config.image_size
     )
+    budget = config.budget(gpu=torch.cuda.is_available())
+    context = _fit_context(config, dataset, net, budget)
+    data_check, context = check_before_training(
+        context, seed=config.seed, drop_duplicates=config.drop_duplicates
+    )
+    fitted = chosen.fit(context)
+
+    head, evaluation, calibration = _calibrate_and_evaluate(context, fitted, config)
+    record = RunRecord(
+        name=config.name,
+        data=_data_record(dataset, context, fitted),
+        chosen=ChosenRecord(
+            requested=config.strategy,
+            strategy=fitted.strategy,
+            reason=fitted.reason,
+            params=dict(fitted.params),
+            time_budget=budget,
+            seed=config.seed,
+            balanced=context.balanced,
+            history=fitted.history,
+            lr_curve=fitted.lr_curve,
+        ),
+        candidates=tuple(Candidate.from_score(s) for s in fitted.candidates),
+        evaluation=evaluation,
+        calibration=calibration,
+        data_check=data_check,
+    )
+    record = replace(record, card=_card(record, fitted, net, dataset))
+    version_dir = Path()
+    rank, _ = rank_and_world()
+    if rank == 0:
+        version_dir, record = _export_and_publish(
+            dataset, context, fitted, head, config, record, start
+        )
+    version_dir = broadcast_path(version_dir)
+    result = TrainResult(record, version_dir, wall_seconds=time.perf_counter() - start)
+    if context.checkpoint_dir is not None and rank == 0:  # published: nothing left to resume
+        _remove_checkpoints(context.checkpoint_dir)
+    accuracy = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+    log.info(
+        "trained %s v%d (%s on %s) in %.1f s: test accuracy %s, %d files skipped",
+        *(config.name, result.version, fitted.strategy, net.name, result.wall_seconds),
+        *(accuracy, len(result.skipped)),
+    )
+    return result
+
+
+def _fit_context(
+    config: TrainConfig, dataset: Dataset, net: Backbone, budget: float | None
+) -> FitContext:
     counts = np.bincount([label for _, label in dataset.train], minlength=len(dataset.classes))
     balanced = config.balanced
     if balanced is None:
         balanced = bool(counts.max() >= 2 * max(1, counts.min()))
-    budget = config.budget(gpu=torch.cuda.is_available())
+    if budget is not None:
+        log.info("time budget %.0f s (--time-budget)", budget)
     context = FitContext(
         classes=dataset.classes,
         backbone=net,
@@ -99,15 +156,16 @@ def train(config: TrainConfig | Path, /, **settings: Any) -> TrainResult:
         resume=config.resume,
         deadline=None if budget is None else time.monotonic() + budget,
     )
-    if budget is not None:
-        log.info("time budget %.0f s (--time-budget)", budget)
     if config.strategy == "auto":  # one forward pass for the data check and the candidates
         context.probe_layers = probe_layers(net)
-    data_check, context = check_before_training(
-        context, seed=config.seed, drop_duplicates=config.drop_duplicates
-    )
-    fitted = chosen.fit(context)
+    return context
 
+
+def _calibrate_and_evaluate(
+    context: FitContext, fitted: FittedHead, config: TrainConfig
+) -> tuple[Head, dict[str, Evaluation], CalibrationReport | None]:
+    """The head with its temperature, its held-out figures, and the calibration section."""
+    classes = context.classes
     logits = {split: held_out_logits(context, fitted, split) for split in ("val", "test")}
     sets = calibration_sets(fitted, logits["val"])
     calibration = calibrate_on(sets, seed=config.seed) if config.calibrate else None
@@ -115,150 +173,87 @@ def train(config: TrainConfig | Path, /, **settings: Any) -> TrainResult:
     if calibration:
         log.info("calibration on %d held-out logits: %s", calibration.n, calibration.reason)
     head = with_temperature(fitted.head, temperature) if temperature != 1.0 else fitted.head
-    held_out: dict[str, Evaluation] = {}
-    for split, found in logits.items():
-        if found is not None:
-            held_out[split] = evaluate(softmax(found[0] / temperature), found[1], dataset.classes)
-    uncalibrated = logits["test"] or logits["val"]
-    before = uncalibrated and evaluate(softmax(uncalibrated[0]), uncalibrated[1], dataset.classes)
-    test, val_eval = held_out.get("test"), held_out.get("val")
+    held_out = {
+        split: evaluate(softmax(found[0] / temperature), found[1], classes)
+        for split, found in logits.items()
+        if found is not None
+    }
+    test = held_out.get("test")
     if test is not None:
         log.info("%s accuracy %.4f on %d held-out images", fitted.strategy, test.accuracy, test.n)
-    metrics = {
-        f"{split}_{key}": value
-        for split, e in held_out.items()
-        for key, value in (
-            ("accuracy", e.accuracy),
-            ("macro_f1", e.macro_f1),
-            ("expected_calibration_error", e.expected_calibration_error),
-        )
-    }
-    if before is not None:
-        metrics["uncalibrated_expected_calibration_error"] = before.expected_calibration_error
-    skipped = _skipped(context, fitted)
+    uncalibrated = logits["test"] or logits["val"]
+    before = evaluate(softmax(uncalibrated[0]), uncalibrated[1], classes) if uncalibrated else None
+    after = test or held_out.get("val")
+    report = calibration_report(calibration, before, after, uncalibrated, seed=config.seed)
+    return head, held_out, report
+
+
+def _data_record(dataset: Dataset, context: FitContext, fitted: FittedHead) -> DataRecord:
     if fitted.trained_backbone:  # images decoded, less the validation slice it held out
         n_train = len(dataset.train) - len(fitted.skipped) - fitted.val_images
     else:
         n_train = len(context.features("train", fitted.layer).labels)
-    card = ModelCard(
+    return DataRecord(
+        root=str(dataset.root),
+        held_out=dataset.held_out,
+        counts=dataset.counts(),
+        n_train=n_train,
+        skipped=_skipped(context, fitted),
+    )
+
+
+def _card(record: RunRecord, fitted: FittedHead, net: Backbone, dataset: Dataset) -> ModelCard:
+    """The model card: provenance, and the record's metrics and notes."""
+    return ModelCard(
         labels=dataset.classes,
         preprocessing=fitted.embedder.preprocessing,
         backbone=net.name,
         strategy=fitted.strategy,
-        metrics=metrics,
+        metrics=record.card_metrics(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         data_fingerprint=dataset.fingerprint(),
         tlserve_version=tlserve_version(),
-        notes={
-            "held_out": dataset.held_out,
-            "n_train": str(n_train),
-            "n_test": str(test.n if test else 0),
-            "seed": str(config.seed),
-            "temperature": f"{temperature:.6g}",
-            "balanced": str(balanced),
-            **({"selected_by": "auto", "auto_reason": fitted.reason} if fitted.reason else {}),
-            **({"candidates": candidates_note(fitted.candidates)} if fitted.candidates else {}),
-            **{key: str(value) for key, value in fitted.params.items()},
-        },
+        notes=record.card_notes(),
     )
-    version_dir = Path()
-    rank, _ = rank_and_world()
-    if rank == 0:
-        ood = fit_for_model(context, fitted)
-        card = ood.on_card(card)  # threshold, AUROC and how it was fitted
-        report = {
-            "name": config.name,
-            "card": asdict(card),
-            "strategy_requested": config.strategy,
-            "reason": fitted.reason,
-            "candidates": [candidate_row(s) for s in fitted.candidates],
-            "time_budget": budget,
-            "params": dict(fitted.params),
-            "data": {
-                "root": str(dataset.root),
-                "held_out": dataset.held_out,
-                "counts": dataset.counts(),
-            },
-            "evaluation": {k: v.to_dict() for k, v in held_out.items()},
-            "calibration": calibration_report(
-                calibration, before, test or val_eval, uncalibrated, seed=config.seed
-            ),
-            "history": fitted.history,
-            "lr_curve": fitted.lr_curve,
-            "skipped": [{"path": str(s.path), "reason": s.reason} for s in skipped],
-            "data_check": data_check.to_dict(),
-        }
-        version_dir = _export_and_publish(dataset, fitted, head, card, config, report, start, ood)
-    version_dir = broadcast_path(version_dir)
-    result = TrainResult(
-        name=config.name,
-        version=int(version_dir.name),
-        version_dir=version_dir,
-        model_path=version_dir / MODEL_FILE,
-        classes=dataset.classes,
-        backbone=net.name,
-        strategy=fitted.strategy,
-        held_out=dataset.held_out,
-        n_train=n_train,
-        n_test=test.n if test else 0,
-        test_accuracy=test.accuracy if test else None,
-        val_accuracy=val_eval.accuracy if val_eval else None,
-        params=dict(fitted.params),
-        skipped=skipped,
-        card=card,
-        wall_seconds=time.perf_counter() - start,
-        reason=fitted.reason,
-        temperature=temperature,
-        ece_before=before.expected_calibration_error if before else None,
-        ece_after=_ece(test or val_eval),
-        calibration_reason=calibration.reason if calibration else "",
-        candidates=fitted.candidates,
-    )
-    if context.checkpoint_dir is not None and rank == 0:  # published: nothing left to resume
-        _remove_checkpoints(context.checkpoint_dir)
-    accuracy = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
-    log.info(
-        "trained %s v%d (%s on %s) in %.1f s: test accuracy %s, %d files skipped",
-        *(config.name, result.version, fitted.strategy, net.name, result.wall_seconds),
-        *(accuracy, len(skipped)),
-    )
-    return result
 
 
 def _export_and_publish(
     dataset: Dataset,
+    context: FitContext,
     fitted: FittedHead,
-    head: Any,
-    card: ModelCard,
+    head: Head,
     config: TrainConfig,
-    report: dict[str, Any],
+    record: RunRecord,
     start: float,
-    ood: OodScorer | None = None,
-) -> Path:
+) -> tuple[Path, RunRecord]:
+    """Fit the OOD score, export, verify, make the variants, publish with the report."""
+    assert record.card is not None  # built before the export
+    ood = fit_for_model(context, fitted)
+    card = ood.on_card(record.card)  # threshold, AUROC and how it was fitted
+    record = replace(record, card=card, ood=OodRecord.from_scorer(ood))
     sample_paths = [path for path, _ in dataset.test + dataset.train]
     samples = load_images(sample_paths, card.preprocessing, limit=_EXPORT_SAMPLE_IMAGES)
     with tempfile.TemporaryDirectory(prefix="tlserve-export-") as tmp:
         exported = Path(tmp) / MODEL_FILE
         check = export_onnx(fitted.embedder, head, card, exported, samples, ood=ood)
-        report["export_check"] = asdict(check)
         made, variant_files = build_for_dataset(
             exported, dataset, card.preprocessing, mode=config.quantize, seed=config.seed
         )
-        report["variant"] = made.to_dict() if made else None
-        report["wall_seconds"] = round(time.perf_counter() - start, 3)
-        files = {**report_files(report, dataset.classes), **variant_files}
-        return publish(exported, Path(config.model_repository), config.name, files)
-
-
-def _ece(evaluation: Evaluation | None) -> float | None:
-    return evaluation.expected_calibration_error if evaluation else None
+        record = replace(
+            record,
+            export_check=check,
+            variant=VariantsRecord.from_report(made) if made else None,
+            wall_seconds=time.perf_counter() - start,
+        )
+        files = {**report_files(record), **variant_files}
+        return publish(exported, Path(config.model_repository), config.name, files), record
 
 
 def _with_size(net: Backbone, size: int | None) -> Backbone:
     if size is None:
         return net
-    spec = dataclasses.replace(net.preprocessing, height=size, width=size)
-    return dataclasses.replace(net, preprocessing=spec)
+    spec = replace(net.preprocessing, height=size, width=size)
+    return replace(net, preprocessing=spec)
 
 
 def _checkpoint_dir(config: TrainConfig, dataset: Dataset, net: Backbone) -> Path:

@@ -105,17 +105,15 @@ def test_report_json_lists_suspects_and_grids_are_pngs(
     planted: tuple[DataCheck, set[str], set[str], str],
 ) -> None:
     check, _, _, leaked = planted
-    report = {"data_check": json.loads(json.dumps(check.to_dict()))}
-    assert any(
-        pair["leak"] and leaked in (pair["a"], pair["b"])
-        for pair in report["data_check"]["duplicates"]
-    )
-    assert all(Path(issue["path"]).exists() for issue in report["data_check"]["label_issues"])
-    files = data_check_files(report)
+    saved = json.loads(json.dumps(check.to_dict()))
+    assert any(pair["leak"] and leaked in (pair["a"], pair["b"]) for pair in saved["duplicates"])
+    assert all(Path(issue["path"]).exists() for issue in saved["label_issues"])
+    assert DataCheck.from_dict(saved) == check  # what report.json keeps reads back whole
+    files = data_check_files(check)
     assert set(files) == {"label_issues.png", "duplicates.png"}
     for data in files.values():
         assert Image.open(io.BytesIO(data)).format == "PNG"
-    markdown = "\n".join(data_check_markdown(report))
+    markdown = "\n".join(data_check_markdown(check))
     assert "## Data check" in markdown and "(label_issues.png)" in markdown
 
 

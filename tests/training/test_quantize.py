@@ -24,7 +24,7 @@ from tlserve.contract.variants import ReferenceSet, check_accuracy
 from tlserve.training.artifact.fp16 import convert_fp16, gpu_providers
 from tlserve.training.artifact.int8 import quantize_int8
 from tlserve.training.artifact.quantize import build_variants
-from tlserve.training.artifact.requantize import quantize_published, stratified
+from tlserve.training.artifact.requantize import stratified
 from tlserve.training.artifact.variants import (
     HeldOut,
     float_regions,
@@ -32,6 +32,8 @@ from tlserve.training.artifact.variants import (
     name_nodes,
     probabilities,
 )
+from tlserve.training.quantize_published import quantize_published
+from tlserve.training.report.variant_section import VariantsRecord
 
 SIZE = 16
 LABELS = ("a-red", "b-green", "c-blue")  # sorted, as folder names are
@@ -226,7 +228,7 @@ def test_auto_publishes_both_int8_encodings_beside_float32_when_they_pass(
         assert _card(path).notes["variant"] == variant and _card(path).labels == LABELS
     assert _card(conv_model).notes["variants"] == "int8,int8-rr"
     assert _card(conv_model).notes["variant_budget_points"] == "0.5"
-    assert report.to_dict()["published"] == ["int8", "int8-rr"]  # report.json's entry
+    assert VariantsRecord.from_report(report).to_dict()["published"] == ["int8", "int8-rr"]
 
 
 def test_asking_for_int8_publishes_it_even_when_the_check_fails_here(conv_model: Path) -> None:

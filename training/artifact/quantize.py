@@ -67,26 +67,13 @@ class Outcome:
     published: bool
     reason: str
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "variant": self.variant,
-            "published": self.published,
-            "reason": self.reason,
-            "reference_check": {
-                "images": self.check.images,
-                "accuracy": self.check.accuracy,
-                "float32_accuracy": self.check.reference_accuracy,
-                "agreement": self.check.agreement,
-                "drop_points": self.check.drop_points,
-                "passed": self.check.passed,
-            },
-            **self.measured.to_dict(),
-        }
-
 
 @dataclass(frozen=True)
 class VariantReport:
-    """What :func:`build_variants` made, checked and published (report.json's ``variant``)."""
+    """What :func:`build_variants` made, checked and published.
+
+    The run record keeps it as :class:`~tlserve.training.report.variant_section.VariantsRecord`.
+    """
 
     mode: str
     budget_points: float
@@ -97,15 +84,6 @@ class VariantReport:
     @property
     def published(self) -> tuple[str, ...]:
         return tuple(o.variant for o in self.outcomes if o.published)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "mode": self.mode,
-            "budget_points": self.budget_points,
-            "published": list(self.published),
-            "reference": {"images": self.reference_images, "held_out": self.reference_held_out},
-            "variants": [o.to_dict() for o in self.outcomes],
-        }
 
 
 def variants_for(mode: str, providers: Sequence[str] | None = None) -> tuple[str, ...]:

@@ -5,57 +5,44 @@ training split, the reference set (:func:`reference_set`) from the held-out
 split, and scores on the held-out split; training calls it on the file it just
 exported.
 
-``tlserve quantize REPO/NAME/VERSION`` (:func:`quantize_published`): versions
-are immutable (a server may be serving this one), so the result is published
-as the next version of the same model, beside its report files, after the
-same measurement as at training time. The images come from the folder the
-version was trained on (``report.json``), or ``data_dir``.
+``tlserve quantize REPO/NAME/VERSION`` runs the same on a published version
+(:mod:`~tlserve.training.quantize_published`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
 
-from tlserve.contract.card import ModelCard, Preprocessing
+from tlserve.contract.card import Preprocessing
 from tlserve.contract.errors import InvalidInput
 from tlserve.contract.images import prepare_image
-from tlserve.contract.rules import MODEL_FILE, valid_model_name
 from tlserve.contract.variants import (
     DEFAULT_BUDGET_POINTS,
     REFERENCE_FILE,
     REFERENCE_IMAGES,
-    VARIANTS,
     ReferenceSet,
     min_reference_images,
     variant_file,
 )
-from tlserve.training.artifact.publish import publish
 from tlserve.training.artifact.quantize import VariantReport, build_variants
 from tlserve.training.artifact.variants import HeldOut, load_session, probabilities
-from tlserve.training.data.folders import Dataset, load_dataset
+from tlserve.training.data.folders import Dataset
 
 __all__ = [
     "CALIBRATION_IMAGES",
     "build_for_dataset",
     "load_labelled",
-    "quantize_published",
     "reference_set",
     "stratified",
 ]
 
 log = logging.getLogger(__name__)
 
-_REPORT = "report.json"
-_MODEL_FILES = {variant_file(v) for v in VARIANTS} | {REFERENCE_FILE}
 # A few hundred images pin the activation ranges; more adds calibration time
 # (one forward pass each) without moving MinMax ranges much.
 CALIBRATION_IMAGES = 256
@@ -157,78 +144,3 @@ def build_for_dataset(
     for variant in report.published if report else ():
         files[variant_file(variant)] = exported.with_name(variant_file(variant)).read_bytes()
     return report, files
-
-
-def quantize_published(
-    version_dir: Path,
-    *,
-    data_dir: Path | None = None,
-    mode: str = "auto",
-    budget_points: float = DEFAULT_BUDGET_POINTS,
-    test_fraction: float = 0.2,
-) -> tuple[Path, VariantReport]:
-    """Make and check variants of ``version_dir``'s model; publish them beside a copy of
-    it, with a reference set, as the next version.
-
-    Returns the new version directory and the report. ``mode`` is ``int8``,
-    ``fp16`` or ``auto`` (see :func:`tlserve.training.artifact.quantize.build_variants`).
-    """
-    version_dir = Path(version_dir)
-    source = version_dir / MODEL_FILE
-    if not source.is_file():
-        raise InvalidInput(f"no {MODEL_FILE} in {version_dir}: give REPO/NAME/VERSION")
-    if mode not in ("int8", "fp16", "auto"):
-        raise InvalidInput(f"variant must be int8, fp16 or auto, got {mode!r}")
-    props = {
-        p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props
-    }
-    card = ModelCard.from_props(props)
-    if card is None:
-        raise InvalidInput(f"{source} carries no tlserve model card (labels, preprocessing)")
-    if card.notes.get("variant", "float32") != "float32":
-        raise InvalidInput(
-            f"{source} is already the {card.notes['variant']} variant; quantize a float32 version"
-        )
-    report_path = version_dir / _REPORT
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    root = data_dir or report.get("data", {}).get("root")
-    if not root:
-        raise InvalidInput(
-            f"{version_dir} does not say which images it was trained on; pass --data"
-        )
-    dataset = load_dataset(
-        Path(root), seed=int(card.notes.get("seed", 0)), test_fraction=test_fraction
-    )
-    if dataset.classes != card.labels:
-        raise InvalidInput(
-            f"the images in {root} have classes {list(dataset.classes)}, the model "
-            f"{list(card.labels)}"
-        )
-    if card.data_fingerprint and dataset.fingerprint() != card.data_fingerprint:
-        log.warning(
-            "%s changed since %s was trained: the held-out figures use today's", root, source
-        )
-    with tempfile.TemporaryDirectory(prefix="tlserve-requantize-") as tmp:
-        model = Path(tmp) / MODEL_FILE
-        shutil.copyfile(source, model)
-        made, files = build_for_dataset(
-            model,
-            dataset,
-            card.preprocessing,
-            mode=mode,
-            seed=int(card.notes.get("seed", 0)),
-            budget_points=budget_points,
-        )
-        assert made is not None  # mode is never "none" here
-        extras = {
-            f.name: f.read_bytes()
-            for f in sorted(version_dir.iterdir())
-            if f.is_file() and f.name not in _MODEL_FILES and valid_model_name(f.name)
-        }
-        extras.update(files)
-        if report:
-            report["variant"] = made.to_dict()
-            report["quantized_from"] = str(version_dir)
-            extras[_REPORT] = json.dumps(report, indent=2, default=str).encode()
-        published = publish(model, version_dir.parent.parent, version_dir.parent.name, extras)
-    return published, made

@@ -99,20 +99,6 @@ class Measured:
         ref, cand = self.reference.accuracy, self.candidate.accuracy
         return None if ref is None or cand is None else 100 * (ref - cand)
 
-    def to_dict(self) -> dict[str, object]:
-        """Plain values for report.json."""
-        return {
-            "agreement": self.agreement,
-            "held_out": self.held_out,
-            "provider": self.provider,
-            "host": self.host,
-            "speedup": self.speedup,
-            "variants": {
-                f.name: {"accuracy": f.accuracy, "images_per_second": f.images_per_second}
-                for f in (self.reference, self.candidate)
-            },
-        }
-
 
 def name_nodes(model: onnx.ModelProto) -> None:
     """Give unnamed nodes unique names: quantizers and converters exclude nodes by name."""

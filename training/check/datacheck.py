@@ -133,6 +133,26 @@ class DataCheck:
             "unreadable": [{"path": str(s.path), "reason": s.reason} for s in self.unreadable],
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataCheck:
+        """Read :meth:`to_dict`'s output back; the summary and findings follow from the rest."""
+        pair_fields = ("a", "b", "split_a", "split_b", "similarity")
+        return cls(
+            n_images=int(data["n_images"]),
+            counts={str(k): dict(v) for k, v in data.get("counts", {}).items()},
+            imbalance=float(data.get("imbalance", 1.0)),
+            label_issues=tuple(LabelIssue(**issue) for issue in data.get("label_issues", [])),
+            duplicates=tuple(
+                DuplicatePair(**{k: pair[k] for k in pair_fields})
+                for pair in data.get("duplicates", [])
+            ),
+            unreadable=tuple(
+                SkippedFile(Path(s["path"]), str(s["reason"])) for s in data.get("unreadable", [])
+            ),
+            method=str(data.get("method", "")),
+            probe_accuracy=dict(data.get("probe_accuracy", {})),
+        )
+
 
 def _count(items: Any) -> str:
     found: dict[str, int] = {}

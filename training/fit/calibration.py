@@ -11,7 +11,8 @@ unless the data supports a change:
 2. the 95% bootstrap interval of ``T`` must exclude 1.
 
 How sure the held-out ECE change itself is depends on the test set's size:
-:func:`ece_change_interval` gives its paired-bootstrap interval for the report.
+:func:`ece_change_interval` gives its paired-bootstrap interval for the report
+(:mod:`~tlserve.training.report.sections`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import numpy as np
 from scipy.optimize import minimize_scalar  # type: ignore[import-untyped]
 
 from tlserve.training.fit.evaluate import (
-    Evaluation,
     binned_calibration_error,
     expected_calibration_error,
 )
@@ -35,7 +35,6 @@ __all__ = [
     "MIN_CALIBRATION_IMAGES",
     "Calibration",
     "calibrate_on",
-    "calibration_report",
     "choose_temperature",
     "ece_change_interval",
     "fit_temperature",
@@ -90,40 +89,6 @@ def calibrate_on(
         seed=seed,
     )
     return dataclasses.replace(chosen, fitted_on=fitted_on)
-
-
-def calibration_report(
-    calibration: Calibration | None,
-    before: Evaluation | None,
-    after: Evaluation | None,
-    held_out: tuple[np.ndarray, np.ndarray] | None = None,
-    *,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """``report.json``'s ``calibration``: ``T``, why, and held-out ECE before and after.
-
-    With the uncalibrated ``held_out`` logits and labels, also the 95% interval
-    of the ECE change: on a few hundred test images ECE moves by a few points
-    from sampling alone, and the report should say so.
-    """
-    if before is None or after is None:
-        return {}
-    temperature = calibration.temperature if calibration else 1.0
-    change = (
-        ece_change_interval(*held_out, temperature, seed=seed)
-        if held_out is not None and temperature != 1.0
-        else None
-    )
-    return {
-        "temperature": 1.0,
-        "fitted_on": "nothing (T = 1)",
-        **(calibration.to_dict() if calibration else {}),
-        "ece_before": before.expected_calibration_error,
-        "ece_after": after.expected_calibration_error,
-        "ece_change_interval": list(change) if change else None,
-        "reliability_before": before.reliability,
-        "reliability_after": after.reliability,
-    }
 
 
 def ece_change_interval(

@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-__all__ = ["Evaluation", "binned_calibration_error", "evaluate", "expected_calibration_error"]
+__all__ = [
+    "ClassFigures",
+    "Evaluation",
+    "binned_calibration_error",
+    "evaluate",
+    "expected_calibration_error",
+]
 
 _CALIBRATION_BINS = 10
+
+
+@dataclass(frozen=True)
+class ClassFigures:
+    """One class on one split; a ratio is None where it is undefined (never predicted, absent)."""
+
+    precision: float | None
+    recall: float | None
+    f1: float | None
+    support: int
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClassFigures:
+        return cls(
+            precision=_optional(data.get("precision")),
+            recall=_optional(data.get("recall")),
+            f1=_optional(data.get("f1")),
+            support=int(data.get("support") or 0),
+        )
 
 
 @dataclass(frozen=True)
@@ -24,8 +49,7 @@ class Evaluation:
     confusion: list[list[int]]
     expected_calibration_error: float
     macro_f1: float = 0.0
-    # class → {"precision", "recall", "f1", "support"}; precision is None if never predicted
-    per_class: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    per_class: dict[str, ClassFigures] = field(default_factory=dict)
     # per confidence bin: [mean confidence, accuracy, count] (empty bins left out)
     reliability: list[list[float]] = field(default_factory=list)
 
@@ -35,11 +59,29 @@ class Evaluation:
             "accuracy": self.accuracy,
             "macro_f1": self.macro_f1,
             "per_class_accuracy": self.per_class_accuracy,
-            "per_class": self.per_class,
+            "per_class": {name: asdict(figures) for name, figures in self.per_class.items()},
             "confusion": self.confusion,
             "expected_calibration_error": self.expected_calibration_error,
             "reliability": self.reliability,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Evaluation:
+        """Read :meth:`to_dict`'s output back (``report.json``'s ``evaluation``)."""
+        return cls(
+            n=int(data["n"]),
+            accuracy=float(data["accuracy"]),
+            per_class_accuracy={
+                str(k): _optional(v) for k, v in data.get("per_class_accuracy", {}).items()
+            },
+            confusion=[[int(c) for c in row] for row in data.get("confusion", [])],
+            expected_calibration_error=float(data.get("expected_calibration_error", 0.0)),
+            macro_f1=float(data.get("macro_f1", 0.0)),
+            per_class={
+                str(k): ClassFigures.from_dict(v) for k, v in data.get("per_class", {}).items()
+            },
+            reliability=[[float(x) for x in row] for row in data.get("reliability", [])],
+        )
 
 
 def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> Evaluation:
@@ -55,16 +97,16 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: Sequence[st
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=every, zero_division=np.nan
     )
-    per_class: dict[str, dict[str, float | None]] = {
-        name: {
-            "precision": _defined(precision[index]),
-            "recall": _defined(recall[index]),
-            "f1": _defined(f1[index]),
-            "support": int(support[index]),
-        }
+    per_class = {
+        name: ClassFigures(
+            precision=_defined(precision[index]),
+            recall=_defined(recall[index]),
+            f1=_defined(f1[index]),
+            support=int(support[index]),
+        )
         for index, name in enumerate(classes)
     }
-    per_class_accuracy = {name: figures["recall"] for name, figures in per_class.items()}
+    per_class_accuracy = {name: figures.recall for name, figures in per_class.items()}
     present = support > 0
     confidence = probabilities.max(axis=1)
     return Evaluation(
@@ -81,6 +123,10 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: Sequence[st
 
 def _defined(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
+
+
+def _optional(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _reliability(confidence: np.ndarray, correct: np.ndarray) -> list[list[float]]:

@@ -1,4 +1,4 @@
-"""What :func:`~tlserve.training.train` returns."""
+"""What :func:`~tlserve.training.train` returns: a view of the run's record and where it went."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Literal
 
 from tlserve.contract.card import ModelCard
+from tlserve.contract.rules import MODEL_FILE
 from tlserve.training.features.extract import SkippedFile
-from tlserve.training.fit.selection import Score
-from tlserve.training.report.files import candidate_row, candidates_table
+from tlserve.training.report.record import RunRecord
+from tlserve.training.report.sections import Candidate, candidates_table
 
 __all__ = ["TrainResult"]
 
@@ -23,31 +24,96 @@ class TrainResult:
     folder (``"test"``) or a stratified split of the training images
     (``"split"``). ``strategy`` is the one that made the model (for ``auto``,
     the one it chose; ``reason`` says why, ``candidates`` are what it
-    scored). ``params`` are its choices.
+    scored). ``params`` are its choices. Everything is read from ``record``.
     """
 
-    name: str
-    version: int
+    record: RunRecord
     version_dir: Path
-    model_path: Path
-    classes: tuple[str, ...]
-    backbone: str
-    strategy: str
-    held_out: Literal["test", "split"]
-    n_train: int
-    n_test: int
-    test_accuracy: float | None
-    val_accuracy: float | None
-    params: Mapping[str, float | int | str]
-    skipped: tuple[SkippedFile, ...]
-    card: ModelCard
     wall_seconds: float
-    reason: str = ""
-    temperature: float = 1.0
-    ece_before: float | None = None
-    ece_after: float | None = None
-    calibration_reason: str = ""
-    candidates: tuple[Score, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def version(self) -> int:
+        return int(self.version_dir.name)
+
+    @property
+    def model_path(self) -> Path:
+        return self.version_dir / MODEL_FILE
+
+    @property
+    def card(self) -> ModelCard:
+        assert self.record.card is not None  # train() builds it before it returns
+        return self.record.card
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.card.labels
+
+    @property
+    def backbone(self) -> str:
+        return self.card.backbone
+
+    @property
+    def strategy(self) -> str:
+        return self.record.chosen.strategy
+
+    @property
+    def reason(self) -> str:
+        return self.record.chosen.reason
+
+    @property
+    def params(self) -> Mapping[str, float | int | str]:
+        return self.record.chosen.params
+
+    @property
+    def candidates(self) -> tuple[Candidate, ...]:
+        return self.record.candidates
+
+    @property
+    def held_out(self) -> Literal["test", "split"]:
+        return self.record.data.held_out
+
+    @property
+    def n_train(self) -> int:
+        return self.record.data.n_train
+
+    @property
+    def skipped(self) -> tuple[SkippedFile, ...]:
+        return self.record.data.skipped
+
+    @property
+    def n_test(self) -> int:
+        test = self.record.evaluation.get("test")
+        return test.n if test else 0
+
+    @property
+    def test_accuracy(self) -> float | None:
+        test = self.record.evaluation.get("test")
+        return test.accuracy if test else None
+
+    @property
+    def val_accuracy(self) -> float | None:
+        val = self.record.evaluation.get("val")
+        return val.accuracy if val else None
+
+    @property
+    def temperature(self) -> float:
+        return self.record.temperature
+
+    @property
+    def ece_before(self) -> float | None:
+        return self.record.calibration.ece_before if self.record.calibration else None
+
+    @property
+    def ece_after(self) -> float | None:
+        return self.record.calibration.ece_after if self.record.calibration else None
+
+    @property
+    def calibration_reason(self) -> str:
+        return self.record.calibration.reason if self.record.calibration else ""
 
     def summary(self) -> str:
         """A few lines for a person: accuracy, where the model went, what was skipped."""
@@ -65,8 +131,8 @@ class TrainResult:
             lines.insert(1, f"auto: {self.reason}")
         if self.candidates:
             winner = str(self.params.get("auto_winner", ""))
-            rows = [candidate_row(s) for s in sorted(self.candidates, key=lambda s: s.cost)]
-            lines[1:1] = candidates_table(rows, winner)
+            by_cost = sorted(self.candidates, key=lambda c: c.cost)
+            lines[1:1] = candidates_table(by_cost, winner)
         if self.ece_before is not None and self.ece_after is not None:
             lines.insert(
                 1,

@@ -9,8 +9,7 @@ their similarity and splits (leaks first).
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -19,6 +18,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from PIL import Image, UnidentifiedImageError
+
+from tlserve.training.check.datacheck import DataCheck
+from tlserve.training.check.suspects import DUPLICATE_SIMILARITY, DuplicatePair, LabelIssue
 
 __all__ = ["MAX_SHOWN", "data_check_files", "data_check_markdown", "thumbnail_grid"]
 
@@ -60,59 +62,57 @@ def thumbnail_grid(cells: Sequence[tuple[str, str]], columns: int = _COLUMNS) ->
     return buffer.getvalue()
 
 
-def _issue_cells(issues: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+def _issue_cells(issues: Sequence[LabelIssue]) -> list[tuple[str, str]]:
     return [
         (
-            issue["path"],
-            f"given {issue['given']} ({issue['given_probability']:.2f})\n"
-            f"probe: {issue['predicted']} ({issue['predicted_probability']:.2f})",
+            issue.path,
+            f"given {issue.given} ({issue.given_probability:.2f})\n"
+            f"probe: {issue.predicted} ({issue.predicted_probability:.2f})",
         )
         for issue in issues[:MAX_SHOWN]
     ]
 
 
-def _pair_cells(pairs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+def _pair_cells(pairs: Sequence[DuplicatePair]) -> list[tuple[str, str]]:
     cells = []
     for pair in pairs[: MAX_SHOWN // 2]:
-        tag = "LEAK " if pair["leak"] else ""
-        cells.append((pair["a"], f"{tag}{pair['split_a']}\nsimilarity {pair['similarity']:.3f}"))
-        cells.append((pair["b"], f"{tag}{pair['split_b']}\n{pair['b'].rsplit('/', 1)[-1]}"))
+        tag = "LEAK " if pair.leak else ""
+        cells.append((pair.a, f"{tag}{pair.split_a}\nsimilarity {pair.similarity:.3f}"))
+        cells.append((pair.b, f"{tag}{pair.split_b}\n{pair.b.rsplit('/', 1)[-1]}"))
     return cells
 
 
-def data_check_files(report: Mapping[str, Any]) -> dict[str, bytes]:
-    """The grids for ``report["data_check"]`` (none when it found nothing to show)."""
-    check = report.get("data_check") or {}
+def data_check_files(check: DataCheck | None) -> dict[str, bytes]:
+    """The grids of ``check``'s suspects (none when it found nothing to show)."""
     files = {}
-    if check.get("label_issues"):
-        files["label_issues.png"] = thumbnail_grid(_issue_cells(check["label_issues"]))
-    if check.get("duplicates"):
-        files["duplicates.png"] = thumbnail_grid(_pair_cells(check["duplicates"]))
+    if check and check.label_issues:
+        files["label_issues.png"] = thumbnail_grid(_issue_cells(check.label_issues))
+    if check and check.duplicates:
+        files["duplicates.png"] = thumbnail_grid(_pair_cells(check.duplicates))
     return files
 
 
-def data_check_markdown(report: Mapping[str, Any]) -> list[str]:
+def data_check_markdown(check: DataCheck | None) -> list[str]:
     """The report's "Data check" section: findings, then the grids."""
-    check = report.get("data_check")
-    if not check:
+    if check is None:
         return []
-    lines = ["", "## Data check", "", check["summary"] + ".", ""]
-    lines += [f"- {finding}" for finding in check["findings"]] or ["- nothing to report"]
-    lines += ["", f"Label issues by {check['method']}."]
-    if check.get("label_issues"):
-        shown = min(MAX_SHOWN, len(check["label_issues"]))
+    lines = ["", "## Data check", "", check.summary() + ".", ""]
+    lines += [f"- {finding}" for finding in check.findings()] or ["- nothing to report"]
+    lines += ["", f"Label issues by {check.method}."]
+    if check.label_issues:
+        shown = min(MAX_SHOWN, len(check.label_issues))
         lines += [
             "",
-            f"The {shown} most suspect labels (all {len(check['label_issues'])} are listed "
+            f"The {shown} most suspect labels (all {len(check.label_issues)} are listed "
             "by path in report.json, `data_check.label_issues`):",
             "",
             "![likely label issues](label_issues.png)",
         ]
-    if check.get("duplicates"):
+    if check.duplicates:
         lines += [
             "",
             f"Near-duplicate pairs (cosine similarity of embeddings >= "
-            f"{check['duplicate_similarity']}), leaks first:",
+            f"{DUPLICATE_SIMILARITY}), leaks first:",
             "",
             "![near-duplicates](duplicates.png)",
         ]

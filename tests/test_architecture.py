@@ -144,59 +144,6 @@ def test_no_import_cycle_among_tlserve_modules() -> None:
     )
 
 
-# Training's stages (its sub-packages), in pipeline order: each imports only
-# itself and the stages before it, so the folders read as the layers they are.
-TRAINING_STAGES = ["data", "backbone", "features", "fit", "check", "artifact", "report"]
-# Above every stage: the package's API, one run's settings, and the pipelines
-# (a training run; quantizing a published version, which reads its run record).
-TRAINING_TOP = {
-    "tlserve.training",
-    "tlserve.training.config",
-    "tlserve.training.train",
-    "tlserve.training.quantize_published",
-}
-
-
-def _training_stage(module: str) -> int | None:
-    parts = module.split(".")
-    if parts[:2] == ["tlserve", "training"] and len(parts) > 2 and parts[2] in TRAINING_STAGES:
-        return TRAINING_STAGES.index(parts[2])
-    return None
-
-
-def _training_upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    """One line for each import of a later stage, or of the top, by a stage module."""
-    found = []
-    for module, targets in sorted(graph.items()):
-        own = _training_stage(module)
-        if own is None:
-            continue
-        for target in sorted(t for t in targets if f"{t}.".startswith("tlserve.training.")):
-            theirs = _training_stage(target)
-            if theirs is None or theirs > own:
-                name = "top" if theirs is None else TRAINING_STAGES[theirs]
-                found.append(f"{module} ({TRAINING_STAGES[own]}) imports {target} ({name})")
-    return found
-
-
-def test_training_stages_import_only_downward() -> None:
-    graph = _import_graph()
-    training = [m for m in graph if f"{m}.".startswith("tlserve.training.")]
-    assert {f"tlserve.training.{stage}" for stage in TRAINING_STAGES} <= set(training)
-    loose = sorted(m for m in training if _training_stage(m) is None and m not in TRAINING_TOP)
-    assert not loose, "training modules in no stage (move each into one):\n" + "\n".join(loose)
-    toy = {"tlserve.training.data.a": {"tlserve.training.fit.b", "tlserve.training.config"}}
-    assert _training_upward_imports(toy) == [
-        "tlserve.training.data.a (data) imports tlserve.training.config (top)",
-        "tlserve.training.data.a (data) imports tlserve.training.fit.b (fit)",
-    ]
-    upward = _training_upward_imports(graph)
-    assert not upward, (
-        f"a training stage imports a later one (order: {' < '.join(TRAINING_STAGES)}; "
-        "move the module, or what it needs, down):\n" + "\n".join(upward)
-    )
-
-
 def test_importing_the_contract_pulls_in_no_heavy_package() -> None:
     code = (
         "import sys\n"
@@ -222,56 +169,86 @@ def test_no_handwritten_module_is_longer_than_a_sitting() -> None:
     assert not long, "\n".join(long)
 
 
-# The server's layers, top to bottom: each imports only itself and the layers
-# below it. The base is the modules at server/'s top level, which every layer
-# may use; each other layer is the folder of its name.
-SERVER_LAYERS = ["edge", "core", "models", "batching", "base"]
-SERVER_BASE = {
-    "tlserve.server",
-    "tlserve.server.config",
-    "tlserve.server.metrics",
-    "tlserve.server.policy",
-}
+# Each package's layers, bottom first: a module imports only its own layer and
+# the layers below it, so the folders read as the layers they are. A layer is a
+# sub-package (its folder's name) or a set of named modules.
+LAYERS: dict[str, list[str | frozenset[str]]] = {
+    # Training's stages in pipeline order, then above them the package's API,
+    # one run's settings and the pipelines (a training run; quantizing a
+    # published version, which reads its run record).
+    "training": [
+        "data", "backbone", "features", "fit", "check", "artifact", "report",
+        frozenset({"tlserve.training", "tlserve.training.config", "tlserve.training.train",
+                   "tlserve.training.quantize_published"}),
+    ],
+    # The server's base (the modules at server/'s top level, which every layer
+    # may use), then batching, the loaded models, the planes without gRPC, the edge.
+    "server": [
+        frozenset({"tlserve.server", "tlserve.server.config", "tlserve.server.metrics",
+                   "tlserve.server.policy"}),
+        "batching", "models", "core", "edge",
+    ],
+}  # fmt: skip
 
 
-def _server_layer(module: str) -> str | None:
-    if module in SERVER_BASE:
-        return "base"
+def _layer(package: str, module: str) -> int | None:
+    """The index of ``module``'s layer in ``LAYERS[package]``; None outside every layer."""
     parts = module.split(".")
-    if parts[:2] == ["tlserve", "server"] and len(parts) > 2 and parts[2] in SERVER_LAYERS[:-1]:
-        return parts[2]
+    for index, layer in enumerate(LAYERS[package]):
+        if isinstance(layer, frozenset):
+            if module in layer:
+                return index
+        elif parts[:3] == ["tlserve", package, layer]:
+            return index
     return None
 
 
-def _server_upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    """One line for each import of a higher server layer by a lower one."""
+def _name(package: str, index: int) -> str:
+    layer = LAYERS[package][index]
+    return layer if isinstance(layer, str) else "top" if index else "base"
+
+
+def _upward_imports(package: str, graph: dict[str, set[str]]) -> list[str]:
+    """One line for each import of a higher layer of ``package`` by a lower one."""
     found = []
     for module, targets in sorted(graph.items()):
-        own = _server_layer(module)
+        own = _layer(package, module)
         for target in sorted(targets):
-            theirs = _server_layer(target)
-            if own and theirs and SERVER_LAYERS.index(theirs) < SERVER_LAYERS.index(own):
-                found.append(f"{module} ({own}) imports {target} ({theirs})")
+            theirs = _layer(package, target)
+            if own is not None and theirs is not None and theirs > own:
+                found.append(
+                    f"{module} ({_name(package, own)}) imports {target} ({_name(package, theirs)})"
+                )
     return found
 
 
-def test_server_layers_import_only_downward() -> None:
-    graph = _import_graph()
-    server = [m for m in graph if f"{m}.".startswith("tlserve.server.")]
-    assert {f"tlserve.server.{layer}" for layer in SERVER_LAYERS[:-1]} <= set(server)
-    loose = sorted(m for m in server if _server_layer(m) is None)
-    assert not loose, "server modules in no layer (move each into one):\n" + "\n".join(loose)
+def test_an_upward_import_is_found_in_either_package() -> None:
     toy = {
-        "tlserve.server.batching.a": {"tlserve.server.models.b", "tlserve.server.config"},
-        "tlserve.server.config": {"tlserve.server.edge.c"},
-        "tlserve.server.edge.c": {"tlserve.server.core.d", "tlserve.server.edge.e"},
+        "tlserve.training.data.a": {"tlserve.training.fit.b", "tlserve.training.config"},
+        "tlserve.server.batching.c": {"tlserve.server.models.d", "tlserve.server.config"},
+        "tlserve.server.config": {"tlserve.server.edge.e"},
     }
-    assert _server_upward_imports(toy) == [
-        "tlserve.server.batching.a (batching) imports tlserve.server.models.b (models)",
-        "tlserve.server.config (base) imports tlserve.server.edge.c (edge)",
+    assert _upward_imports("training", toy) == [
+        "tlserve.training.data.a (data) imports tlserve.training.config (top)",
+        "tlserve.training.data.a (data) imports tlserve.training.fit.b (fit)",
     ]
-    upward = _server_upward_imports(graph)
+    assert _upward_imports("server", toy) == [
+        "tlserve.server.batching.c (batching) imports tlserve.server.models.d (models)",
+        "tlserve.server.config (base) imports tlserve.server.edge.e (edge)",
+    ]
+
+
+@pytest.mark.parametrize("package", sorted(LAYERS))
+def test_layers_import_only_downward(package: str) -> None:
+    graph = _import_graph()
+    modules = [m for m in graph if f"{m}.".startswith(f"tlserve.{package}.")]
+    folders = {layer for layer in LAYERS[package] if isinstance(layer, str)}
+    assert {f"tlserve.{package}.{folder}" for folder in folders} <= set(modules)
+    loose = sorted(m for m in modules if _layer(package, m) is None)
+    assert not loose, f"{package} modules in no layer (move each into one):\n" + "\n".join(loose)
+    upward = _upward_imports(package, graph)
+    order = " < ".join(_name(package, i) for i in range(len(LAYERS[package])))
     assert not upward, (
-        f"a server layer imports a higher one (order: {' > '.join(SERVER_LAYERS)}; "
-        "move the module, or what it needs, down):\n" + "\n".join(upward)
+        f"a {package} layer imports a higher one (order: {order}; move the module, or "
+        "what it needs, down):\n" + "\n".join(upward)
     )

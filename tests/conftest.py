@@ -1,26 +1,49 @@
-"""Shared fixtures: a tiny real ONNX classifier and a real server on port 0."""
+"""Shared fixtures (a tiny real ONNX classifier, a real server on port 0) and the
+one rule for skipping GPU tests; the helpers they use live in ``tests/support.py``."""
 
 from __future__ import annotations
 
-import asyncio
-import io
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
-from PIL import Image
 
-from tlserve.contract.card import ModelCard, Preprocessing
+from tests.support import ServerThread, build_tiny_classifier
 
 _CACHE_DIR = pytest.StashKey[str]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reverse-order",
+        action="store_true",
+        help="run the collected tests last to first: every test must pass alone and in any order",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The one way a GPU test is skipped: ``@pytest.mark.gpu`` (or
+    ``@pytest.mark.gpu(provider="TensorrtExecutionProvider")``) skips it where this
+    onnxruntime lacks that provider (CUDA by default). ``--reverse-order`` reverses
+    the run."""
+    if config.getoption("--reverse-order"):
+        items.reverse()
+    try:
+        import onnxruntime as ort
+
+        available = set(ort.get_available_providers())
+    except ImportError:
+        available = set()
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is None:
+            continue
+        provider = marker.kwargs.get("provider", "CUDAExecutionProvider")
+        if provider not in available:
+            item.add_marker(pytest.mark.skip(reason=f"onnxruntime has no {provider} here"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,112 +61,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         del os.environ["TLSERVE_CACHE_DIR"]
 
 
-TINY_LABELS = ("red", "green", "blue")
-TINY_SIZE = 8
-
-
-def build_tiny_classifier(
-    path: Path, *, labels: tuple[str, ...] = TINY_LABELS, size: int = TINY_SIZE
-) -> None:
-    """A real tlserve-shaped ONNX model: uint8 NHWC images -> probabilities, embeddings.
-
-    The embedding is the mean colour; the class is the dominant channel.
-    """
-    n = len(labels)
-    weights = np.zeros((3, n), dtype=np.float32)
-    for i in range(n):
-        weights[i % 3, i] = 20.0
-    nodes = [
-        helper.make_node("Cast", ["images"], ["as_float"], to=TensorProto.FLOAT),
-        helper.make_node("Div", ["as_float", "scale"], ["scaled"]),
-        helper.make_node("ReduceMean", ["scaled"], ["embeddings"], axes=[1, 2], keepdims=0),
-        helper.make_node("MatMul", ["embeddings", "weights"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", size, size, 3])],
-        [
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", n]),
-            helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", 3]),
-        ],
-        initializer=[
-            helper.make_tensor("scale", TensorProto.FLOAT, [], [255.0]),
-            helper.make_tensor("weights", TensorProto.FLOAT, [3, n], weights.flatten().tolist()),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    card = ModelCard(
-        labels=labels,
-        preprocessing=Preprocessing(
-            height=size, width=size, crop_pct=1.0, interpolation="bilinear",
-            mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-        ),
-        backbone="mean-colour",
-        strategy="fixture",
-    )  # fmt: skip
-    helper.set_model_props(model, card.to_props())
-    onnx.checker.check_model(model, full_check=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-
-
-def png_bytes(rgb: tuple[int, int, int], size: tuple[int, int] = (20, 16)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def model_repo(tmp_path: Path) -> Path:
     repo = tmp_path / "models"
     build_tiny_classifier(repo / "tiny" / "1" / "model.onnx")
     return repo
-
-
-class ServerThread:
-    """A real tlserve server on 127.0.0.1:0, its event loop in a thread.
-
-    Sync clients in the test's thread then talk to it as any service would.
-    """
-
-    def __init__(self, repo: Path, **overrides: object) -> None:
-        from tlserve.server.config import ServerConfig
-        from tlserve.server.edge.app import RunningServer, start_server
-
-        self.config = ServerConfig.load(
-            {"model_repository": repo, "grpc_port": 0, "metrics_port": 0, "drain_delay": 0.0,
-             "grace": 1.0, **overrides},
-            environ={},
-        )  # fmt: skip
-        self.loop = asyncio.new_event_loop()
-        started: Future[RunningServer] = Future()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            try:
-                started.set_result(self.loop.run_until_complete(start_server(self.config)))
-            except BaseException as exc:
-                started.set_exception(exc)
-                return
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        self.running = started.result(timeout=60)
-        self.target = self.running.target
-        self.metrics_url = f"http://127.0.0.1:{self.running.metrics_port}/metrics"
-
-    def call(self, coro: object) -> object:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)  # type: ignore[arg-type]
-
-    def stop(self) -> None:
-        self.call(self.running.stop(drain_delay=0.0, grace=1.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
 
 @pytest.fixture

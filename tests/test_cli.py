@@ -17,7 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import ServerThread, png_bytes
+from tests.support import ServerThread, png_bytes
 from tlserve.client import Client
 
 TLSERVE = [sys.executable, "-m", "tlserve.cli.main"]

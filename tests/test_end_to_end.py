@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from tests.conftest import ServerThread
+from tests.support import ServerThread
 from tests.training.shapes import SHAPES, TINY_BACKBONE, write_shapes
 from tlserve.client import Client
 from tlserve.contract.images import prepare_image

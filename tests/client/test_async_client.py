@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY_LABELS, ServerThread, build_tiny_classifier, png_bytes
+from tests.support import TINY_LABELS, ServerThread, build_tiny_classifier, png_bytes
 from tlserve.client import (
     AsyncClient,
     Client,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY_SIZE, ServerThread, png_bytes
 from tests.server.gates import install_gate
+from tests.support import TINY_SIZE, ServerThread, png_bytes
 from tlserve.client import (
     Client,
     DeadlineExceeded,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerThread, png_bytes
+from tests.support import ServerThread, png_bytes
 from tlserve.client import Client, Credentials, RetryPolicy, Unauthenticated, Unavailable
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")

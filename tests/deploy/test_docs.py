@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerThread
 from tests.deploy.test_manifests import METRICS, _metric_names, needs_kubectl, render
+from tests.support import ServerThread
 from tlserve.cli.main import _parser, main
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import build_tiny_classifier, png_bytes
+from tests.support import build_tiny_classifier, png_bytes
 
 # From nothing: the base (debootstrap, 1-4 min) and the build (about 1 min) in
 # the first test's setup; pytest's 300 s default is too short for that.

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.conftest import TINY_SIZE, ServerThread, build_tiny_classifier, png_bytes
+from tests.support import TINY_SIZE, ServerThread, build_tiny_classifier, png_bytes
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.protos import tlserve_v1_pb2 as v1

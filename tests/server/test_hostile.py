@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.conftest import build_tiny_classifier, png_bytes
+from tests.support import build_tiny_classifier, png_bytes
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import tlserve_v1_pb2 as v1
 
@@ -560,9 +560,23 @@ def test_mutated_valid_requests_get_a_clear_code(
 
 
 # --- afterwards: alive, correct, counted, quiet, and no bigger ---------------------------
+# Each test below sends its own hostile traffic first, so it judges what it saw
+# whether it runs alone, first, or after the rest of this module.
+
+
+def _hostile_traffic(served: Served, rounds: int) -> None:
+    """Garbage to every unary method, mutated valid requests, and unknown methods."""
+    rng = np.random.default_rng(rounds)
+    for i in range(rounds):
+        for method in UNARY_METHODS:
+            served.call(method, rng.integers(0, 256, 1 + i % 200, np.uint8).tobytes())
+        for method, payload in VALID:
+            served.call(method, payload[: len(payload) * (i % 7 + 1) // 8])
+        served.call(f"/no.such.Service/Method{i % 3}", b"\x00")
 
 
 def test_afterwards_the_server_is_alive_correct_counted_and_quiet(served: Served) -> None:
+    _hostile_traffic(served, rounds=12)
     _check_answers_correctly(served)
     assert served.process.poll() is None
     metrics = served.metrics()
@@ -584,5 +598,6 @@ def test_afterwards_the_server_is_alive_correct_counted_and_quiet(served: Served
 
 
 def test_rss_after_the_suite_is_within_one_and_a_half_times_before(served: Served) -> None:
+    _hostile_traffic(served, rounds=60)
     after = served.rss_mb()
     assert after < served.rss_before_mb * 1.5, (served.rss_before_mb, after)

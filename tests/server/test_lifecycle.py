@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import TINY_SIZE, ServerThread, build_tiny_classifier
 from tests.server.gates import install_gate
+from tests.support import TINY_SIZE, ServerThread, build_tiny_classifier
 from tlserve.contract.codec import encode_request_inputs
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc

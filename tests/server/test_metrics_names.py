@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import TINY_SIZE, ServerThread, png_bytes
+from tests.support import TINY_SIZE, ServerThread, png_bytes
 from tlserve.client import Client, ModelNotFound
 from tlserve.contract.errors import DeadlineExceeded, InvalidInput
 from tlserve.server.metrics import EXPIRED_SLACK_S, outcome_of

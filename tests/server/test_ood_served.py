@@ -15,7 +15,7 @@ import onnx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ServerThread, build_tiny_classifier, png_bytes
+from tests.support import ServerThread, build_tiny_classifier, png_bytes
 from tlserve.client import Client
 from tlserve.contract.card import ModelCard
 from tlserve.contract.predictions import Classification

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import TINY_SIZE, ServerThread
 from tests.server.gates import install_gate
+from tests.support import TINY_SIZE, ServerThread
 from tlserve.contract.codec import encode_request_inputs
 from tlserve.contract.errors import ConfigError
 from tlserve.protos import grpc_service_pb2 as pb

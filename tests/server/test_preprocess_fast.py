@@ -18,7 +18,7 @@ import pytest
 import skimage.data as skimage_data
 from PIL import Image
 
-from tests.conftest import ServerThread
+from tests.support import ServerThread
 from tlserve.contract.card import Preprocessing
 from tlserve.contract.images import prepare_image
 from tlserve.protos import tlserve_v1_pb2 as v1

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.conftest import TINY_SIZE, ServerThread
+from tests.support import TINY_SIZE, ServerThread
 from tlserve.client import Client
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
@@ -33,7 +33,6 @@ from tlserve.server.models.runtime import (
 )
 
 HAS_CUDA = CUDA in ort.get_available_providers()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="onnxruntime has no CUDAExecutionProvider here")
 
 
 def test_provider_lists_follow_the_device() -> None:
@@ -120,7 +119,6 @@ def test_gpu_metrics_are_off_cleanly_without_nvml_or_on_cpu() -> None:
 
 
 @pytest.mark.gpu
-@gpu
 def test_cuda_serving_with_io_binding_matches_cpu(model_repo: Path) -> None:
     path = model_repo / "tiny" / "1" / "model.onnx"
     on_gpu = OnnxModel(path, device="cuda", gpu_fallback="fail")
@@ -141,7 +139,6 @@ def test_cuda_serving_with_io_binding_matches_cpu(model_repo: Path) -> None:
 
 
 @pytest.mark.gpu
-@gpu
 def test_nvml_gpu_metrics_are_exported() -> None:
     pytest.importorskip("pynvml")
     registry = CollectorRegistry()

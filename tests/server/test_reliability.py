@@ -17,8 +17,8 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_SIZE, ServerThread
 from tests.server.gates import install_gate
+from tests.support import TINY_SIZE, ServerThread
 from tlserve.contract.codec import encode_request_inputs
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import TINY_LABELS, TINY_SIZE, ServerThread, png_bytes
+from tests.support import TINY_LABELS, TINY_SIZE, ServerThread, png_bytes
 from tlserve.client import Client, InvalidInput, ModelNotFound
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
@@ -177,7 +177,7 @@ def test_metrics_page_counts_requests_by_outcome(server: ServerThread) -> None:
 
 
 def test_newest_version_is_served_and_half_written_ones_ignored(model_repo: Path) -> None:
-    from tests.conftest import build_tiny_classifier
+    from tests.support import build_tiny_classifier
 
     build_tiny_classifier(model_repo / "tiny" / "2" / "model.onnx", labels=("a", "b", "c", "d"))
     (model_repo / "tiny" / ".tmp-123").mkdir()

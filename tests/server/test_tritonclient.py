@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.grpc import service_pb2_grpc as triton_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import TINY_LABELS, TINY_SIZE, ServerThread
+from tests.support import TINY_LABELS, TINY_SIZE, ServerThread
 from tlserve.client import Client
 
 

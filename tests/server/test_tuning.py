@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.conftest import ServerThread
+from tests.support import ServerThread
 from tlserve.client import Client
 from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
@@ -222,12 +222,8 @@ def test_tensorrt_keeps_its_engines_in_the_configured_directory(tmp_path: Path) 
     assert provider_options(["TensorrtExecutionProvider"]) == ["TensorrtExecutionProvider"]
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(provider="TensorrtExecutionProvider")
 def test_tensorrt_engine_cache_survives_a_reload(model_repo: Path, tmp_path: Path) -> None:
-    import onnxruntime as ort
-
-    if "TensorrtExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime has no TensorrtExecutionProvider here")
     cache = tmp_path / "trt"
     config = _config(model_repo, device="tensorrt", trt_cache_dir=str(cache), max_batch_size=4)
     model, _, _ = tune_model(_path(model_repo), config)

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.conftest import ServerThread
-from tests.training.test_quantize import build_conv_classifier, colour_images, reference_for
+from tests.support import ServerThread
+from tests.training.conv_model import build_conv_classifier, colour_images, reference_for
 from tlserve.client import Client
 from tlserve.contract.errors import NotAllowed
 from tlserve.contract.variants import ReferenceSet

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from tests.conftest import ServerThread
+from tests.support import ServerThread
 from tests.training.shapes import TINY_BACKBONE
 from tlserve.client import Client
 from tlserve.contract.images import prepare_image

@@ -27,9 +27,14 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--max-queue-delay", type=float, help="seconds to wait to fill a batch")
     serve.add_argument("--max-queue-size", type=int, help="queued rows before RESOURCE_EXHAUSTED")
     serve.add_argument(
+        "--max-queue-time",
+        type=float,
+        help="seconds of queued work per model before RESOURCE_EXHAUSTED (0: rows only)",
+    )
+    serve.add_argument(
         "--max-concurrent-rpcs",
         type=int,
-        help="calls held at once; more are refused before they are read (0: derived)",
+        help="calls held at once; more are refused before they are read (0: adaptive)",
     )
     serve.add_argument(
         "--queue-policy",

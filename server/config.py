@@ -70,10 +70,16 @@ class ServerConfig:
     max_queue_delay: float = 0.0
     # Images queued per model before new requests get RESOURCE_EXHAUSTED.
     max_queue_size: int = 256
+    # Seconds of work (at the measured compute time) a model's queue may hold;
+    # a request that would wait longer gets RESOURCE_EXHAUSTED with the time
+    # until it would fit. In time, not rows: 256 rows are 0.3 s on a fast model
+    # and seconds on a slow one, most of a caller's deadline. 0 = rows only.
+    max_queue_time: float = 0.25
     # Inference calls (ModelInfer, Classify, Embed, streams) the server works
     # on at once; one more is refused with RESOURCE_EXHAUSTED before its
     # message is read (server/edge/admission.py); health and metadata calls never
-    # are. 0 = derived: three batches per instance, at least 32 (derived_rpc_limit).
+    # are. 0 = adaptive (server/edge/limit.py), at most three batches per
+    # instance, at least 32 (derived_rpc_limit); a number given is kept fixed.
     max_concurrent_rpcs: int = 0
     # Calls one connection may have open at once; more wait on the caller's
     # side (HTTP/2 flow control), costing the server nothing, and leave room
@@ -167,7 +173,8 @@ class ServerConfig:
                 f"TLSERVE_TUNE_LATENCY_CAP must be positive, got {self.tune_latency_cap}"
             )
         for key in (
-            "max_queue_delay", "drain_delay", "grace", "intra_op_threads", "tune_seconds"
+            "max_queue_delay", "drain_delay", "grace", "intra_op_threads", "tune_seconds",
+            "max_queue_time",
         ):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ConfigError(
@@ -223,6 +230,9 @@ def _derive_call_bounds(config: ServerConfig) -> None:
             raise ConfigError(f"{_env_name(key)} must not be negative, got {getattr(config, key)}")
     if config.max_concurrent_rpcs == 0:
         object.__setattr__(config, "max_concurrent_rpcs", derived_rpc_limit(config))
+        # 0 given asks for the default: the adaptive limit, not a fixed one.
+        keys = config.explicit_keys - {"max_concurrent_rpcs"}
+        object.__setattr__(config, "explicit_keys", keys)
     if config.max_streams_per_connection == 0:
         streams = max(16, config.max_concurrent_rpcs // 4)
         object.__setattr__(config, "max_streams_per_connection", streams)

@@ -107,6 +107,13 @@ class ServerMetrics:
         self.queue_depth = Gauge(
             "tlserve_queue_depth", "Rows waiting in the batcher's queue.", ["model"], registry=r
         )
+        self.queue_time = Gauge(
+            "tlserve_queue_time_estimate_seconds",
+            "Estimated wait of a request arriving now: the queued and running rows at the "
+            "measured compute time per row.",
+            ["model"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "tlserve_model_loaded",
             "1 for each loaded model version, with the execution provider it runs on.",
@@ -137,8 +144,9 @@ class ServerMetrics:
         self.shed = Counter(
             "tlserve_shed_requests",
             "Requests the batcher refused or dropped without running them, by reason: "
-            "queue_full, late (could not meet its deadline), expired (deadline passed "
-            "while queued), too_large (can never fit the queue).",
+            "queue_full, queue_time (the work ahead passed the queue-time limit), late "
+            "(could not meet its deadline), expired (deadline passed while queued), "
+            "too_large (can never fit the queue).",
             ["model", "reason"],
             registry=r,
         )

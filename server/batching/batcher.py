@@ -62,6 +62,7 @@ class DynamicBatcher:
         row_seconds: float = 0.001,
         fresh_first: bool = True,
         standing: float | None = None,
+        max_wait: float | None = None,
         run_alone: RunFn | None = None,
     ) -> None:
         self._run_batch = run
@@ -84,6 +85,7 @@ class DynamicBatcher:
         # Queue order (see tlserve.server.batching.queueing): newest first once the
         # oldest request has waited `standing` seconds (None: as measured).
         self._fresh_first, self._standing = fresh_first, standing
+        self._max_wait = max_wait  # queued work, in seconds, past which requests are refused
         self._carry: dict[int, Pending] = {}  # per worker: starts its next batch
         self._queue: RequestQueue | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -93,7 +95,7 @@ class DynamicBatcher:
         self._queue = RequestQueue(
             self.name, self._metrics, self.speed, max_rows=self.max_queue_size,
             batch_rows=self.max_batch_size, fresh_first=self._fresh_first,
-            standing=self._standing,
+            standing=self._standing, max_wait=self._max_wait,
         )  # fmt: skip
         self._tasks = [
             asyncio.create_task(self._worker(i), name=f"batcher:{self.name}:{i}")
@@ -121,6 +123,12 @@ class DynamicBatcher:
     @property
     def row_seconds(self) -> float:
         return self.speed.row_seconds
+
+    def expected_wait(self) -> float:
+        """Seconds a request arriving now would wait behind the work already here."""
+        if self._queue is None:
+            return 0.0
+        return self._queue.expected_wait()
 
     def retry_after(self, rows: int = 0) -> float:
         """Seconds until the queue (plus ``rows``) drains, at the recent per-row speed."""
@@ -255,6 +263,8 @@ class DynamicBatcher:
             self._metrics.compute_duration.labels(self.name).observe(time.perf_counter() - started)
             self._metrics.batch_size.labels(self.name).observe(rows)
         self.speed.measured(rows, infer_ns / 1e9)
+        if self._queue is not None:
+            self._queue.publish()
         output_started = time.perf_counter_ns()
         offset = 0
         for item in batch:

@@ -5,6 +5,10 @@ Admission (:meth:`RequestQueue.admit`) is O(1) and says why it refuses:
 - more rows than the whole queue holds: ``InvalidInput`` (it could never run);
 - the queue is full: ``Overloaded``, with the time it needs to drain as the
   retry hint;
+- the work ahead of it would keep it queued past ``max_wait`` seconds
+  (queued work measured in time, so a slow model queues fewer rows than a
+  fast one): ``Overloaded`` (reason ``queue_time``), the hint being how
+  long until it would fit;
 - the work ahead of it, at the measured per-row compute time, would keep it
   past its deadline: ``DeadlineExceeded`` at once, before it takes room.
 
@@ -87,8 +91,10 @@ class RequestQueue:
         batch_rows: int,
         fresh_first: bool = True,
         standing: float | None = None,
+        max_wait: float | None = None,
     ) -> None:
         self.name = name
+        self.max_wait = max_wait  # None: bounded in rows only
         self.speed = speed  # read here, written only by the batcher
         self.max_rows = max_rows
         self.fresh_first = fresh_first
@@ -111,6 +117,14 @@ class RequestQueue:
         """Seconds until the queue (plus ``rows``) drains, at the recent per-row speed."""
         return min(_MAX_RETRY_S, max(_MIN_RETRY_S, self.speed.seconds(self.rows + rows)))
 
+    def expected_wait(self, rows: int = 0) -> float:
+        """Seconds the queue's work and the running batches take, plus ``rows``."""
+        return self.speed.seconds(self.speed.running_rows + self.rows + rows)
+
+    def publish(self) -> None:
+        """Set the estimated-queue-time gauge (the signal an autoscaler wants)."""
+        self._metrics.queue_time.labels(self.name).set(self.expected_wait())
+
     def admit(self, rows: int, deadline: float | None) -> None:
         """Refuse at once what cannot be answered, saying why."""
         if rows > self.max_rows:
@@ -126,6 +140,7 @@ class RequestQueue:
                 f"the limit of {self.max_rows}. Retry later.",
                 retry_after=self.retry_after(rows),
             )
+        self._within_max_wait(rows)
         if deadline is None:
             return
         remaining = deadline - asyncio.get_running_loop().time()
@@ -140,6 +155,19 @@ class RequestQueue:
             raise DeadlineExceeded(
                 f"model {self.name!r} cannot answer in time: about {wait * 1e3:.0f} ms of work "
                 f"is ahead of these {rows} rows and the deadline is in {remaining * 1e3:.0f} ms"
+            )
+
+    def _within_max_wait(self, rows: int) -> None:
+        # A batch's worth always fits, or the model could never fill one.
+        if self.max_wait is None or self.rows + rows <= self._batch_rows:
+            return
+        wait = self.expected_wait(rows)
+        if wait > self.max_wait:
+            self._shed("queue_time")
+            raise Overloaded(
+                f"model {self.name!r} has about {wait * 1e3:.0f} ms of work queued, past its "
+                f"limit of {self.max_wait * 1e3:.0f} ms. Retry later.",
+                retry_after=min(_MAX_RETRY_S, max(_MIN_RETRY_S, wait - self.max_wait)),
             )
 
     async def wait(self, inputs: Arrays, rows: int, deadline: float | None) -> Arrays:
@@ -241,6 +269,7 @@ class RequestQueue:
     def _count(self, rows: int) -> None:
         self.rows += rows
         self._metrics.queue_depth.labels(self.name).inc(rows)
+        self.publish()
 
     def _shed(self, reason: str) -> None:
         self._metrics.shed.labels(self.name, reason).inc()

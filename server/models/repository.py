@@ -148,6 +148,7 @@ async def load_version(
         stats=stats,
         row_seconds=tuning.batch1_seconds,
         fresh_first=config.queue_policy == "adaptive-lifo",
+        max_wait=config.max_queue_time or None,
         run_alone=lone.run if lone is not None else None,
     )
     await batcher.start()

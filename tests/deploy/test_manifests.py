@@ -23,6 +23,7 @@ METRICS = {
     "tlserve_batch_size", "tlserve_queue_depth", "tlserve_model_loaded",
     "tlserve_ood_score_ratio", "tlserve_ood_flagged_images_total",
     "tlserve_shed_requests_total", "tlserve_model_setting", "tlserve_model_variant",
+    "tlserve_queue_time_estimate_seconds",
 }  # fmt: skip
 
 needs_kubectl = pytest.mark.skipif(

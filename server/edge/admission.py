@@ -4,8 +4,17 @@ Under overload the expensive part of a refused call is everything before the
 refusal: reading a 150 KB message into Python, parsing it, finding the
 model. :class:`InferenceAdmission` counts the inference calls the server is
 working on (ModelInfer, Classify, Embed and the two streams) and refuses one
-more, past ``limit``, with RESOURCE_EXHAUSTED and a ``retry-after-ms`` hint,
-before anything parses its bytes.
+more, past its limit (:class:`~tlserve.server.edge.limit.AdaptiveLimit`,
+which follows the queues' estimated wait), with RESOURCE_EXHAUSTED and a
+``retry-after-ms`` hint, before anything parses its bytes.
+
+Once the server is closing (:meth:`InferenceAdmission.close`, at the end of
+the drain window) new inference calls get UNAVAILABLE, which callers retry
+elsewhere, rather than being taken in and then cancelled by the stop. The
+refusal is held until gRPC's shutdown has begun (:meth:`release`): a caller
+answered at once sends its retry straight back, and a call gRPC holds but
+has not yet handed to Python when the shutdown begins is failed with
+CANCELLED (gRPC core, grpc/grpc#41785). Held, the caller waits instead.
 
 Health checks, reflection and metadata calls are never refused here: a
 Kubernetes probe must not fail because the model is busy. gRPC's own
@@ -15,14 +24,16 @@ Kubernetes probe must not fail because the model is busy. gRPC's own
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import grpc
 
-from tlserve.contract.errors import Overloaded, retry_trailer
+from tlserve.contract.errors import Overloaded, TlserveError, Unavailable, retry_trailer
 from tlserve.protos import grpc_service_pb2, tlserve_v1_pb2
+from tlserve.server.edge.limit import AdaptiveLimit
 
 __all__ = ["INFERENCE_METHODS", "InferenceAdmission"]
 
@@ -45,16 +56,21 @@ Refused = Callable[[str], None]
 
 
 class InferenceAdmission(grpc.aio.ServerInterceptor):
-    """Refuses inference calls past ``limit`` before they are read; see the module docstring.
+    """Refuses inference calls past the limit before they are read; see the module docstring.
 
+    ``limit`` is an :class:`AdaptiveLimit` (or a fixed count);
     ``retry_after()`` gives the hint in seconds (how long the queues need to
     drain); ``on_refused(api)`` counts each refusal. Install it before any
     interceptor that parses requests.
     """
 
-    def __init__(self, limit: int, retry_after: Callable[[], float], on_refused: Refused) -> None:
-        self.limit = limit
+    def __init__(
+        self, limit: AdaptiveLimit | int, retry_after: Callable[[], float], on_refused: Refused
+    ) -> None:
+        self.bound = limit if isinstance(limit, AdaptiveLimit) else AdaptiveLimit.fixed(limit)
         self.inflight = 0
+        self.closing = False
+        self._released = asyncio.Event()
         self._retry_after = retry_after
         self._on_refused = on_refused
 
@@ -64,7 +80,7 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method not in INFERENCE_METHODS:
             return await continuation(handler_call_details)
-        if self.inflight >= self.limit:
+        if self.closing or self.inflight >= self.limit:
             refusal: grpc.RpcMethodHandler[Any, Any] = self._refusal(method)
             return refusal
         handler = await continuation(handler_call_details)
@@ -73,15 +89,37 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
         counted: grpc.RpcMethodHandler[Any, Any] = self._counted(handler)
         return counted
 
+    @property
+    def limit(self) -> int:
+        return self.bound.value
+
+    def close(self) -> None:
+        """From now on new inference calls get UNAVAILABLE: the server is stopping."""
+        self.closing = True
+
+    def release(self) -> None:
+        """Answer the held refusals: call this once gRPC's shutdown has begun."""
+        self._released.set()
+
+    def _ended(self) -> None:
+        self.inflight -= 1
+        self.bound.update(self.inflight)
+
     def _refusal(self, method: str) -> Any:
         api = method.rsplit("/", 1)[-1]
-        self._on_refused(api)
-        error = Overloaded(
-            f"the server is working on {self.inflight} inference calls, its limit; retry later",
-            retry_after=self._retry_after(),
-        )
+        error: TlserveError
+        if self.closing:
+            error = Unavailable("the server is shutting down; retry on another replica")
+        else:
+            self._on_refused(api)
+            error = Overloaded(
+                f"the server is working on {self.inflight} inference calls, its limit; retry later",
+                retry_after=self._retry_after(),
+            )
 
         async def refuse(request: Any, context: _Context) -> NoReturn:
+            if self.closing:
+                await self._released.wait()
             await context.abort(error.code, str(error), trailing_metadata=retry_trailer(error))
             raise AssertionError("unreachable: context.abort raises")
 
@@ -108,7 +146,7 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
                         async for response in run(request, context):
                             yield response
                     finally:
-                        self.inflight -= 1
+                        self._ended()
 
                 return handler._replace(**{kind: generator})  # type: ignore[attr-defined]
 
@@ -118,7 +156,7 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
                     answer = run(request, context)
                     return await answer if inspect.isawaitable(answer) else answer
                 finally:
-                    self.inflight -= 1
+                    self._ended()
 
             return handler._replace(**{kind: coroutine})  # type: ignore[attr-defined]
         return handler

@@ -31,11 +31,13 @@ from tlserve.protos import (
     tlserve_v1_pb2_grpc,
 )
 from tlserve.protos import health_pb2 as own_health_pb2
+from tlserve.server.batching.batcher import DynamicBatcher
 from tlserve.server.config import CONTROL_RPC_ROOM, ServerConfig
 from tlserve.server.core.control import ModelControl
 from tlserve.server.core.inference import InferenceCore
 from tlserve.server.edge.admission import InferenceAdmission
 from tlserve.server.edge.interceptors import RequestGuard
+from tlserve.server.edge.limit import AdaptiveLimit
 from tlserve.server.edge.security import BearerTokenInterceptor, load_token, server_credentials
 from tlserve.server.edge.servicers import ImageServicer, InferenceServicer
 from tlserve.server.metrics import ServerMetrics
@@ -45,6 +47,10 @@ from tlserve.server.models.lifecycle import ModelRegistry
 __all__ = ["RunningServer", "serve", "start_server"]
 
 log = logging.getLogger(__name__)
+
+# Between refusing new calls and stopping gRPC: calls that arrived just before
+# are still being handed to Python one per event-loop turn.
+_CLOSE_TURNS_S = 0.05
 
 _SERVICES = (
     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -69,6 +75,7 @@ class RunningServer:
     grpc_port: int
     metrics_port: int
     core: InferenceCore
+    admission: InferenceAdmission
     health: health_aio.HealthServicer
     _http: WSGIServer
     _http_thread: threading.Thread
@@ -93,7 +100,15 @@ class RunningServer:
         log.info("draining: health NOT_SERVING, still serving for %.1fs", drain)
         await asyncio.sleep(drain)
         log.info("stopping: in-flight calls have %.1fs to finish", grace)
-        await self.grpc_server.stop(grace)
+        # New calls from here on get UNAVAILABLE, which callers retry: taken in
+        # as the stop begins, they would be cancelled (CANCELLED is not retried).
+        # Their refusals wait for the shutdown to begin (see admission.py).
+        self.admission.close()
+        await asyncio.sleep(_CLOSE_TURNS_S)  # let calls gRPC already holds reach the refusal
+        stopping = asyncio.ensure_future(self.grpc_server.stop(grace))
+        await asyncio.sleep(0)  # the shutdown begins: gRPC takes no new calls
+        self.admission.release()
+        await stopping
         await self.core.registry.stop()
         self._preprocess.shutdown(wait=False, cancel_futures=True)
         self._http.shutdown()
@@ -119,7 +134,8 @@ async def start_server(
         else []
     )
     # Before anything reads the message: a refused call costs almost nothing.
-    interceptors.append(_admission(config, registry, metrics))
+    admission = _admission(config, registry, metrics)
+    interceptors.append(admission)
     # Last, so it wraps the servicers' own handlers: requests that do not
     # parse and unknown methods get a clear code and are counted.
     interceptors.append(
@@ -172,8 +188,9 @@ async def start_server(
         raise OSError(f"cannot bind gRPC to {config.host}:{config.grpc_port}")
     http, http_thread = metrics.serve_http(config.host, config.metrics_port)
     running = RunningServer(
-        config, server, port, http.server_port, core, health, http, http_thread, preprocess
-    )
+        config, server, port, http.server_port, core, admission, health, http, http_thread,
+        preprocess,
+    )  # fmt: skip
     await running._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     log.info(
@@ -197,12 +214,25 @@ async def start_server(
 def _admission(
     config: ServerConfig, registry: ModelRegistry, metrics: ServerMetrics
 ) -> InferenceAdmission:
-    def retry_after() -> float:  # the longest drain of any serving queue
-        batchers = [m.batcher for n in registry.names() for m in registry.versions(n)]
-        return max((b.retry_after() for b in batchers), default=0.1)
+    def batchers() -> list[DynamicBatcher]:
+        return [m.batcher for n in registry.names() for m in registry.versions(n)]
 
+    def retry_after() -> float:  # the longest drain of any serving queue
+        return max((b.retry_after() for b in batchers()), default=0.1)
+
+    def queue_time() -> float:  # the longest estimated wait of any serving queue
+        return max((b.expected_wait() for b in batchers()), default=0.0)
+
+    limit: AdaptiveLimit | int = config.max_concurrent_rpcs
+    if "max_concurrent_rpcs" not in config.explicit_keys and config.max_queue_time > 0:
+        # The configured bound is the ceiling; the queues' wait moves it below.
+        limit = AdaptiveLimit(
+            config.max_concurrent_rpcs, floor=min(config.max_concurrent_rpcs, 8),
+            ceiling=config.max_concurrent_rpcs, target=config.max_queue_time,
+            queue_time=queue_time,
+        )  # fmt: skip
     return InferenceAdmission(
-        config.max_concurrent_rpcs,
+        limit,
         retry_after,
         lambda api: metrics.requests.labels("unknown", api, "RESOURCE_EXHAUSTED").inc(),
     )

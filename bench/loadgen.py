@@ -7,6 +7,7 @@ is retried as the SDK does (the server's ``retry-after-ms`` hint, else
 jittered exponential backoff, never past its deadline); ``--no-backoff``
 retries at once. ``--light``: one call at a time,
 never retried (the light caller). ``--nice N`` lowers its CPU priority.
+``--model`` names the model (``fast`` unless given).
 Prints its figures as one JSON object; stops by itself.
 """
 
@@ -26,12 +27,12 @@ _RETRIED = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")  # what the SDK retries, with b
 SIZE = 224
 
 
-def _payload() -> bytes:
+def _payload(model: str) -> bytes:
     from tlserve.contract.codec import encode_request_inputs
     from tlserve.protos import grpc_service_pb2 as pb
 
     images = np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE, 3), np.uint8)
-    request = pb.ModelInferRequest(model_name="fast")
+    request = pb.ModelInferRequest(model_name=model)
     encode_request_inputs(request, {"images": images})
     return request.SerializeToString()
 
@@ -47,7 +48,7 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
     """Keep ``inflight`` calls going for ``seconds``; count outcomes (runs in its own process)."""
     import grpc
 
-    payload = _payload()
+    payload = _payload(args.model)
     channels = [
         grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range(max(1, args.inflight // 500))
@@ -57,6 +58,8 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
     details: dict[str, str] = {}  # the first message of each failure code
     latencies: list[float] = []
     refusals: list[float] = []
+    late: list[float] = []  # DEADLINE_EXCEEDED: how soon the caller heard it
+    refused_late: list[float] = []  # ...of those the server refused on arrival for it
     answered: list[float] = []  # every outcome's latency: the light caller's view
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -74,6 +77,7 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
                     code = "OK"
                 except grpc.aio.AioRpcError as error:
                     code = error.code().name
+                    on_arrival = "cannot answer in time" in str(error.details())
                     details.setdefault(code, str(error.details())[:120])
                     wait = _retry_after(error)
                 done = loop.time()
@@ -87,6 +91,10 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
                         latencies.append(done - began)
                     elif code == "RESOURCE_EXHAUSTED":
                         refusals.append(done - sent)
+                    elif code == "DEADLINE_EXCEEDED":
+                        late.append(done - sent)
+                        if on_arrival:
+                            refused_late.append(done - sent)
                     answered.append(done - sent)
                 if code not in _RETRIED or args.light:
                     break
@@ -103,8 +111,8 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
     tasks = [asyncio.ensure_future(slot(i)) for i in range(args.inflight)]
     # Bounded even when starved of CPU: calls still out after the last
     # deadline could have passed are cancelled.
-    _, late = await asyncio.wait(tasks, timeout=args.seconds + args.deadline + 5)
-    for task in late:
+    _, unfinished = await asyncio.wait(tasks, timeout=args.seconds + args.deadline + 5)
+    for task in unfinished:
         task.cancel()
     figures = {
         "seconds": args.seconds,
@@ -113,6 +121,8 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
         "ok_per_s": outcomes.get("OK", 0) / args.seconds,
         "ok_ms": _percentiles(latencies),
         "refused_ms": _percentiles(refusals),
+        "deadline_ms": _percentiles(late),
+        "refused_late_ms": _percentiles(refused_late),
         "any_ms": _percentiles(answered),
     }
     print(json.dumps(figures), flush=True)
@@ -131,6 +141,7 @@ def _percentiles(seconds: list[float]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True)
+    parser.add_argument("--model", default="fast")
     parser.add_argument("--inflight", type=int, default=2000)
     parser.add_argument("--deadline", type=float, default=2.0)
     parser.add_argument("--seconds", type=float, default=10.0)

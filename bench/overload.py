@@ -1,9 +1,11 @@
 """Overload benchmark: goodput under 10x overload, and how fast a refusal comes.
 
 ``make bench-overload``. Starts ``tlserve serve`` as its own process on
-127.0.0.1 with a small model (a conv net on 224 px images: each request is
-one 150 KB uint8 tensor, so receiving and parsing it is a real cost), then
-drives it from separate load-generator processes over grpc.aio:
+127.0.0.1 with one model at a time, each on 224 px images (each request is
+one 150 KB uint8 tensor, so receiving and parsing it is a real cost): a
+small conv net (``fast``, overhead-bound, ~800 requests/s) and then the
+example model (``lite0``, about ten times the compute), and drives it from
+separate load-generator processes over grpc.aio:
 
 - capacity: 16 calls in flight (30 s deadlines): OK answers per second;
 - overload: 2,000 calls in flight with 2 s deadlines, the generator at the
@@ -11,6 +13,7 @@ drives it from separate load-generator processes over grpc.aio:
   generator): goodput = OK answers per second, beside capacity;
 - meanwhile a light caller (its own process, one call at a time) measures
   how long a RESOURCE_EXHAUSTED takes to come back (p50/p99);
+- how soon a DEADLINE_EXCEEDED reaches the flood's callers (p50/p99);
 - the server's RSS (VmRSS now, VmHWM peak) after each phase.
 
 Each of the 2,000 in-flight slots behaves as the SDK does: a refused call
@@ -44,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script (`make bench-overload`), so this folder is on sys.path.
-from bench_models import fast_model
+from bench_models import fast_model, lite0_model
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "bench"
@@ -52,9 +55,10 @@ SIZE = 224
 
 
 def _start_generator(target: str, inflight: int, deadline: float, seconds: float,
-                     nice: int = 0, *, light: bool = False,
-                     no_backoff: bool = False) -> subprocess.Popen[str]:  # fmt: skip
+                     nice: int = 0, *, light: bool = False, no_backoff: bool = False,
+                     model: str = "fast") -> subprocess.Popen[str]:  # fmt: skip
     command = [sys.executable, str(Path(__file__).with_name("loadgen.py")), "--target", target,
+               "--model", model,
                "--inflight", str(inflight), "--deadline", str(deadline),
                "--seconds", str(seconds), "--nice", str(nice)]  # fmt: skip
     command += ["--light"] if light else []
@@ -69,7 +73,8 @@ def _result(process: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
         process.kill()
         process.communicate()
         return {"ok_per_s": float("nan"), "outcomes": {"generator timed out": 1},
-                "refused_ms": {"n": 0}, "any_ms": {"n": 0}, "ok_ms": {"n": 0}}  # fmt: skip
+                "refused_ms": {"n": 0}, "any_ms": {"n": 0}, "ok_ms": {"n": 0},
+                "deadline_ms": {"n": 0}}  # fmt: skip
     assert process.returncode == 0, f"generator failed ({process.returncode})"
     return dict(json.loads(out))
 
@@ -146,19 +151,25 @@ class Server:
         return code
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    repo = fast_model(OUT / "overload", size=SIZE).parent.parent.parent
+MODELS = {  # both take 224 px uint8 images as "images"
+    "fast": lambda: fast_model(OUT / "overload", size=SIZE),
+    "lite0": lambda: lite0_model(OUT / "models"),
+}
+
+
+def run(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    repo = MODELS[model]().parent.parent.parent
     server = Server(repo, args.server_flags.split())
     pid = server.process.pid
     figures: dict[str, Any] = {"rss_mb": {"start": _rss_mb(pid)}, "rounds": []}
+    args.model = model
     try:
-        _result(_start_generator(server.target, 16, 30.0, 2.0), 60)  # warm up
+        _result(_start_generator(server.target, 16, 30.0, 2.0, model=model), 60)  # warm up
         for index in range(args.rounds):
-            print(f"round {index + 1}/{args.rounds}", flush=True)
+            print(f"{model}: round {index + 1}/{args.rounds}", flush=True)
             figures["rounds"].append(_round(server, args))
     finally:
         figures["server_exit"] = server.stop()
-    _summary(figures["rounds"])
     return figures
 
 
@@ -166,7 +177,9 @@ def _round(server: Server, args: argparse.Namespace) -> dict[str, Any]:
     """Capacity, then overload at equal and at lower generator priority, on one server."""
     pid, figures = server.process.pid, {}
     cpu = _cpu_seconds(pid)
-    capacity = _result(_start_generator(server.target, 16, 30.0, args.seconds), 120)
+    capacity = _result(
+        _start_generator(server.target, 16, 30.0, args.seconds, model=args.model), 120
+    )
     capacity["server_cpu_s"] = _cpu_seconds(pid) - cpu
     figures["capacity"] = capacity
     print(f"  capacity (16 in flight): {capacity['ok_per_s']:.0f} req/s, p50 "
@@ -176,9 +189,10 @@ def _round(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(3)  # let the last phase's calls drain
         cpu, counted = _cpu_seconds(pid), server.counts()
         load = _start_generator(server.target, args.inflight, 2.0, args.seconds, nice,
-                                no_backoff=args.no_backoff)  # fmt: skip
+                                no_backoff=args.no_backoff, model=args.model)  # fmt: skip
         time.sleep(min(2.0, args.seconds / 4))  # the light caller measures under overload
-        light = _start_generator(server.target, 1, 2.0, args.seconds - 3.0, light=True)
+        light = _start_generator(server.target, 1, 2.0, args.seconds - 3.0, light=True,
+                                 model=args.model)  # fmt: skip
         overload, refusals = _result(load, args.seconds + 60), _result(light, args.seconds + 60)
         overload["server_cpu_s"] = _cpu_seconds(pid) - cpu
         overload["server_counts"] = {
@@ -194,6 +208,12 @@ def _round(server: Server, args: argparse.Namespace) -> dict[str, Any]:
               f"of capacity; outcomes {overload['outcomes']}; server CPU "
               f"{overload['server_cpu_s'] / args.seconds:.0%} of a core", flush=True)  # fmt: skip
         print(f"    the server counted {overload['server_counts']}", flush=True)
+        for key, what in (("deadline_ms", "DEADLINE_EXCEEDED"),
+                          ("refused_late_ms", "  of which refused on arrival")):  # fmt: skip
+            late = overload.get(key, {"n": 0})
+            p50, p99 = late.get("p50", float("nan")), late.get("p99", float("nan"))
+            print(f"    {what}: heard in p50 {p50:.0f} ms, p99 {p99:.0f} ms over {late['n']}",
+                  flush=True)  # fmt: skip
         p50, p99 = refused.get("p50", float("nan")), refused.get("p99", float("nan"))
         print(f"    light caller: RESOURCE_EXHAUSTED in p50 {p50:.1f} ms, p99 {p99:.1f} ms "
               f"over {refused['n']} refusals; all its {refusals['outcomes']} in p50 "
@@ -203,8 +223,10 @@ def _round(server: Server, args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
-def _summary(rounds: list[dict[str, Any]]) -> None:
+def _summary(model: str, rounds: list[dict[str, Any]]) -> None:
     """Medians over rounds beside the targets (one round's goodput drifts +-20% here)."""
+    print(f"{model}: capacity median "
+          f"{statistics.median(r['capacity']['ok_per_s'] for r in rounds):.0f} req/s")  # fmt: skip
     for label, target in (("equal", 0.5), ("lower", 0.8)):
         ratios = [r[f"overload_{label}"]["goodput_ratio"] for r in rounds]
         median = statistics.median(ratios)
@@ -222,6 +244,14 @@ def _summary(rounds: list[dict[str, Any]]) -> None:
               f"{'met' if max(p99s) < 50 else 'MISSED'})")  # fmt: skip
     else:
         print("light caller's RESOURCE_EXHAUSTED p99: n/a (never refused)")
+    for key, what in (("deadline_ms", "every DEADLINE_EXCEEDED"),
+                      ("refused_late_ms", "refused on arrival for its deadline")):  # fmt: skip
+        late = [
+            r[f"overload_{label}"]["load"].get(key, {}).get("p99", float("nan"))
+            for r in rounds for label in ("equal", "lower")
+        ]  # fmt: skip
+        print(f"{what}: p99 time to answer per phase "
+              f"{', '.join(f'{ms:.0f}' for ms in late)} ms (< 100 ms wanted)")  # fmt: skip
 
 
 def main() -> None:
@@ -231,9 +261,12 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=2000)
     parser.add_argument("--no-backoff", action="store_true", help="refused calls retry at once")
     parser.add_argument("--server-flags", default="", help="extra `tlserve serve` flags")
+    parser.add_argument("--models", default="fast,lite0", help="run one after the other")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    figures = run(args)
+    figures = {model: run(args, model) for model in args.models.split(",")}
+    for model, measured in figures.items():
+        _summary(model, measured["rounds"])
     (OUT / "overload.json").write_text(json.dumps(figures, indent=2))
     print(f"figures: {OUT / 'overload.json'}")
 

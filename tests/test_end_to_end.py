@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from tests.support import ServerThread
 from tests.training.shapes import SHAPES, TINY_BACKBONE, write_shapes
@@ -15,6 +16,7 @@ from tlserve.client import Client
 from tlserve.contract.images import prepare_image
 
 
+@pytest.mark.slow
 def test_train_serve_classify(tmp_path: Path) -> None:
     data = tmp_path / "shapes"
     write_shapes(data / "train", 12, seed=1)

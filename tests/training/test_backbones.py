@@ -127,6 +127,7 @@ def test_torchvision_architecture_with_a_weights_file(tmp_path: Path) -> None:
         create_backbone("tv:not_a_model")
 
 
+@pytest.mark.slow
 def test_a_timm_model_with_a_conv_after_pooling_trains_and_exports(
     shapes_folder: Path, tmp_path: Path
 ) -> None:

@@ -227,6 +227,7 @@ def _colour_folder(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_quantize_a_published_model_from_the_command_line(
     conv_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

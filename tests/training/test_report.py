@@ -68,6 +68,7 @@ def test_small_calibration_sets_need_an_interval_that_excludes_1() -> None:
     assert kept.temperature == 1.0 and "T = 1 kept" in kept.reason
 
 
+@pytest.mark.slow
 def test_report_calibration_in_graph_and_inspect(shapes_folder: Path, tmp_path: Path) -> None:
     result = train(
         shapes_folder,
@@ -146,6 +147,7 @@ def test_features_are_cached_on_disk(
     assert any(r.message.startswith("embedded") for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_imbalanced_mixed_mode_data_is_weighted_and_read(tmp_path: Path) -> None:
     root = tmp_path / "data"
     write_shapes(root / "train", 4, seed=1)
@@ -164,6 +166,7 @@ def test_imbalanced_mixed_mode_data_is_weighted_and_read(tmp_path: Path) -> None
     assert not result.skipped
 
 
+@pytest.mark.slow
 def test_cli_train_flags_reach_the_strategy(shapes_folder: Path, tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "tlserve.cli.main", "train", str(shapes_folder),

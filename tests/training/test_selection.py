@@ -71,6 +71,7 @@ def test_ties_within_one_standard_error_go_to_the_cheaper_candidate() -> None:
     assert low < 0.85 < high and low >= 0.0 and high <= 1.0
 
 
+@pytest.mark.slow
 def test_a_tiny_budget_stops_after_the_cheap_candidates(
     shapes_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from tests.support import ServerThread
 from tests.training.shapes import TINY_BACKBONE
@@ -14,6 +15,7 @@ from tlserve.contract.images import prepare_image
 from tlserve.training import train
 
 
+@pytest.mark.slow
 def test_trees_earlier_layer_and_finetune_models_serve(shapes_folder: Path, tmp_path: Path) -> None:
     repo = tmp_path / "models"
     runs = {

@@ -39,6 +39,7 @@ def _onnx_accuracy(model_path: Path, root: Path) -> float:
 
 
 @pytest.mark.parametrize(("strategy", "layer"), [("trees", "last"), ("trees", -2), ("linear", -2)])
+@pytest.mark.slow
 def test_frozen_strategies_export_one_verified_model(
     shapes_folder: Path, tmp_path: Path, strategy: str, layer: str | int
 ) -> None:
@@ -121,6 +122,7 @@ def test_scratch_from_random_weights_skips_corrupt_images(
     assert [s.path for s in fitted.skipped] == [corrupt]
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end_report_curves_and_calibration(
     shapes_folder: Path, tmp_path: Path
 ) -> None:
@@ -153,6 +155,7 @@ def test_finetune_end_to_end_report_curves_and_calibration(
     assert not list((cache_root() / "checkpoints").glob("ft-*"))
 
 
+@pytest.mark.slow
 def test_auto_scores_every_candidate_and_reports_them(shapes_folder: Path, tmp_path: Path) -> None:
     result = train(
         shapes_folder,

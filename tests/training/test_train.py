@@ -18,6 +18,7 @@ from tlserve.training import DataError, train
 from tlserve.training.data.folders import load_dataset
 
 
+@pytest.mark.slow
 def test_train_publishes_a_model_that_classifies(shapes_folder: Path, tmp_path: Path) -> None:
     broken = shapes_folder / "train" / "circle" / "000.png"
     broken.write_bytes(b"not an image")

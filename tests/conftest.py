@@ -68,6 +68,17 @@ def model_repo(tmp_path: Path) -> Path:
     return repo
 
 
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """One server for the tests of a module that only call it: none changes what it
+    serves or counts on its metrics (a module opts in by overriding ``server``)."""
+    repo = tmp_path_factory.mktemp("shared") / "models"
+    build_tiny_classifier(repo / "tiny" / "1" / "model.onnx")
+    running = ServerThread(repo)
+    yield running
+    running.stop()
+
+
 @pytest.fixture
 def server(model_repo: Path) -> Iterator[ServerThread]:
     running = ServerThread(model_repo)

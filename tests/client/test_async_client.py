@@ -37,6 +37,12 @@ EXACT_TOLERANCE = 1e-6
 FAST_JPEG_TOLERANCE = 1e-3
 
 
+@pytest.fixture
+def server(shared_server: ServerThread) -> ServerThread:
+    """The tests here only call the server: they share one (tests/conftest.py)."""
+    return shared_server
+
+
 async def test_every_unary_call_async(server: ServerThread) -> None:
     async with AsyncClient(server.target, timeout=10) as client:
         await client.wait_until_ready(timeout=30)

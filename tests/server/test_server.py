@@ -17,6 +17,12 @@ from tlserve.protos import grpc_service_pb2 as pb
 from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 
 
+@pytest.fixture
+def server(shared_server: ServerThread) -> ServerThread:
+    """The tests here only call the server: they share one (tests/conftest.py)."""
+    return shared_server
+
+
 def _stub(server: ServerThread) -> tuple[grpc.Channel, pb_grpc.GRPCInferenceServiceStub]:
     channel = grpc.insecure_channel(server.target)
     return channel, pb_grpc.GRPCInferenceServiceStub(channel)
@@ -155,7 +161,15 @@ def test_undecodable_image_names_the_image(server: ServerThread) -> None:
         assert client.classify(png_bytes((250, 0, 0)), model="tiny", timeout=5)[0][0].label == "red"
 
 
-def test_metrics_page_counts_requests_by_outcome(server: ServerThread) -> None:
+def test_metrics_page_counts_requests_by_outcome(model_repo: Path) -> None:
+    server = ServerThread(model_repo)  # its own: it counts requests from zero
+    try:
+        _count_requests_by_outcome(server)
+    finally:
+        server.stop()
+
+
+def _count_requests_by_outcome(server: ServerThread) -> None:
     with Client(server.target) as client:
         client.classify(png_bytes((250, 0, 0)), model="tiny", timeout=5)
         with pytest.raises(ModelNotFound):

@@ -102,19 +102,25 @@ class ModelCard:
                 for key, value in props.items()
                 if key.startswith(_PREFIX) and key != _PREFIX + "schema"
             }
-            return cls(
-                labels=tuple(str(label) for label in values["labels"]),
-                preprocessing=Preprocessing.from_dict(values["preprocessing"]),
-                backbone=str(values.get("backbone", "")),
-                strategy=str(values.get("strategy", "")),
-                metrics={str(k): float(v) for k, v in values.get("metrics", {}).items()},
-                created=str(values.get("created", "")),
-                data_fingerprint=str(values.get("data_fingerprint", "")),
-                tlserve_version=str(values.get("tlserve_version", "")),
-                notes={str(k): str(v) for k, v in values.get("notes", {}).items()},
-            )
+            return cls.from_dict(values)
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed tlserve model card: {exc!r}") from exc
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelCard:
+        """A card from its fields as plain values (``dataclasses.asdict`` of one, or
+        JSON); KeyError/TypeError when a field is missing or of the wrong kind."""
+        return cls(
+            labels=tuple(str(label) for label in values["labels"]),
+            preprocessing=Preprocessing.from_dict(values["preprocessing"]),
+            backbone=str(values.get("backbone", "")),
+            strategy=str(values.get("strategy", "")),
+            metrics={str(k): float(v) for k, v in values.get("metrics", {}).items()},
+            created=str(values.get("created", "")),
+            data_fingerprint=str(values.get("data_fingerprint", "")),
+            tlserve_version=str(values.get("tlserve_version", "")),
+            notes={str(k): str(v) for k, v in values.get("notes", {}).items()},
+        )
 
 
 def _json(key: str, value: str) -> Any:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from tlserve.contract.card import ModelCard, Preprocessing
+from tlserve.contract.card import ModelCard
 from tlserve.training.artifact.export import ExportCheck
 from tlserve.training.check.datacheck import DataCheck
 from tlserve.training.features.extract import SkippedFile
@@ -177,7 +177,7 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, found: Mapping[str, Any]) -> RunRecord:
-        card = _card(found["card"]) if found.get("card") else None
+        card = ModelCard.from_dict(found["card"]) if found.get("card") else None
         data = found.get("data", {})
         return cls(
             name=str(found.get("name", "")),
@@ -229,17 +229,3 @@ def _section(found: Mapping[str, Any], key: str, parse: Callable[[Any], T]) -> T
     """``found[key]`` read by ``parse``; None where the run had none (or predates the key)."""
     value = found.get(key)
     return parse(value) if value else None
-
-
-def _card(found: Mapping[str, Any]) -> ModelCard:
-    return ModelCard(
-        labels=tuple(str(label) for label in found["labels"]),
-        preprocessing=Preprocessing.from_dict(found["preprocessing"]),
-        backbone=str(found.get("backbone", "")),
-        strategy=str(found.get("strategy", "")),
-        metrics={str(k): float(v) for k, v in found.get("metrics", {}).items()},
-        created=str(found.get("created", "")),
-        data_fingerprint=str(found.get("data_fingerprint", "")),
-        tlserve_version=str(found.get("tlserve_version", "")),
-        notes={str(k): str(v) for k, v in found.get("notes", {}).items()},
-    )

@@ -29,12 +29,12 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument(
         "--max-queue-time",
         type=float,
-        help="seconds of queued work per model before RESOURCE_EXHAUSTED (0: rows only)",
+        help="seconds of queued work per model before RESOURCE_EXHAUSTED (0: off, rows only)",
     )
     serve.add_argument(
         "--max-concurrent-rpcs",
         type=int,
-        help="calls held at once; more are refused before they are read (0: adaptive)",
+        help="calls held at once; more are refused before they are read (0: derived)",
     )
     serve.add_argument(
         "--queue-policy",

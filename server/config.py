@@ -71,15 +71,18 @@ class ServerConfig:
     # Images queued per model before new requests get RESOURCE_EXHAUSTED.
     max_queue_size: int = 256
     # Seconds of work (at the measured compute time) a model's queue may hold;
-    # a request that would wait longer gets RESOURCE_EXHAUSTED with the time
-    # until it would fit. In time, not rows: 256 rows are 0.3 s on a fast model
-    # and seconds on a slow one, most of a caller's deadline. 0 = rows only.
-    max_queue_time: float = 0.25
+    # a request that would wait longer gets RESOURCE_EXHAUSTED with the queue's
+    # drain time as the hint, and the inference bound adapts to it. In time, not
+    # rows: 256 rows are 0.3 s on a fast model and seconds on a slow one. 0 (the
+    # default) = off: on 2 cores the refused callers' retries cost more than
+    # their waiting did (docs/overload.md, "Admission in time").
+    max_queue_time: float = 0.0
     # Inference calls (ModelInfer, Classify, Embed, streams) the server works
     # on at once; one more is refused with RESOURCE_EXHAUSTED before its
     # message is read (server/edge/admission.py); health and metadata calls never
-    # are. 0 = adaptive (server/edge/limit.py), at most three batches per
-    # instance, at least 32 (derived_rpc_limit); a number given is kept fixed.
+    # are. 0 = derived: three batches per instance, at least 32 (derived_rpc_limit),
+    # adaptive below that (server/edge/limit.py) when max_queue_time is set; a
+    # number given is kept fixed.
     max_concurrent_rpcs: int = 0
     # Calls one connection may have open at once; more wait on the caller's
     # side (HTTP/2 flow control), costing the server nothing, and leave room

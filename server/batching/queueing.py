@@ -7,8 +7,8 @@ Admission (:meth:`RequestQueue.admit`) is O(1) and says why it refuses:
   retry hint;
 - the work ahead of it would keep it queued past ``max_wait`` seconds
   (queued work measured in time, so a slow model queues fewer rows than a
-  fast one): ``Overloaded`` (reason ``queue_time``), the hint being how
-  long until it would fit;
+  fast one): ``Overloaded`` (reason ``queue_time``), with the time the
+  queue needs to drain as the hint;
 - the work ahead of it, at the measured per-row compute time, would keep it
   past its deadline: ``DeadlineExceeded`` at once, before it takes room.
 
@@ -167,7 +167,9 @@ class RequestQueue:
             raise Overloaded(
                 f"model {self.name!r} has about {wait * 1e3:.0f} ms of work queued, past its "
                 f"limit of {self.max_wait * 1e3:.0f} ms. Retry later.",
-                retry_after=min(_MAX_RETRY_S, max(_MIN_RETRY_S, wait - self.max_wait)),
+                # The whole drain, not the excess: a hint of a few ms brought every
+                # refused caller straight back, each costing a parse (lite0, bench-overload).
+                retry_after=self.retry_after(rows),
             )
 
     async def wait(self, inputs: Arrays, rows: int, deadline: float | None) -> Arrays:

@@ -65,9 +65,17 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
     """
 
     def __init__(
-        self, limit: AdaptiveLimit | int, retry_after: Callable[[], float], on_refused: Refused
+        self,
+        limit: AdaptiveLimit | int,
+        retry_after: Callable[[], float],
+        on_refused: Refused,
+        *,
+        over_time: Callable[[], bool] = lambda: False,
     ) -> None:
         self.bound = limit if isinstance(limit, AdaptiveLimit) else AdaptiveLimit.fixed(limit)
+        # True while the queues hold more work than they may: refusing here costs
+        # no parse, where the queue's own refusal comes after one.
+        self._over_time = over_time
         self.inflight = 0
         self.closing = False
         self._released = asyncio.Event()
@@ -80,7 +88,7 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method not in INFERENCE_METHODS:
             return await continuation(handler_call_details)
-        if self.closing or self.inflight >= self.limit:
+        if self.closing or self.inflight >= self.limit or self._over_time():
             refusal: grpc.RpcMethodHandler[Any, Any] = self._refusal(method)
             return refusal
         handler = await continuation(handler_call_details)
@@ -112,10 +120,12 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
             error = Unavailable("the server is shutting down; retry on another replica")
         else:
             self._on_refused(api)
-            error = Overloaded(
-                f"the server is working on {self.inflight} inference calls, its limit; retry later",
-                retry_after=self._retry_after(),
+            why = (
+                f"the server is working on {self.inflight} inference calls, its limit"
+                if self.inflight >= self.limit
+                else "the queues hold more work than --max-queue-time"
             )
+            error = Overloaded(f"{why}; retry later", retry_after=self._retry_after())
 
         async def refuse(request: Any, context: _Context) -> NoReturn:
             if self.closing:

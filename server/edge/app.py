@@ -225,16 +225,24 @@ def _admission(
 
     limit: AdaptiveLimit | int = config.max_concurrent_rpcs
     if "max_concurrent_rpcs" not in config.explicit_keys and config.max_queue_time > 0:
-        # The configured bound is the ceiling; the queues' wait moves it below.
+        # The configured bound is the ceiling; the queues' wait moves it below,
+        # never under two batches: at 8 calls lite0 (16-row batches) went idle
+        # between batches while the refused callers' retries kept the loop busy.
+        floor = max(32, 2 * config.instances * config.max_batch_size)
         limit = AdaptiveLimit(
-            config.max_concurrent_rpcs, floor=min(config.max_concurrent_rpcs, 8),
+            config.max_concurrent_rpcs, floor=min(config.max_concurrent_rpcs, floor),
             ceiling=config.max_concurrent_rpcs, target=config.max_queue_time,
             queue_time=queue_time,
         )  # fmt: skip
+
+    def over_time() -> bool:  # as the queues' own bound, but before the message is parsed
+        return config.max_queue_time > 0 and queue_time() > config.max_queue_time
+
     return InferenceAdmission(
         limit,
         retry_after,
         lambda api: metrics.requests.labels("unknown", api, "RESOURCE_EXHAUSTED").inc(),
+        over_time=over_time,
     )
 
 

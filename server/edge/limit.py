@@ -6,9 +6,9 @@ model the admitted calls wait most of their deadline. :class:`AdaptiveLimit`
 follows the signal that matters instead, the queues' estimated wait (queued
 and running rows at the measured compute time), as Netflix's
 concurrency-limits AIMD limit and Envoy's adaptive-concurrency filter do
-with latency: while the wait stays under a quarter of the queue-time
-target and the limit is in use, it grows by about one call per limit calls;
-once the wait passes half the target it is cut by a tenth, at most once per
+with latency: while the wait stays under half the queue-time target and
+the limit is in use, it grows by about one call per limit calls; once the
+wait passes the target it is cut by a tenth, at most once per
 half target (the time the queue it cut takes to drain), so that one slow
 spell is not cut once per call that ends in it. A fixed limit is one
 whose floor and ceiling agree.
@@ -58,11 +58,11 @@ class AdaptiveLimit:
         if self.floor == self.ceiling:
             return
         wait = self._queue_time()
-        if wait > self.target / 2:
+        if wait > self.target:
             now = self._clock()
             if now - self._last_cut >= self.cooldown:
                 self._last_cut = now
                 self._value = max(float(self.floor), self._value * _BACKOFF)
-        elif wait < self.target / 4 and inflight + 1 >= self._value / 2:
+        elif wait < self.target / 2 and inflight + 1 >= self._value / 2:
             # Grow only while the limit is in use: an idle server learns nothing.
             self._value = min(float(self.ceiling), self._value + 1 / self._value)

@@ -37,7 +37,7 @@ def _request(seed: int = 0) -> pb.ModelInferRequest:
     return request
 
 
-def test_work_past_the_queue_time_limit_is_refused_with_the_time_until_it_fits(
+def test_work_past_the_queue_time_limit_is_refused_with_the_time_to_drain(
     model_repo: Path,
 ) -> None:
     running = ServerThread(model_repo, max_batch_size=1, max_queue_time=0.5)
@@ -65,7 +65,7 @@ def test_work_past_the_queue_time_limit_is_refused_with_the_time_until_it_fits(
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "past its limit of 500 ms" in caught.value.details()
             hint = dict(caught.value.trailing_metadata())["retry-after-ms"]
-            assert 1 <= int(hint) <= 1000 * row + 1  # the excess over the limit, not the queue
+            assert int(hint) > 250  # the queue's drain, not the few ms it is over the limit
             gate.open()
             assert [f.result(timeout=10).model_name for f in [busy, queued, *more]]
         body = urllib.request.urlopen(running.metrics_url, timeout=5).read().decode()
@@ -131,10 +131,10 @@ async def test_the_call_limit_follows_a_tenfold_change_of_compute_time(
         await asyncio.gather(*(caller(until) for _ in range(16)))
         return limit.value
 
-    assert await phase(0.5) == 16  # 2 ms a row: 16 rows are 32 ms, under the 50 ms that cut
+    assert await phase(0.5) == 16  # 2 ms a row: 16 rows are 32 ms, under the 100 ms that cut
     model.row_seconds = 0.02  # ten times slower: 16 rows would be 320 ms queued
     slow = await phase(2.0)
-    assert slow <= 5, slow  # a wait under half the target is at most 5 rows of 20 ms
+    assert slow <= 6, slow  # a wait under the target is at most 5 rows of 20 ms
     model.row_seconds = 0.002
     assert await phase(2.0) >= 10  # fast again: it grows back
 

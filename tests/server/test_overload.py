@@ -134,8 +134,17 @@ def test_a_request_that_can_never_fit_the_queue_is_invalid(model_repo: Path) -> 
 
 
 def test_a_request_the_queue_cannot_answer_in_time_is_refused_without_running(
-    server: ServerThread,
+    model_repo: Path,
 ) -> None:
+    # A queue-time bound past the wait below: the deadline alone refuses.
+    server = ServerThread(model_repo, max_queue_time=3600.0)
+    try:
+        _late_request_refused(server)
+    finally:
+        server.stop()
+
+
+def _late_request_refused(server: ServerThread) -> None:
     gate = install_gate(server.running)
     batcher = server.running.core.registry.get("tiny").batcher
     with grpc.insecure_channel(server.target) as channel:

@@ -4,7 +4,7 @@
 127.0.0.1 with one model at a time, each on 224 px images (each request is
 one 150 KB uint8 tensor, so receiving and parsing it is a real cost): a
 small conv net (``fast``, overhead-bound, ~800 requests/s) and then the
-example model (``lite0``, about ten times the compute), and drives it from
+example model (``lite0``, about five times the compute here), and drives it from
 separate load-generator processes over grpc.aio:
 
 - capacity: 16 calls in flight (30 s deadlines): OK answers per second;

@@ -85,18 +85,24 @@ def choose_variant(
         path = version_dir / variant_file(variant)
         return VariantChoice(variant, path, source, reason, host)
 
-    if asked == "float32":
-        return choice("float32", "explicit", "float32 asked for (--variant float32)")
     reference_model = loader(floating, config)
     card = reference_model.card
     if card is not None and card.notes.get("variant", "float32") != "float32":
         # An older tlserve replaced model.onnx with its int8 file: nothing to compare.
+        if asked not in ("auto", kind_of(card.notes["variant"])):
+            raise NotAllowed(
+                f"--variant {asked} refused for {version_dir}: its model.onnx is the "
+                f"{card.notes['variant']} variant an older tlserve published, and there is "
+                "no other file"
+            )
         return VariantChoice(
             card.notes["variant"], floating, "only",
             f"model.onnx is the {card.notes['variant']} variant an older tlserve published, "
             "without a reference set: served as published, unchecked on this host "
             "(republish it with `tlserve quantize` to have it checked)", host,
         )  # fmt: skip
+    if asked == "float32":
+        return choice("float32", "explicit", "float32 asked for (--variant float32)")
     on_gpu = reference_model.provider in GPU_PROVIDERS
     kinds: tuple[str, ...] = GPU_VARIANTS if on_gpu else CPU_VARIANTS
     if asked != "auto":

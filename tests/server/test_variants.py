@@ -100,6 +100,8 @@ def test_an_older_int8_model_file_is_served_as_published(tmp_path: Path) -> None
     choice = choose_variant(old.parent, _config(tmp_path))
     assert (choice.variant, choice.source) == ("int8", "only")
     assert "unchecked on this host" in choice.reason
+    with pytest.raises(NotAllowed, match=r"--variant float32 refused .* no other file"):
+        choose_variant(old.parent, _config(tmp_path, "float32"))  # it is not float32
 
 
 def test_the_server_serves_float32_for_a_failing_int8_and_says_why(tmp_path: Path) -> None:

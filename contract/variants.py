@@ -37,6 +37,8 @@ __all__ = [
     "GPU_VARIANTS",
     "REFERENCE_FILE",
     "REFERENCE_IMAGES",
+    "SPEED_BATCHES",
+    "SPEED_PASSES",
     "VARIANTS",
     "AccuracyCheck",
     "ReferenceSet",
@@ -61,6 +63,11 @@ REFERENCE_IMAGES = 256
 DEFAULT_BUDGET_POINTS = 0.5
 #: How much faster (images/s ratio) a variant must measure to be worth serving.
 DEFAULT_MIN_SPEEDUP = 1.2
+#: How a variant's speed is compared with float32's, at training and at load:
+#: these batch sizes (a lone request, a typical batch), in this many
+#: alternating passes, the median per-pass ratio at each, the smaller of them.
+SPEED_BATCHES = (1, 8)
+SPEED_PASSES = 3
 
 
 def variant_file(variant: str) -> str:

@@ -37,6 +37,8 @@ from tlserve.contract.variants import (
     DEFAULT_MIN_SPEEDUP,
     GPU_VARIANTS,
     REFERENCE_FILE,
+    SPEED_BATCHES,
+    SPEED_PASSES,
     ReferenceSet,
     check_accuracy,
     host_cpu,
@@ -46,13 +48,10 @@ from tlserve.contract.variants import (
 from tlserve.server.config import ServerConfig
 from tlserve.server.models.runtime import OnnxModel, load_model
 
-__all__ = ["SPEED_BATCHES", "VariantChoice", "choose_variant", "speedup"]
+__all__ = ["VariantChoice", "choose_variant", "speedup"]
 
 log = logging.getLogger(__name__)
 
-#: Batch sizes a variant is timed at: a lone request and a typical batch.
-SPEED_BATCHES = (1, 8)
-_PASSES = 3
 _SLICE_SECONDS = 0.15
 
 Loader = Callable[..., OnnxModel]
@@ -181,7 +180,8 @@ def speedup(reference: OnnxModel, candidate: OnnxModel, images: np.ndarray) -> f
         for model in (reference, candidate):
             model.run(feeds)  # this shape's first run allocates
         per_pass = [
-            _rate(candidate, feeds, batch) / _rate(reference, feeds, batch) for _ in range(_PASSES)
+            _rate(candidate, feeds, batch) / _rate(reference, feeds, batch)
+            for _ in range(SPEED_PASSES)
         ]
         ratios.append(statistics.median(per_pass))
     return min(ratios)

@@ -27,11 +27,10 @@ from tlserve.contract.rules import (
     OUTPUT_EMBEDDINGS,
     OUTPUT_PROBABILITIES,
 )
-from tlserve.contract.variants import host_cpu, variant_file
+from tlserve.contract.variants import SPEED_BATCHES, SPEED_PASSES, host_cpu, variant_file
 
 __all__ = [
     "COMPUTE_OPS",
-    "SPEED_BATCHES",
     "Figures",
     "HeldOut",
     "Measured",
@@ -47,9 +46,6 @@ __all__ = [
 #: The ops whose arithmetic a variant speeds up; what lies before the first
 #: and after the last of them stays float.
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
-#: Batch sizes the speed is measured at: concurrency-1 serving and a typical batch.
-SPEED_BATCHES = (1, 8)
-_PASSES = 3
 
 
 @dataclass(frozen=True)
@@ -221,7 +217,7 @@ def _speeds(
     """Images/s of each session per batch size, one figure per pass; within a pass the
     sessions run back to back, so drift on a shared machine hits both alike."""
     runs: list[dict[int, list[float]]] = [{b: [] for b in SPEED_BATCHES} for _ in sessions]
-    for _ in range(_PASSES):
+    for _ in range(SPEED_PASSES):
         for batch in SPEED_BATCHES:
             feed = {INPUT_IMAGES: np.resize(images, (batch, *images.shape[1:]))}
             for session, found in zip(sessions, runs, strict=True):

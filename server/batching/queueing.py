@@ -121,6 +121,16 @@ class RequestQueue:
         """Seconds the queue's work and the running batches take, plus ``rows``."""
         return self.speed.seconds(self.speed.running_rows + self.rows + rows)
 
+    def time_to_answer(self, rows: int) -> float:
+        """Seconds until a request of ``rows`` arriving now is answered, at the measured speed.
+
+        The one rule for "too late to answer": the queue's admission and the
+        server's admission before the message is read both use it.
+        """
+        # Served newest first, a fresh request waits only for the running batches.
+        ahead = self.speed.running_rows + (0 if self.fresh_first_now() else self.rows)
+        return self.speed.seconds(ahead + rows)
+
     def publish(self) -> None:
         """Set the estimated-queue-time gauge (the signal an autoscaler wants)."""
         self._metrics.queue_time.labels(self.name).set(self.expected_wait())
@@ -147,9 +157,7 @@ class RequestQueue:
         if remaining <= 0:
             self._shed("late")
             raise DeadlineExceeded(f"the deadline passed before reaching model {self.name!r}")
-        # Served newest first, a fresh request waits only for the running batches.
-        ahead = self.speed.running_rows + (0 if self.fresh_first_now() else self.rows)
-        wait = self.speed.seconds(ahead + rows)
+        wait = self.time_to_answer(rows)
         if wait > remaining:
             self._shed("late")
             raise DeadlineExceeded(

@@ -8,6 +8,12 @@ more, past its limit (:class:`~tlserve.server.edge.limit.AdaptiveLimit`,
 which follows the queues' estimated wait), with RESOURCE_EXHAUSTED and a
 ``retry-after-ms`` hint, before anything parses its bytes.
 
+A unary call whose deadline is nearer than the soonest any serving model
+could answer it (``too_late``: the queue's own rule,
+:meth:`~tlserve.server.batching.queueing.RequestQueue.time_to_answer`) gets
+DEADLINE_EXCEEDED on arrival, its message still unread: the caller hears at
+once instead of at its deadline, and the server spends no parse on it.
+
 Once the server is closing (:meth:`InferenceAdmission.close`, at the end of
 the drain window) new inference calls get UNAVAILABLE, which callers retry
 elsewhere, rather than being taken in and then cancelled by the stop. The
@@ -31,7 +37,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import grpc
 
-from tlserve.contract.errors import Overloaded, TlserveError, Unavailable, retry_trailer
+from tlserve.contract.errors import (
+    DeadlineExceeded,
+    Overloaded,
+    TlserveError,
+    Unavailable,
+    retry_trailer,
+)
 from tlserve.protos import grpc_service_pb2, tlserve_v1_pb2
 from tlserve.server.edge.limit import AdaptiveLimit
 
@@ -51,8 +63,15 @@ if TYPE_CHECKING:  # grpc's classes are generic only in its stubs
     ]
     _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
-#: Called with the method's name for each refused call (for counting).
-Refused = Callable[[str], None]
+#: Called with the method's name and the status code's name for each refused call.
+Refused = Callable[[str, str], None]
+#: Given the seconds a call has left: None if some serving model can answer in
+#: time, else the fastest model's name and the seconds it would take.
+TooLate = Callable[[float], tuple[str, float] | None]
+
+
+def _api(method: str) -> str:
+    return method.rsplit("/", 1)[-1]
 
 
 class InferenceAdmission(grpc.aio.ServerInterceptor):
@@ -60,8 +79,9 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
 
     ``limit`` is an :class:`AdaptiveLimit` (or a fixed count);
     ``retry_after()`` gives the hint in seconds (how long the queues need to
-    drain); ``on_refused(api)`` counts each refusal. Install it before any
-    interceptor that parses requests.
+    drain); ``too_late(seconds_left)`` says whether a call can be answered
+    in time; ``on_refused(api, code)`` counts each refusal. Install it before
+    any interceptor that parses requests.
     """
 
     def __init__(
@@ -71,11 +91,13 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
         on_refused: Refused,
         *,
         over_time: Callable[[], bool] = lambda: False,
+        too_late: TooLate = lambda seconds_left: None,
     ) -> None:
         self.bound = limit if isinstance(limit, AdaptiveLimit) else AdaptiveLimit.fixed(limit)
         # True while the queues hold more work than they may: refusing here costs
         # no parse, where the queue's own refusal comes after one.
         self._over_time = over_time
+        self._too_late = too_late
         self.inflight = 0
         self.closing = False
         self._released = asyncio.Event()
@@ -94,7 +116,7 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        counted: grpc.RpcMethodHandler[Any, Any] = self._counted(handler)
+        counted: grpc.RpcMethodHandler[Any, Any] = self._counted(handler, _api(method))
         return counted
 
     @property
@@ -114,12 +136,12 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
         self.bound.update(self.inflight)
 
     def _refusal(self, method: str) -> Any:
-        api = method.rsplit("/", 1)[-1]
+        api = _api(method)
         error: TlserveError
         if self.closing:
             error = Unavailable("the server is shutting down; retry on another replica")
         else:
-            self._on_refused(api)
+            self._on_refused(api, Overloaded.code.name)
             why = (
                 f"the server is working on {self.inflight} inference calls, its limit"
                 if self.inflight >= self.limit
@@ -142,7 +164,7 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
             return grpc.stream_stream_rpc_method_handler(refuse_stream)
         return grpc.unary_unary_rpc_method_handler(refuse)
 
-    def _counted(self, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
+    def _counted(self, handler: grpc.RpcMethodHandler[Any, Any], api: str) -> Any:
         """The same handler, holding one unit of the bound while its behaviour runs."""
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behaviour: Any = getattr(handler, kind)
@@ -160,7 +182,14 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
 
                 return handler._replace(**{kind: generator})  # type: ignore[attr-defined]
 
-            async def coroutine(request: Any, context: _Context, run: Any = behaviour) -> Any:
+            # A unary call's whole message is here before it runs: refuse it unparsed.
+            unary = kind == "unary_unary"
+
+            async def coroutine(
+                request: Any, context: _Context, run: Any = behaviour, unary: bool = unary
+            ) -> Any:
+                if unary:
+                    await self._refuse_if_late(api, context)
                 self.inflight += 1
                 try:
                     answer = run(request, context)
@@ -170,3 +199,16 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
 
             return handler._replace(**{kind: coroutine})  # type: ignore[attr-defined]
         return handler
+
+    async def _refuse_if_late(self, api: str, context: _Context) -> None:
+        left = context.time_remaining()
+        verdict = None if left is None else self._too_late(left)
+        if verdict is None:
+            return
+        model, seconds = verdict
+        error = DeadlineExceeded(
+            f"no model can answer in time: model {model!r} has about {seconds * 1e3:.0f} ms "
+            f"of work ahead of a new request and the deadline is in {left * 1e3:.0f} ms"
+        )
+        self._on_refused(api, error.code.name)
+        await context.abort(error.code, str(error))

@@ -238,11 +238,21 @@ def _admission(
     def over_time() -> bool:  # as the queues' own bound, but before the message is parsed
         return config.max_queue_time > 0 and queue_time() > config.max_queue_time
 
+    def too_late(seconds_left: float) -> tuple[str, float] | None:
+        # Before the message is parsed its model is unknown: refuse only what
+        # no serving model could answer in time (with one model, exactly its rule).
+        soonest = min(((b.time_to_answer(), b.name) for b in batchers()), default=None)
+        if soonest is None or soonest[0] <= seconds_left:
+            return None
+        metrics.shed.labels(soonest[1], "late").inc()
+        return soonest[1], soonest[0]
+
     return InferenceAdmission(
         limit,
         retry_after,
-        lambda api: metrics.requests.labels("unknown", api, "RESOURCE_EXHAUSTED").inc(),
+        lambda api, code: metrics.requests.labels("unknown", api, code).inc(),
         over_time=over_time,
+        too_late=too_late,
     )
 
 

@@ -158,14 +158,24 @@ def _late_request_refused(server: ServerThread) -> None:
         # Told on arrival, not at its deadline (half of it: a wide margin for a busy host).
         assert time.monotonic() - sent < 2.5
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "cannot answer in time" in caught.value.details()
+        assert "no model can answer in time" in caught.value.details()
         assert batcher.queued_rows == 0  # refused before it took room
+        # Refused before its message is parsed: bytes that are no message at all
+        # get the same answer, not INVALID_ARGUMENT.
+        garbage = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as caught:
+            garbage(b"\x0a\x7f", timeout=5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         gate.open()
         assert busy.result(timeout=10).model_name == "tiny"
         # Without a deadline nothing is refused for being slow.
         assert stub.ModelInfer(_request(seed=2)).model_name == "tiny"
-    assert gate.rows == 2  # the late request never ran
-    assert _metric(server, 'tlserve_shed_requests_total{model="tiny",reason="late"} 1.0')
+    assert gate.rows == 2  # the late requests never ran
+    assert _metric(server, 'tlserve_shed_requests_total{model="tiny",reason="late"} 2.0')
+    assert _metric(
+        server,
+        'tlserve_requests_total{api="ModelInfer",model="unknown",outcome="DEADLINE_EXCEEDED"} 2.0',
+    )
 
 
 def test_grpc_itself_refuses_every_call_past_the_bound_plus_room_for_control_calls(

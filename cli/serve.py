@@ -19,6 +19,9 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--grpc-port", type=int, help="0 picks a free port (default 8001)")
     serve.add_argument("--metrics-port", type=int, help="0 picks a free port (default 8002)")
+    serve.add_argument(
+        "--http-port", type=int, help="KServe v2 REST and the model page (default 8000; 0: off)"
+    )
     serve.add_argument("--device", choices=DEVICES, help="execution provider")
     serve.add_argument(
         "--gpu-fallback", choices=GPU_FALLBACKS, help="GPU asked for but unusable: fail or cpu"

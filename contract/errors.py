@@ -22,6 +22,10 @@ nothing is lost. The CLI maps each class to an exit code
         ├── ProviderError                      an execution provider cannot run the model
         └── ExportError                        an exported model failed its own check
 
+Over HTTP (the KServe v2 REST edge) each code travels as the HTTP status in
+:data:`HTTP_STATUS` (:func:`http_status`), with the same message; the retry
+hint as a ``Retry-After`` header in whole seconds.
+
 The retry hint has one unit, seconds (``Overloaded.retry_after``); it travels
 as integer milliseconds in the ``retry-after-ms`` trailing metadata, and
 :func:`retry_trailer` / :func:`from_rpc_error` are the only two places that
@@ -36,6 +40,7 @@ from typing import Any
 import grpc
 
 __all__ = [
+    "HTTP_STATUS",
     "RETRY_AFTER_KEY",
     "ConfigError",
     "DataError",
@@ -53,6 +58,7 @@ __all__ = [
     "Unimplemented",
     "from_rpc_error",
     "from_status_message",
+    "http_status",
     "retry_trailer",
 ]
 
@@ -141,6 +147,31 @@ _BY_CODE: dict[grpc.StatusCode, type[TlserveError]] = {
         ServerError,
     )
 }
+
+
+#: The HTTP status each code travels as on the REST edge: google.rpc.Code's
+#: documented mapping, except UNIMPLEMENTED (an unknown path: 404, as Triton
+#: answers) and CANCELLED (the caller is gone: 499, as nginx logs it).
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.UNIMPLEMENTED: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status(exc: TlserveError) -> int:
+    """The HTTP status ``exc`` is answered with on the REST edge (500 for any other code)."""
+    return HTTP_STATUS.get(exc.code, 500)
 
 
 def retry_trailer(exc: TlserveError) -> tuple[tuple[str, str], ...]:

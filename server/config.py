@@ -58,6 +58,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     grpc_port: int = 8001
     metrics_port: int = 8002
+    # The KServe v2 REST edge and the page (server/edge/rest/), on the same core
+    # as gRPC; 8000 as Triton's. 0 = off (it has no "any free port": tests pick one).
+    http_port: int = 8000
     # auto: CUDA when onnxruntime has it, else CPU. cuda/tensorrt: that GPU
     # provider; if it is unusable, gpu_fallback says what happens: "fail" (the
     # model fails to load, the server is not ready) or "cpu" (serve on CPU,
@@ -155,7 +158,7 @@ class ServerConfig:
             raise ConfigError(
                 f"TLSERVE_GPU_FALLBACK must be one of {GPU_FALLBACKS}, got {self.gpu_fallback!r}"
             )
-        for key in ("grpc_port", "metrics_port"):
+        for key in ("grpc_port", "metrics_port", "http_port"):
             port = getattr(self, key)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{_env_name(key)} must be a port in 0..65535, got {port}")

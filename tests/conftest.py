@@ -47,6 +47,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # `tlserve serve` processes that tests start listen for HTTP only where a test
+    # asks (a fixed default port would clash between tests run side by side).
+    os.environ.setdefault("TLSERVE_HTTP_PORT", "0")
     # Feature caches and checkpoints of every test (and of the tlserve processes
     # tests start) go to a throwaway folder, never the user's ~/.cache.
     if "TLSERVE_CACHE_DIR" not in os.environ:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -19,7 +20,14 @@ from PIL import Image
 
 from tlserve.contract.card import ModelCard, Preprocessing
 
-__all__ = ["TINY_LABELS", "TINY_SIZE", "ServerThread", "build_tiny_classifier", "png_bytes"]
+__all__ = [
+    "TINY_LABELS",
+    "TINY_SIZE",
+    "ServerThread",
+    "build_tiny_classifier",
+    "free_port",
+    "png_bytes",
+]
 
 TINY_LABELS = ("red", "green", "blue")
 TINY_SIZE = 8
@@ -73,6 +81,13 @@ def build_tiny_classifier(
     onnx.save(model, str(path))
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a listener whose 0 means off)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def png_bytes(rgb: tuple[int, int, int], size: tuple[int, int] = (20, 16)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, rgb).save(buffer, format="PNG")
@@ -80,7 +95,8 @@ def png_bytes(rgb: tuple[int, int, int], size: tuple[int, int] = (20, 16)) -> by
 
 
 class ServerThread:
-    """A real tlserve server on 127.0.0.1:0, its event loop in a thread.
+    """A real tlserve server on 127.0.0.1:0, its event loop in a thread (HTTP off unless
+    ``http_port`` is given: :func:`free_port`).
 
     Sync clients in the test's thread then talk to it as any service would.
     """
@@ -90,8 +106,8 @@ class ServerThread:
         from tlserve.server.edge.app import RunningServer, start_server
 
         self.config = ServerConfig.load(
-            {"model_repository": repo, "grpc_port": 0, "metrics_port": 0, "drain_delay": 0.0,
-             "grace": 1.0, **overrides},
+            {"model_repository": repo, "grpc_port": 0, "metrics_port": 0, "http_port": 0,
+             "drain_delay": 0.0, "grace": 1.0, **overrides},
             environ={},
         )  # fmt: skip
         self.loop = asyncio.new_event_loop()
@@ -111,6 +127,8 @@ class ServerThread:
         self.running = started.result(timeout=60)
         self.target = self.running.target
         self.metrics_url = f"http://127.0.0.1:{self.running.metrics_port}/metrics"
+        # HTTP is off unless a test passes http_port (a free one: 0 means off).
+        self.http_url = f"http://127.0.0.1:{self.running.http_port}"
 
     def call(self, coro: object) -> object:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)  # type: ignore[arg-type]

@@ -38,6 +38,8 @@ from tlserve.server.core.inference import InferenceCore
 from tlserve.server.edge.admission import InferenceAdmission
 from tlserve.server.edge.interceptors import RequestGuard
 from tlserve.server.edge.limit import AdaptiveLimit
+from tlserve.server.edge.rest.edge import start_rest
+from tlserve.server.edge.rest.listener import RestListener
 from tlserve.server.edge.security import BearerTokenInterceptor, load_token, server_credentials
 from tlserve.server.edge.servicers import ImageServicer, InferenceServicer
 from tlserve.server.metrics import ServerMetrics
@@ -80,10 +82,16 @@ class RunningServer:
     _http: WSGIServer
     _http_thread: threading.Thread
     _preprocess: ThreadPoolExecutor
+    rest: RestListener | None = None  # the HTTP port (KServe v2 REST, the page); None: off
 
     @property
     def target(self) -> str:
         return f"{self.config.host}:{self.grpc_port}"
+
+    @property
+    def http_port(self) -> int:
+        """The HTTP port bound (0 when HTTP is off)."""
+        return self.rest.port if self.rest else 0
 
     async def _set_health(
         self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
@@ -106,9 +114,13 @@ class RunningServer:
         self.admission.close()
         await asyncio.sleep(_CLOSE_TURNS_S)  # let calls gRPC already holds reach the refusal
         stopping = asyncio.ensure_future(self.grpc_server.stop(grace))
+        # HTTP calls in flight get the same grace, at the same time as gRPC's.
+        rest_stopping = asyncio.ensure_future(self.rest.stop()) if self.rest else None
         await asyncio.sleep(0)  # the shutdown begins: gRPC takes no new calls
         self.admission.release()
         await stopping
+        if rest_stopping is not None:
+            await rest_stopping
         await self.core.registry.stop()
         self._preprocess.shutdown(wait=False, cancel_futures=True)
         self._http.shutdown()
@@ -193,6 +205,7 @@ async def start_server(
     )  # fmt: skip
     await running._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    running.rest = await start_rest(config, core, admission, token)
     log.info(
         "listening: gRPC on %s:%d (%s, %s), metrics on http://%s:%d/metrics",
         config.host,

@@ -206,3 +206,20 @@ def test_grpc_itself_refuses_every_call_past_the_bound_plus_room_for_control_cal
                     time.sleep(0.05)
     finally:
         running.stop()
+
+
+def test_a_unary_call_that_sends_no_message_is_invalid(model_repo: Path) -> None:
+    # Admission takes unary calls as client streams (to refuse them unread): one
+    # that ends without its message is answered as gRPC's unary handler would be.
+    running = ServerThread(model_repo)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            empty = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")
+            with pytest.raises(grpc.RpcError) as caught:
+                empty(iter(()), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "carried none" in caught.value.details()
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ModelInfer(_request(), timeout=10).model_name == "tiny"
+    finally:
+        running.stop()

@@ -112,8 +112,9 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method not in INFERENCE_METHODS:
             return await continuation(handler_call_details)
-        if self.closing or self.inflight >= self.limit or self._over_time():
-            refusal: grpc.RpcMethodHandler[Any, Any] = self._refusal(method)
+        error = self.refusal(_api(method))
+        if error is not None:
+            refusal: grpc.RpcMethodHandler[Any, Any] = self._refusal(method, error)
             return refusal
         handler = await continuation(handler_call_details)
         if handler is None:
@@ -133,20 +134,43 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
         """Answer the held refusals: call this once gRPC's shutdown has begun."""
         self._released.set()
 
-    def _refusal(self, method: str) -> Any:
-        api = _api(method)
-        error: TlserveError
+    def refusal(self, api: str) -> TlserveError | None:
+        """Why a new inference call is refused now (counted), or None: it may enter."""
         if self.closing:
-            error = Unavailable("the server is shutting down; retry on another replica")
-        else:
-            self._on_refused(api, Overloaded.code.name)
-            why = (
-                f"the server is working on {self.inflight} inference calls, its limit"
-                if self.inflight >= self.limit
-                else "the queues hold more work than --max-queue-time"
-            )
-            error = Overloaded(f"{why}; retry later", retry_after=self._retry_after())
+            return Unavailable("the server is shutting down; retry on another replica")
+        full = self.inflight >= self.limit
+        if not full and not self._over_time():
+            return None
+        self._on_refused(api, Overloaded.code.name)
+        why = (
+            f"the server is working on {self.inflight} inference calls, its limit"
+            if full
+            else "the queues hold more work than --max-queue-time"
+        )
+        return Overloaded(f"{why}; retry later", retry_after=self._retry_after())
 
+    def lateness(self, api: str, seconds_left: float | None) -> DeadlineExceeded | None:
+        """DEADLINE_EXCEEDED (counted) if no serving model can answer in time, else None."""
+        verdict = None if seconds_left is None else self._too_late(seconds_left)
+        if verdict is None or seconds_left is None:
+            return None
+        model, seconds = verdict
+        self._on_refused(api, DeadlineExceeded.code.name)
+        return DeadlineExceeded(
+            f"no model can answer in time: model {model!r} has about {seconds * 1e3:.0f} ms "
+            f"of work ahead of a new request and the deadline is in {seconds_left * 1e3:.0f} ms"
+        )
+
+    @contextlib.contextmanager
+    def admitted(self, api: str, seconds_left: float | None) -> Iterator[None]:
+        """For another edge (HTTP): raise the refusal, else hold one unit of the bound."""
+        error = self.refusal(api) or self.lateness(api, seconds_left)
+        if error is not None:
+            raise error
+        with self._holding():
+            yield
+
+    def _refusal(self, method: str, error: TlserveError) -> Any:
         async def refuse(requests: Any, context: _Context) -> NoReturn:
             if self.closing:
                 await self._released.wait()
@@ -217,17 +241,9 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
             self.bound.update(self.inflight)
 
     async def _refuse_if_late(self, api: str, context: _Context) -> None:
-        left = context.time_remaining()
-        verdict = None if left is None else self._too_late(left)
-        if verdict is None:
-            return
-        model, seconds = verdict
-        error = DeadlineExceeded(
-            f"no model can answer in time: model {model!r} has about {seconds * 1e3:.0f} ms "
-            f"of work ahead of a new request and the deadline is in {left * 1e3:.0f} ms"
-        )
-        self._on_refused(api, error.code.name)
-        await context.abort(error.code, str(error))
+        error = self.lateness(api, context.time_remaining())
+        if error is not None:
+            await context.abort(error.code, str(error))
 
 
 async def _only_message(requests: AsyncIterator[Any], context: _Context) -> Any:

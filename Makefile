@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint typecheck image-test proto wheel bench bench-train bench-serve bench-calibration bench-ood bench-overload bench-auto k8s image clean
+.PHONY: setup demo test browser lint typecheck image-test proto wheel bench bench-train bench-serve bench-calibration bench-ood bench-overload bench-auto k8s image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m tlserve.cli.demo
 
-test: lint typecheck image-test
+test: lint typecheck image-test browser
 	$(VENV)/bin/pytest -m "not image"
+
+# Chromium and its driver for tests/server/test_page.py (the model page in a real
+# browser); quick when they are there. CI runs as root on Debian.
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -156,6 +156,7 @@ def _run_container(image: str, repo: Path) -> Iterator[Container]:
         "--env", "TLSERVE_HOST=127.0.0.1",
         "--env", f"TLSERVE_GRPC_PORT={grpc_port}",
         "--env", f"TLSERVE_METRICS_PORT={metrics_port}",
+        "--env", f"TLSERVE_HTTP_PORT={_free_port()}",  # not the image's 8000 on the host
         # The image's HEALTHCHECK runs `tlserve health`, which reads this.
         "--env", f"TLSERVE_TARGET={target}",
         image,

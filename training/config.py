@@ -16,11 +16,12 @@ from typing import Any
 from tlserve.training.backbone.backbones import DEFAULT_BACKBONE
 from tlserve.training.features.cache import default_cache_dir
 
-__all__ = ["DEFAULT_TIME_BUDGET_CPU", "DEFAULT_TIME_BUDGET_GPU", "TrainConfig", "cache_root"]
+__all__ = ["DEFAULT_TIME_BUDGET_GPU", "TrainConfig", "cache_root"]
 
-# `auto`'s default budget, in seconds. On 2 CPU cores the example data's
-# frozen candidates fit in about a minute; a GPU fine-tunes in that budget.
-DEFAULT_TIME_BUDGET_CPU = 60.0
+# `auto`'s default budget with a GPU, in seconds: it fine-tunes in that. On a
+# CPU the default is sized to the data by train()
+# (tlserve.training.fit.strategies.budget: from the image count and the
+# backbone's measured forward time).
 DEFAULT_TIME_BUDGET_GPU = 900.0
 
 
@@ -42,7 +43,8 @@ class TrainConfig:
     ``cache_dir``; ``resume`` continues an interrupted ``finetune``/
     ``scratch``. ``time_budget`` (seconds, for the whole run) bounds what
     ``auto`` tries and stops training epochs that would pass it; None means
-    :meth:`budget`'s default for ``auto`` and no limit otherwise. ``workers``
+    :meth:`budget`'s default for ``auto`` (on a CPU: sized to the data) and no
+    limit otherwise. ``workers``
     is the number of image decoding processes.
     """
 
@@ -85,9 +87,13 @@ class TrainConfig:
         return self.cache_dir / "checkpoints"
 
     def budget(self, *, gpu: bool) -> float | None:
-        """Seconds this run may take: ``time_budget``, else ``auto``'s default, else None."""
+        """Seconds this run may take: ``time_budget``, else ``auto``'s GPU default, else None.
+
+        None for ``auto`` on a CPU: its default is sized to the data when the
+        data is known (``train()``, :mod:`~tlserve.training.fit.strategies.budget`).
+        """
         if self.time_budget is not None:
             return self.time_budget
-        if self.strategy != "auto":
+        if self.strategy != "auto" or not gpu:
             return None
-        return DEFAULT_TIME_BUDGET_GPU if gpu else DEFAULT_TIME_BUDGET_CPU
+        return DEFAULT_TIME_BUDGET_GPU

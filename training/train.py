@@ -38,7 +38,8 @@ from tlserve.training.fit.heads import Head, softmax, with_temperature
 from tlserve.training.fit.heldout import calibration_sets, held_out_logits
 from tlserve.training.fit.loops import rank_and_world
 from tlserve.training.fit.strategies import FitContext, FittedHead, create_strategy
-from tlserve.training.fit.strategies.auto import probe_layers
+from tlserve.training.fit.strategies.auto import AutoStrategy, probe_layers
+from tlserve.training.fit.strategies.budget import default_budget
 from tlserve.training.report.files import report_files
 from tlserve.training.report.record import REPORT_FILENAME, ChosenRecord, DataRecord, RunRecord
 from tlserve.training.report.result import TrainResult
@@ -89,6 +90,13 @@ def train(config: TrainConfig | Path, /, **settings: Any) -> TrainResult:
     )
     budget = config.budget(gpu=torch.cuda.is_available())
     context = _fit_context(config, dataset, net, budget)
+    budget_rule = ""
+    if budget is None and config.strategy == "auto":  # sized to the data, said up front
+        auto = chosen if isinstance(chosen, AutoStrategy) else AutoStrategy()
+        plan = default_budget(context, candidates=len(auto.trained), rung_epochs=auto.rung_epochs)
+        budget, budget_rule = plan.seconds, plan.reason
+        context.deadline = time.monotonic() + budget
+        log.info("time budget %.0f s (auto's default for this data: %s)", budget, budget_rule)
     data_check, context = check_before_training(
         context, seed=config.seed, drop_duplicates=config.drop_duplicates
     )
@@ -104,6 +112,7 @@ def train(config: TrainConfig | Path, /, **settings: Any) -> TrainResult:
             reason=fitted.reason,
             params=dict(fitted.params),
             time_budget=budget,
+            budget_rule=budget_rule,
             seed=config.seed,
             balanced=context.balanced,
             history=fitted.history,
@@ -141,8 +150,10 @@ def _fit_context(
     balanced = config.balanced
     if balanced is None:
         balanced = bool(counts.max() >= 2 * max(1, counts.min()))
-    if budget is not None:
+    if config.time_budget is not None:
         log.info("time budget %.0f s (--time-budget)", budget)
+    elif budget is not None:
+        log.info("time budget %.0f s (the default with a GPU)", budget)
     context = FitContext(
         classes=dataset.classes,
         backbone=net,

@@ -94,9 +94,14 @@ class OnnxEmbedder:
 def embedder_key(embedder: ImageEmbedder) -> str:
     """A hex digest of what the exported graph depends on."""
     layers = embedder.backbone.layers if isinstance(embedder.backbone, PooledFeatures) else None
+    # Only what the graph holds: the input size and the normalisation. The crop
+    # and the interpolation happen before the graph, so the geometries ``auto``
+    # compares at one size share one export.
+    spec = embedder.preprocessing
+    graph_input = f"{spec.height}x{spec.width} mean {spec.mean} std {spec.std}"
     what = (
         f"onnx-embedder opset {OPSET} torch {torch.__version__} "
-        f"{type(embedder.backbone).__name__} {layers} {embedder.preprocessing}"
+        f"{type(embedder.backbone).__name__} {layers} {graph_input}"
     )
     digest = hashlib.sha256(what.encode())
     for name, tensor in embedder.state_dict().items():

@@ -31,6 +31,11 @@ def report_markdown(record: RunRecord, files: Sequence[str]) -> str:
         chosen.reason or f"chosen by the user: {chosen.strategy}",
         "",
     ]
+    if chosen.time_budget is not None:
+        rule = (
+            f" (auto's default for this data: {chosen.budget_rule})" if chosen.budget_rule else ""
+        )
+        lines += [f"Time budget {chosen.time_budget:.0f} s{rule}.", ""]
     if record.candidates:
         winner = str(chosen.params.get("auto_winner", ""))
         lines += ["## Candidates", "", *candidates_table(record.candidates, winner), ""]

@@ -52,6 +52,7 @@ class ChosenRecord:
     reason: str = ""
     params: Mapping[str, float | int | str] = field(default_factory=dict)
     time_budget: float | None = None
+    budget_rule: str = ""  # how auto's default budget was sized ("": given, or none)
     seed: int = 0
     balanced: bool = False
     history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
@@ -150,6 +151,7 @@ class RunRecord:
             "reason": chosen.reason,
             "candidates": [c.to_dict() for c in self.candidates],
             "time_budget": chosen.time_budget,
+            "budget_rule": chosen.budget_rule,
             "seed": chosen.seed,
             "balanced": chosen.balanced,
             "params": dict(chosen.params),
@@ -196,6 +198,7 @@ class RunRecord:
                 reason=str(found.get("reason") or ""),
                 params=found.get("params", {}),
                 time_budget=found.get("time_budget"),
+                budget_rule=str(found.get("budget_rule") or ""),
                 seed=int(found.get("seed", 0)),
                 balanced=bool(found.get("balanced", False)),
                 history=found.get("history") or [],

@@ -1,10 +1,17 @@
 """``auto``: try the candidates on one validation protocol, keep the measured best, say why.
 
+First the input geometry (:meth:`AutoStrategy._geometry`): the last-layer
+probe at the backbone's resize and centre crop, at the whole image, and at a
+larger size when the images have the pixels for it, on the same folds; the
+winner's geometry is used from then on and exported in the model card.
+
 Candidates, cheapest first:
 
 1. ``linear`` on the last layer, on an earlier stage (``earlier``) and on
    the pooled stages concatenated (``multi``): scored out of fold on the
    same stratified folds of the training images, all from one forward pass;
+   and, when two or more of them are within noise of the best,
+   ``linear@combined``, their average (:mod:`~tlserve.training.fit.strategies.ties`);
 2. ``trees`` on the last layer, on the same folds, if the time budget allows
    (its cost is projected from one timed fit);
 3. ``finetune`` and ``scratch``, scored on one validation slice held out of
@@ -32,19 +39,24 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-
 from tlserve.training.backbone.backbones import Backbone
 from tlserve.training.backbone.layers import MULTI, Layer, Layers, format_layer, parse_layer
-from tlserve.training.data.folders import DataError
-from tlserve.training.features.extract import load_images
 from tlserve.training.fit.heads import head_logits
 from tlserve.training.fit.selection import Score, select
 from tlserve.training.fit.strategies.base import FitContext, FittedHead
+from tlserve.training.fit.strategies.budget import EMBED_PER_FORWARD, TRAIN_STEP_FORWARDS
 from tlserve.training.fit.strategies.finetune import FineTune, Scratch
+from tlserve.training.fit.strategies.geometry import describe_geometry, measure_geometry
 from tlserve.training.fit.strategies.linear import LinearProbe
 from tlserve.training.fit.strategies.run import BackboneRun
 from tlserve.training.fit.strategies.scenarios import choose, measure
+from tlserve.training.fit.strategies.scoring import (
+    COMBINED,
+    forward_ms,
+    frozen_score,
+    progress,
+)
+from tlserve.training.fit.strategies.ties import combine_candidate
 from tlserve.training.fit.strategies.trees import TreeProbe
 from tlserve.training.fit.strategies.validation import prepare_run_images
 
@@ -52,13 +64,8 @@ __all__ = ["AutoStrategy", "probe_layers"]
 
 log = logging.getLogger(__name__)
 
-# Tie-break order: cheaper to train (and, for trees, to serve) first. The whole
-# part is the tier (selection.select): linear heads on any layer are tier 1.
-_COST = {"linear": 1.0, "linear@multi": 1.2, "trees": 2.0}
-_EARLIER_COST = 1.1
 _TRAINED_COST = {"finetune": 3.0, "scratch": 3.1}
-# A training step (forward + backward + update) costs about three forwards.
-_TRAIN_STEP_FORWARDS = 3.0
+_TREES_MIN_SECONDS = 120.0  # left in the budget to start trees' one timed fit
 _EXPORT_SECONDS = 10.0  # export, its check, and publishing, on 2 cores
 
 
@@ -85,21 +92,32 @@ class AutoStrategy:
         if staged:
             frozen += [(f"linear@{format_layer(earlier)}", earlier), ("linear@multi", MULTI)]
         # One forward pass embeds every layer the candidates use (FitContext.probe_layers).
-        _progress(context, f"embedding {len(context.splits['train'])} training images")
-        serve_ms = _forward_ms(context)
-        reserve = _EXPORT_SECONDS + serve_ms / 1000 * sum(
+        progress(context, f"embedding {len(context.splits['train'])} training images")
+        serve_ms = forward_ms(context)
+        reserve = _EXPORT_SECONDS + EMBED_PER_FORWARD * serve_ms / 1000 * sum(
             len(context.splits.get(s, [])) for s in ("val", "test")
         )
         deadline = None if context.deadline is None else context.deadline - reserve
+        notes: list[str] = []
+        # The input geometry first: the last-layer probe at each, on the same folds.
         fits: dict[str, FittedHead] = {}
         scores: list[Score] = []
-        for name, layer in frozen:
-            _progress(context, f"trying {name} ({self.folds}-fold CV)")
+        geometry = measure_geometry(context, self.folds, serve_ms, deadline, notes)
+        fits["linear"], linear_score = geometry.fitted, geometry.score
+        scores.append(linear_score)
+        if geometry.forward_ms is not None:
+            serve_ms = geometry.forward_ms
+        for name, layer in frozen[1:]:
+            progress(context, f"trying {name} ({self.folds}-fold CV)")
             started = time.perf_counter()
             fitted = LinearProbe(layer=layer, folds=self.folds).fit(context)
             fits[name] = fitted
             seconds = time.perf_counter() - started
-            scores.append(_frozen_score(context, name, fitted, seconds, serve_ms))
+            scores.append(frozen_score(context, name, fitted, seconds, serve_ms))
+        combined = combine_candidate(context, fits, scores, serve_ms, notes)
+        if combined is not None:
+            fits[COMBINED], score = combined
+            scores.append(score)
         probes = {s.name: s.accuracy for s in scores}
         earlier_name = f"linear@{format_layer(earlier)}"
         m = measure(context, probes.get("linear"), probes.get(earlier_name), format_layer(earlier))
@@ -109,14 +127,17 @@ class AutoStrategy:
             margin=self.margin,
             min_confidence=self.min_confidence,
         )
-        notes: list[str] = [f"Four-scenario table: {scenario}"]
+        notes.insert(0, f"Four-scenario table: {scenario}")
+        order = sorted(self.trained, key=lambda n: (n != prior, _TRAINED_COST.get(n, 9.0)))
         if self.trees:
-            _progress(context, "trying trees (if one fit and its folds fit in the budget)")
-            tree = self._trees(context, serve_ms, deadline, notes)
+            progress(context, "trying trees (if one fit and its folds fit in the budget)")
+            # Trees never take the time a trained candidate's first rung needs.
+            first_rung = self._first_rung(context, serve_ms) if order else 0.0
+            before = None if deadline is None else deadline - first_rung
+            tree = self._trees(context, serve_ms, before, notes)
             if tree is not None:
                 fits["trees"], score = tree
                 scores.append(score)
-        order = sorted(self.trained, key=lambda n: (n != prior, _TRAINED_COST.get(n, 9.0)))
         probe_c = float(fits["linear"].params["C"])
         runs = self._race(context, order, probe_c, serve_ms, deadline, notes) if order else {}
         scores += [_trained_score(name, run, serve_ms) for name, run in runs.items()]
@@ -125,7 +146,7 @@ class AutoStrategy:
         chosen = runs[winner].finish() if winner in runs else fits[winner]
         reason = f"{selection.reason}. " + " ".join(notes)
         log.info("auto: %s", reason)
-        for score in sorted(scores, key=lambda s: s.cost):
+        for score in sorted([*scores, *geometry.others], key=lambda s: s.cost):
             low, high = score.interval
             log.info(
                 "auto: %-13s %.1f%% [%.1f, %.1f] on %d rows, %.0f s",
@@ -136,20 +157,26 @@ class AutoStrategy:
                 score.n,
                 score.train_seconds,
             )
+        spec = context.backbone.preprocessing
         return FittedHead(
             head=chosen.head,
             embedder=chosen.embedder,
             strategy=chosen.strategy,
             layer=chosen.layer,
             trained_backbone=chosen.trained_backbone,
-            params={**m.as_params(), "auto_winner": winner, **chosen.params},
+            params={
+                **m.as_params(),
+                "auto_winner": winner,
+                "geometry": describe_geometry(spec),
+                **chosen.params,
+            },
             history=chosen.history,
             calibration=chosen.calibration,
             skipped=chosen.skipped,
             lr_curve=chosen.lr_curve,
             val_images=chosen.val_images,
             reason=reason,
-            candidates=tuple(scores),
+            candidates=(*scores, *geometry.others),
         )
 
     def _trees(
@@ -157,8 +184,13 @@ class AutoStrategy:
     ) -> tuple[FittedHead, Score] | None:
         started = time.perf_counter()
         left = math.inf if deadline is None else deadline - time.monotonic()
-        # Spent already: not even the one timed fit (it alone can take minutes).
-        fitted = TreeProbe(folds=self.folds).fit_within(context, left) if left > 0 else None
+        # Not even the one timed fit without the time for it (it alone can take
+        # minutes: 45-60 s on the example data's 1,000 images on 2 loaded cores).
+        fitted = (
+            TreeProbe(folds=self.folds).fit_within(context, left)
+            if left > _TREES_MIN_SECONDS
+            else None
+        )
         if fitted is None:
             notes.append("trees not scored: its cross-validation would pass the time budget.")
             return None
@@ -167,7 +199,7 @@ class AutoStrategy:
         t0 = time.perf_counter()
         head_logits(fitted.head, rows)
         predict_ms = 1000 * (time.perf_counter() - t0) / max(1, len(rows))
-        return fitted, _frozen_score(context, "trees", fitted, seconds, serve_ms + predict_ms)
+        return fitted, frozen_score(context, "trees", fitted, seconds, serve_ms + predict_ms)
 
     def _race(
         self,
@@ -179,8 +211,7 @@ class AutoStrategy:
         notes: list[str],
     ) -> dict[str, BackboneRun]:
         """Successive halving over the trained-backbone candidates, within ``deadline``."""
-        n_train = len(context.splits["train"])
-        first = _TRAIN_STEP_FORWARDS * serve_ms / 1000 * n_train * self.rung_epochs
+        first = self._first_rung(context, serve_ms)
         left = math.inf if deadline is None else deadline - time.monotonic()
         if first > left:
             notes.append(
@@ -189,13 +220,13 @@ class AutoStrategy:
                 f"projected at {first:.0f} s from the measured forward time "
                 "(raise --time-budget to try them)."
             )
-            _progress(context, notes[-1])
+            progress(context, notes[-1])
             return {}
         data = prepare_run_images(context, FineTune.val_fraction)
         runs: dict[str, BackboneRun] = {}
         recipes = {"finetune": FineTune(**self.options), "scratch": Scratch(**self.options)}
         for name in order:
-            _progress(context, f"trying {name}: {self.rung_epochs} epochs")
+            progress(context, f"trying {name}: {self.rung_epochs} epochs")
             # The head starts from the last-layer probe's C (already chosen by CV).
             run = BackboneRun(recipes[name], context, data, probe_c=probe_c)
             run.advance(self.rung_epochs, deadline)
@@ -216,10 +247,15 @@ class AutoStrategy:
                 epochs = min(target - run.epochs_done, affordable)
                 if epochs <= 0 or run.done:
                     continue
-                _progress(context, f"continuing {name} to epoch {run.epochs_done + epochs}")
+                progress(context, f"continuing {name} to epoch {run.epochs_done + epochs}")
                 run.advance(epochs, deadline)
             alive = [n for n in alive if not runs[n].done and runs[n].epochs_done >= target]
         return runs
+
+    def _first_rung(self, context: FitContext, serve_ms: float) -> float:
+        """Seconds projected for one trained candidate's first ``rung_epochs``."""
+        n_train = len(context.splits["train"])
+        return TRAIN_STEP_FORWARDS * serve_ms / 1000 * n_train * self.rung_epochs
 
     def __post_init__(self) -> None:
         unknown = set(self.trained) - set(_TRAINED_COST)
@@ -243,39 +279,6 @@ def probe_layers(backbone: Backbone) -> tuple[Layer, ...]:
     return MULTI if _has_stages(backbone) else (None,)
 
 
-def _forward_ms(context: FitContext) -> float:
-    """Milliseconds per image of the backbone's forward pass, timed on one training batch."""
-    paths = [path for path, _ in context.splits["train"][: context.batch_size]]
-    images = torch.from_numpy(load_images(paths, context.backbone.preprocessing, limit=len(paths)))
-    embedder = context.embedder
-    embedder.eval()
-    with torch.inference_mode():
-        embedder(images[:2])  # warm-up: first-call allocations
-        start = time.perf_counter()
-        embedder(images)
-    return 1000 * (time.perf_counter() - start) / len(images)
-
-
-def _frozen_score(
-    context: FitContext, name: str, fitted: FittedHead, seconds: float, serve_ms: float
-) -> Score:
-    held = fitted.calibration
-    if held is None:  # a class with one image: no folds, nothing to score on
-        raise DataError(f"auto needs two training images per class to score {name}")
-    paths = [str(p) for p in context.features("train", fitted.layer).paths]
-    return Score(
-        name=name,
-        rows=tuple(paths),
-        correct=held.logits.argmax(axis=1) == held.labels,
-        cost=_COST.get(name, _EARLIER_COST),
-        protocol=f"{fitted.params.get('folds', '?')}-fold CV on {len(paths)} training images",
-        train_seconds=seconds,
-        serve_ms_per_image=serve_ms,
-        serve_cost_source="estimated from the backbone's measured forward time",
-        figures={k: v for k, v in fitted.params.items() if k in ("C", "layer", "iterations")},
-    )
-
-
 def _trained_score(name: str, run: BackboneRun, serve_ms: float) -> Score:
     return Score(
         name=name,
@@ -289,8 +292,3 @@ def _trained_score(name: str, run: BackboneRun, serve_ms: float) -> Score:
         serve_cost_source="estimated from the backbone's measured forward time",
         figures={"epochs": run.epochs_done, "best_epoch": run.stopper.best_epoch},
     )
-
-
-def _progress(context: FitContext, what: str) -> None:
-    left = context.seconds_left()
-    log.info("auto [%s]: %s", "no budget" if math.isinf(left) else f"{left:.0f} s left", what)

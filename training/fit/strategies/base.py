@@ -14,6 +14,7 @@ scored). Every strategy exports through the same
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
+from tlserve.contract.card import Preprocessing
 from tlserve.training.backbone.backbones import Backbone
 from tlserve.training.backbone.layers import Layer, Layers, PooledFeatures, format_layer
 from tlserve.training.backbone.modules import ImageEmbedder
@@ -69,6 +71,15 @@ class FitContext:
     def seconds_left(self) -> float:
         """Seconds until ``deadline`` (infinite without one)."""
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def with_preprocessing(self, spec: Preprocessing) -> FitContext:
+        """This context embedding images prepared by ``spec`` (its own features and embedders)."""
+        backbone = dataclasses.replace(self.backbone, preprocessing=spec)
+        return dataclasses.replace(self, backbone=backbone, _cache={}, _embedders={})
+
+    def adopt(self, other: FitContext) -> None:
+        """Embed as ``other`` does from now on (``auto``'s measured geometry), with its features."""
+        self.backbone, self._cache, self._embedders = other.backbone, other._cache, other._embedders
 
     def embedder_for(self, layer: Layers) -> ImageEmbedder:
         if layer not in self._embedders:

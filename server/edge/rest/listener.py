@@ -22,6 +22,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +42,29 @@ MAX_HEADER_BYTES = 32 * 1024
 KEEP_ALIVE_S = 75  # longer than common load balancers' idle timeouts (60 s)
 #: Connections and requests in progress at once; more are answered 503 by uvicorn.
 MAX_CONNECTIONS = 4096
+
+
+class _FewWarnings(logging.Filter):
+    """uvicorn's WARNINGs (one per malformed request) at most once a second, as
+    the gRPC edge logs refused requests: hostile input cannot flood the log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + 1.0
+        return True
+
+
+_UVICORN_LOG = logging.getLogger("uvicorn.error")
+if not any(isinstance(f, _FewWarnings) for f in _UVICORN_LOG.filters):
+    _UVICORN_LOG.addFilter(_FewWarnings())
 
 
 class _BoundedHeaders(HttpToolsProtocol):
@@ -85,8 +109,7 @@ class RestListener:
 
     async def start(self) -> None:
         config = self._config
-        sock = socket.create_server((config.host, config.http_port), reuse_port=False, backlog=2048)
-        sock.setblocking(False)
+        sock = _bind(config.host, config.http_port)
         self.port = int(sock.getsockname()[1])
         uvicorn_config = uvicorn.Config(
             self._app,
@@ -117,6 +140,26 @@ class RestListener:
         self._server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket with Nagle off: its connections answer in two writes
+    (head, body), which Nagle's algorithm and the caller's delayed ACK hold for
+    40 ms. asyncio turns it off itself only on sockets made with proto TCP."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+        sock.bind(address)
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _tls(config: ServerConfig) -> dict[str, Any]:

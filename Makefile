@@ -70,8 +70,13 @@ bench-ood: setup
 	$(PY) bench/ood.py
 
 # auto vs every single strategy on three small real datasets (slow: trains them all).
+# auto against every single strategy: three small sets and two medium ones
+# (1,000 training images at 128 px; Fashion-MNIST from Debian's package).
+# BENCH_AUTO_ARGS="--sets medium" (or small) runs a subset.
 bench-auto: setup
-	$(PY) bench/auto.py
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	$(PY) bench/auto.py $(BENCH_AUTO_ARGS)
 
 # Goodput under 10x overload (2,000 calls in flight, 2 s deadlines) against a
 # `tlserve serve` process, and how fast a light caller is refused.

@@ -10,8 +10,8 @@ warmup, then cosine), stepped per optimiser update.
 
 from __future__ import annotations
 
+import copy
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ from timm.scheduler.scheduler import Scheduler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from tlserve.training.fit.precision import autocast
+from tlserve.training.fit.precision import autocast, choose_precision
 
 __all__ = [
     "AUGMENT_PRESETS",
@@ -34,9 +34,10 @@ __all__ = [
     "augment_for",
     "cosine_schedule",
     "evaluate_logits",
-    "find_lr",
     "is_grayscale",
+    "measured_precision",
     "rank_and_world",
+    "step_speed",
     "train_one_epoch",
 ]
 
@@ -162,6 +163,7 @@ def train_one_epoch(
     steps_done: int = 0,
     deadline: float | None = None,
     precision: str = "float32",
+    after_step: Callable[[], None] | None = None,
 ) -> EpochStats:
     """One pass over this rank's share of ``images``; returns mean loss and accuracy.
 
@@ -170,7 +172,8 @@ def train_one_epoch(
     epoch stops with :class:`OutOfTime` as soon as its measured pace says it
     would end after it. Batches go to the model's device; ``precision``
     (``float32`` or ``bf16``, :mod:`~tlserve.training.fit.precision`) is how
-    the forward and loss run.
+    the forward and loss run. ``after_step`` runs after every optimiser
+    update (the run's weight average).
     """
     device = _device_of(model)
     start = time.perf_counter()
@@ -195,6 +198,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step_update(steps_done + step + 1)
+        if after_step is not None:
+            after_step()
         total_loss += float(loss.detach()) * len(y)
         correct += int((logits.detach().argmax(1) == y).sum())
         seen += len(y)
@@ -204,6 +209,55 @@ def train_one_epoch(
     return EpochStats(
         total_loss / max(seen, 1), correct / max(seen, 1), seconds, seen / max(seconds, 1e-9)
     )
+
+
+def step_speed(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    loss_fn: torch.nn.Module,
+    precision: str,
+    steps: int = 2,
+) -> float:
+    """Images/s of forward, loss and backward on ``images`` in ``precision`` (one warm-up step).
+
+    Measures a copy of ``model``: the caller's weights, gradients and
+    BatchNorm statistics are untouched.
+    """
+    probe = copy.deepcopy(model)
+    device = _device_of(probe)
+    x = torch.from_numpy(images).to(device)
+    y = torch.from_numpy(labels).to(device)
+    seconds = 0.0
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        with autocast(device, precision):
+            loss = loss_fn(probe(x), y)
+        loss.backward()
+        probe.zero_grad(set_to_none=True)
+        if step:  # the first builds the kernels (oneDNN's bf16 ones on a CPU)
+            seconds += time.perf_counter() - start
+    return steps * len(images) / max(seconds, 1e-9)
+
+
+def measured_precision(
+    network: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    precision: str,
+    *,
+    loss_fn: torch.nn.Module,
+    set_modes: Callable[[], None],
+) -> tuple[str, str]:
+    """(float32 or bf16, why) for training ``network``: timed on ``images`` where it is
+    worth timing (:func:`~tlserve.training.fit.precision.choose_precision`)."""
+
+    def speed(name: str) -> float:
+        set_modes()
+        return step_speed(network, images, labels, loss_fn=loss_fn, precision=name)
+
+    return choose_precision(precision, _device_of(network), speed)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -220,57 +274,3 @@ def evaluate_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int)
             batch = torch.from_numpy(images[start : start + batch_size]).to(device)
             chunks.append(model(batch).float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-
-
-def find_lr(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    loss_fn: torch.nn.Module,
-    augment: Augment,
-    batch_size: int,
-    seed: int,
-    set_modes: Callable[[], None],
-    steps: int = 40,
-    low: float = 1e-6,
-    high: float = 1.0,
-) -> tuple[float, list[tuple[float, float]]]:
-    """fastai-style LR range test; the model and optimiser are restored afterwards.
-
-    The multiplier grows exponentially from ``low`` to ``high`` over ``steps``
-    batches, scaling every group's LR (so discriminative ratios are kept);
-    stops once the smoothed loss exceeds 4x its minimum. Returns the
-    suggestion (the multiplier at the minimum smoothed loss / 10) and the curve.
-    """
-    device = _device_of(model)
-    model_state = {k: v.clone() for k, v in model.state_dict().items()}
-    optim_state = optimizer.state_dict()
-    base = [group["lr"] for group in optimizer.param_groups]
-    set_modes()
-    curve: list[tuple[float, float]] = []
-    smoothed, best, best_lr = 0.0, math.inf, low
-    rng = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        mult = low * (high / low) ** (step / max(1, steps - 1))
-        for group, lr in zip(optimizer.param_groups, base, strict=True):
-            group["lr"] = lr * mult
-        index = torch.randint(len(images), (batch_size,), generator=rng).numpy()
-        x = augment(torch.from_numpy(images[index])).to(device)
-        loss = loss_fn(model(x), torch.from_numpy(labels[index]).to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        smoothed = 0.9 * smoothed + 0.1 * float(loss.detach())
-        value = smoothed / (1 - 0.9 ** (step + 1))
-        curve.append((mult, value))
-        if value < best:
-            best, best_lr = value, mult
-        if not math.isfinite(value) or value > 4 * best:
-            break
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(optim_state)
-    for group, lr in zip(optimizer.param_groups, base, strict=True):
-        group["lr"] = lr
-    return best_lr / 10.0, curve

@@ -34,3 +34,4 @@ class Recipe:
     pretrained: bool = True
     val_fraction: float = 0.15  # carved from train when there is no val/
     precision: str = "auto"  # float32, bf16 or auto (tlserve.training.fit.precision)
+    weight_average: str = "ema"  # ema (scored beside the raw weights, kept if better) or none

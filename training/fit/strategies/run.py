@@ -4,7 +4,9 @@
 end; ``auto`` advances several a little at a time and keeps only the leaders
 (successive halving). After every epoch the run scores its validation images
 (:mod:`~tlserve.training.fit.strategies.validation`); :meth:`BackboneRun.finish`
-restores the best epoch, not the last.
+restores the best epoch, not the last, of the raw weights or of their moving
+average, whichever scored better
+(:mod:`~tlserve.training.fit.strategies.averaging`).
 """
 
 from __future__ import annotations
@@ -23,22 +25,24 @@ from tlserve.training.fit.loops import (
     OutOfTime,
     augment_for,
     cosine_schedule,
-    find_lr,
+    measured_precision,
     rank_and_world,
     train_one_epoch,
 )
-from tlserve.training.fit.precision import resolve_precision, training_device
-from tlserve.training.fit.strategies.base import (
-    FitContext,
-    FittedHead,
-    HeldOutLogits,
-    class_weights,
-)
+from tlserve.training.fit.lr_finder import suggest_lr
+from tlserve.training.fit.precision import training_device
+from tlserve.training.fit.strategies.averaging import BestWeights
+from tlserve.training.fit.strategies.base import FitContext, FittedHead, HeldOutLogits
 from tlserve.training.fit.strategies.checkpoint import load_checkpoint, save_checkpoint
-from tlserve.training.fit.strategies.linear import fit_logistic_regression
-from tlserve.training.fit.strategies.network import Network, param_groups, reset_parameters
+from tlserve.training.fit.strategies.network import (
+    Network,
+    loss_function,
+    param_groups,
+    probe_head,
+    reset_parameters,
+)
 from tlserve.training.fit.strategies.recipe import Recipe
-from tlserve.training.fit.strategies.validation import EarlyStopping, PreparedImages, validate
+from tlserve.training.fit.strategies.validation import EarlyStopping, PreparedImages
 
 __all__ = ["BackboneRun"]
 
@@ -71,26 +75,23 @@ class BackboneRun:
         if not recipe.pretrained:
             reset_parameters(module)
         self.params: dict[str, float | int | str] = {"max_epochs": recipe.epochs, "bn": recipe.bn}
-        head = self._head(probe_c)
+        head, probe_c = probe_head(context, data, recipe, probe_c)
+        if probe_c is not None:
+            self.params["probe_C"] = probe_c
         self.device = training_device()
-        self.precision = resolve_precision(recipe.precision, self.device)
-        self.params["precision"] = f"{self.precision} on {self.device.type}"
         self.network = Network(ImageEmbedder(module, spec), head).to(self.device)
         groups, self.frozen = param_groups(self.network, recipe)
         self.params["trainable_parameters"] = sum(p.numel() for g in groups for p in g["params"])
-        n_classes = len(context.classes)
-        weight = (
-            torch.tensor(class_weights(data.labels, n_classes), dtype=torch.float32)
-            if context.balanced
-            else None
-        )
-        self.loss_fn = torch.nn.CrossEntropyLoss(
-            weight=None if weight is None else weight.to(self.device),
-            label_smoothing=recipe.label_smoothing,
-        )
+        self.loss_fn = loss_function(context, data.labels, recipe, self.device)
         kind = augment_for(recipe.augment, data.images[:64])
         self.params["augment"] = kind
         self.augment = Augment((spec.height, spec.width), kind=kind)
+        size = context.batch_size
+        self.precision, why = measured_precision(
+            self.network, data.images[:size], data.labels[:size], recipe.precision,
+            loss_fn=self.loss_fn, set_modes=self._set_modes,
+        )  # fmt: skip
+        self.params["precision"] = f"{self.precision} on {self.device.type} ({why})"
         self.model: torch.nn.Module = self.network
         if rank_and_world()[1] > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -105,33 +106,31 @@ class BackboneRun:
         self.steps_per_epoch = max(1, len(data.images) // rank_and_world()[1] // context.batch_size)
         total = self.steps_per_epoch * recipe.epochs
         self.scheduler = cosine_schedule(self.optimizer, total, int(recipe.warmup_fraction * total))
-        self.stopper = EarlyStopping(recipe.patience)
+        self.best = BestWeights(
+            self.network,
+            recipe.patience,
+            average=recipe.weight_average,
+            steps_per_epoch=self.steps_per_epoch,
+        )
         self.history: list[dict[str, float]] = []
         self.epochs_done = 0
         self.stopped_early = self.out_of_time = False
         self.train_seconds = 0.0
         self.images_per_second: float | None = None
+        self.planned_epochs = recipe.epochs
         if context.checkpoint_dir is not None and context.resume:
             self._resume()
+        if probe_c is not None and not self.epochs_done and len(data.val_labels):
+            # Epoch 0 is the probe itself: a fine-tune that never beats it on
+            # validation ends as the probe, not as a worse network.
+            start: dict[str, float] = {}
+            self.best.score(0, self.network, data, start)
+            self.params["probe_val_accuracy"] = round(start["val_accuracy"], 6)
 
-    def _head(self, probe_c: float | None) -> torch.nn.Module:
-        context = self.context
-        if not (self.recipe.probe_head and self.recipe.pretrained):
-            return torch.nn.Linear(context.backbone.feature_dim, len(context.classes))
-        train = context.features("train")
-        val = set(self.data.val_rows)
-        keep = np.array([str(p) not in val for p in train.paths], dtype=bool)
-        probe = fit_logistic_regression(
-            train.embeddings[keep],
-            train.labels[keep],
-            classes=context.classes,
-            c_grid=(probe_c,) if probe_c is not None else (0.001, 0.01, 0.1, 1.0, 10.0),
-            folds=5 if probe_c is None else 0,
-            seed=context.seed,
-            balanced=context.balanced,
-        )
-        self.params["probe_C"] = probe.c if probe_c is None else probe_c
-        return probe.linear.train()
+    @property
+    def stopper(self) -> EarlyStopping:
+        """The early stopping of the weights the run keeps (the average's if it scored better)."""
+        return self.best.kept
 
     def _set_modes(self) -> None:
         self.network.train()
@@ -144,25 +143,16 @@ class BackboneRun:
     def _learning_rate(self, groups: list[dict[str, Any]]) -> float:
         if self.recipe.lr != "auto":
             return float(self.recipe.lr)
-        scaled = [{**g, "lr": float(g["lr_scale"])} for g in groups]
-        finder = torch.optim.AdamW(scaled, weight_decay=self.recipe.weight_decay)
-        lr, self.lr_curve = find_lr(
-            self.model,
-            finder,
-            self.data.images,
-            self.data.labels,
-            loss_fn=self.loss_fn,
-            augment=self.augment,
-            batch_size=self.context.batch_size,
-            seed=self.context.seed,
-            set_modes=self._set_modes,
-        )
-        log.info("LR finder suggests lr=%.2g", lr)
+        lr, self.lr_curve = suggest_lr(
+            self.model, groups, self.data.images, self.data.labels, self.recipe.weight_decay,
+            loss_fn=self.loss_fn, augment=self.augment, batch_size=self.context.batch_size,
+            seed=self.context.seed, set_modes=self._set_modes,
+        )  # fmt: skip
         return lr
 
     @property
     def done(self) -> bool:
-        return self.stopped_early or self.out_of_time or self.epochs_done >= self.recipe.epochs
+        return self.stopped_early or self.out_of_time or self.epochs_done >= self.planned_epochs
 
     @property
     def epoch_seconds(self) -> float | None:
@@ -176,6 +166,8 @@ class BackboneRun:
                 return
             try:
                 self._one_epoch(deadline)
+                if deadline is not None:
+                    self._fit_schedule(deadline)
             except OutOfTime as exc:
                 self.out_of_time = True
                 self.images_per_second = exc.images_per_second
@@ -185,6 +177,19 @@ class BackboneRun:
                     self.epochs_done + 1,
                     exc.projected_seconds,
                 )
+
+    def _fit_schedule(self, deadline: float) -> None:
+        """Shorten the cosine schedule to the epochs that fit before ``deadline`` at the
+        measured pace, so a budget ends on a low learning rate, not midway down."""
+        pace = self.epoch_seconds or float("inf")
+        fit = self.epochs_done + int(max(0.0, deadline - time.monotonic()) // pace)
+        if self.epochs_done < fit < self.planned_epochs:
+            self.planned_epochs = fit
+            self.params["planned_epochs"] = fit
+            self.scheduler.t_initial = max(
+                1, fit * self.steps_per_epoch - int(self.scheduler.warmup_t)
+            )
+            log.info("%s: schedule shortened to %d epochs (time budget)", self.recipe.name, fit)
 
     def _one_epoch(self, deadline: float | None) -> None:
         start = time.perf_counter()
@@ -200,10 +205,11 @@ class BackboneRun:
             batch_size=self.context.batch_size,
             seed=self.context.seed * 1000 + epoch,
             set_modes=self._set_modes,
-            epoch_label=f"{self.recipe.name} epoch {epoch + 1}/{self.recipe.epochs}",
+            epoch_label=f"{self.recipe.name} epoch {epoch + 1}/{self.planned_epochs}",
             steps_done=epoch * self.steps_per_epoch,
             deadline=deadline,
             precision=self.precision,
+            after_step=lambda: self.best.after_step(self.network),
         )
         self.images_per_second = stats.images_per_second
         row = {
@@ -215,18 +221,14 @@ class BackboneRun:
         }
         self.epochs_done += 1
         if len(self.data.val_labels):
-            accuracy, loss, logits = validate(self.network, self.data)
-            row["val_loss"], row["val_accuracy"] = loss, accuracy
-            self.stopped_early = self.stopper.update(
-                epoch + 1, accuracy, loss, self.network, logits
-            )
+            self.stopped_early = self.best.score(epoch + 1, self.network, self.data, row)
         self.history.append(row)
         self.train_seconds += time.perf_counter() - start
         log.info(
             "%s epoch %d/%d: %s",
             self.recipe.name,
             epoch + 1,
-            self.recipe.epochs,
+            self.planned_epochs,
             ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
         )
         if self.context.checkpoint_dir is not None and rank_and_world()[0] == 0:
@@ -237,7 +239,7 @@ class BackboneRun:
                 self.scheduler,
                 self.epochs_done,
                 self.history,
-                extra={"stopper": self.stopper.state(), "stopped_early": self.stopped_early},
+                extra={**self.best.state(), "stopped_early": self.stopped_early},
             )
 
     def _resume(self) -> None:
@@ -248,7 +250,7 @@ class BackboneRun:
         if state is None:
             return
         self.epochs_done, self.history, extra = state
-        self.stopper.load(extra.get("stopper", {}))
+        self.best.load(extra)
         self.stopped_early = bool(extra.get("stopped_early", False))
         self.params["resumed_from_epoch"] = self.epochs_done
 
@@ -262,7 +264,7 @@ class BackboneRun:
         """The best epoch's network (restored), as a strategy result."""
         self.stopper.restore(self.network)
         self.network.eval().cpu()  # exported and checked on the CPU
-        params = dict(self.params)
+        params = {**self.params, **self.best.params()}
         params["epochs"] = self.epochs_done
         if self.stopper.best_state is not None:
             params["best_epoch"] = self.stopper.best_epoch

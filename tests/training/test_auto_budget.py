@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
 
+from tests.training.shapes import TINY_BACKBONE
+from tlserve.training import train
 from tlserve.training.config import TrainConfig
 from tlserve.training.fit.strategies.budget import (
     CPU_CEILING_SECONDS,
@@ -59,3 +63,25 @@ def test_an_explicit_time_budget_wins(tmp_path: Path) -> None:
     assert TrainConfig(tmp_path, tmp_path, "m").budget(gpu=False) is None  # linear: no limit
     with pytest.raises(ValueError, match="positive"):
         TrainConfig(tmp_path, tmp_path, "m", time_budget=0)
+
+
+@pytest.mark.slow
+def test_train_prints_the_default_budget_and_the_report_keeps_its_rule(
+    shapes_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tlserve.training.train")
+    result = train(
+        shapes_folder,
+        model_repository=tmp_path / "models",
+        name="budget",
+        strategy="auto",
+        backbone=TINY_BACKBONE,
+        workers=0,
+        cache=False,
+        options={"trained": (), "trees": False},
+    )
+    said = [r.getMessage() for r in caplog.records if "auto's default for this data" in r.message]
+    assert said and "no trained candidate asked for" in said[0]
+    report = json.loads((result.version_dir / "report.json").read_text())
+    assert report["time_budget"] > 0 and "frozen heads and geometry" in report["budget_rule"]
+    assert "Time budget" in (result.version_dir / "report.md").read_text()

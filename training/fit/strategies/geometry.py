@@ -7,9 +7,10 @@ scores the last-layer linear probe at each candidate geometry
 (:func:`geometry_candidates`) on the same folds as every head, and the
 context adopts the winner: every later candidate (heads, trained backbones)
 uses it, and the exported model card carries it, so the server prepares
-images as training measured. A geometry of the same size wins on a better
-point estimate (the same serving cost); a larger one is a dearer tier and
-must win by more than one standard error (:func:`~tlserve.training.fit.selection.select`).
+images as training measured. Another geometry replaces the backbone's only
+when it beats it by more than one standard error of the paired difference
+(:func:`geometry_score` puts each in a dearer tier for
+:func:`~tlserve.training.fit.selection.select`).
 """
 
 from __future__ import annotations
@@ -103,9 +104,15 @@ def source_side(paths: Sequence[Path], sample: int = 25) -> float | None:
 def geometry_score(
     score: Score, spec: Preprocessing, base: Preprocessing, chosen: bool = False
 ) -> Score:
-    """``score`` named for its geometry; a larger input is a dearer tier (it must win by 1 SE)."""
+    """``score`` named for its geometry, in its tier: another must beat the backbone's by 1 SE.
+
+    The backbone's own geometry is tier 1, the whole image tier 2 (switching
+    costs another pass over the held-out images, and a point estimate inside
+    the noise is the coin flip the near-tie rule avoids), a larger input
+    tier 3 (it also costs more to serve).
+    """
     larger = spec.height * spec.width > base.height * base.width
-    cost = 2.0 if larger else 1.0 + (0.0 if spec == base else 0.05)
+    cost = 3.0 if larger else 1.0 if spec == base else 2.0
     name = f"linear, {describe_geometry(spec)}" + (" (adopted)" if chosen else "")
     return dataclasses.replace(
         score, name=name, cost=cost, figures={**score.figures, "geometry": describe_geometry(spec)}

@@ -241,3 +241,14 @@ def test_503_while_draining_then_closing(bounded: ServerThread) -> None:
     answer = call(port, "POST", "/v2/models/tiny/infer", infer_json(IMAGES))
     assert answer.status == 503 and "shutting down" in answer.json()["error"]
     bounded.running.admission.release()
+
+
+def test_the_http_port_setting(tmp_path: Path) -> None:
+    from tlserve.server.config import ConfigError, ServerConfig
+
+    repo = {"TLSERVE_MODEL_REPOSITORY": str(tmp_path)}
+    assert ServerConfig.load(environ=repo).http_port == 8000  # Triton's
+    assert ServerConfig.load(environ={**repo, "TLSERVE_HTTP_PORT": "0"}).http_port == 0
+    assert ServerConfig.load({"http_port": 9000}, environ=repo).http_port == 9000
+    with pytest.raises(ConfigError, match="TLSERVE_HTTP_PORT"):
+        ServerConfig.load({"http_port": 70000}, environ=repo)

@@ -121,6 +121,7 @@ class RestListener:
             access_log=False,
             log_config=None,
             server_header=False,
+            proxy_headers=False,  # no X-Forwarded-For rewriting: nothing here reads the peer
             timeout_keep_alive=KEEP_ALIVE_S,
             timeout_graceful_shutdown=max(1, int(config.grace)),
             limit_concurrency=MAX_CONNECTIONS,

@@ -133,7 +133,9 @@ def int8_model(float_path: Path) -> tuple[Path, dict[str, object]]:
     figures_file = path.with_name("figures.json")
     # Remade when the code that makes it changes (a stale variant would measure old code).
     made_by = hashlib.sha256(
-        b"".join(f.read_bytes() for f in (ROOT / "training" / "int8.py", Path(__file__)))
+        b"".join(
+            f.read_bytes() for f in (ROOT / "training" / "artifact" / "int8.py", Path(__file__))
+        )
     ).hexdigest()
     if path.is_file() and figures_file.is_file():
         cached = json.loads(figures_file.read_text())

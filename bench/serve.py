@@ -10,7 +10,10 @@ batch size, batch-1 p50/p99) and served float32 and int8 with raw uint8
 tensors, asking for ``probabilities``: over V2 ``ModelInfer`` (throughput at
 the best concurrency, p50/p99 at concurrency 1) and over ``ModelStreamInfer``
 (16 requests outstanding on one stream, which saves each image a call's
-setup), from ``serve_client``. Single
+setup), from ``serve_client``; and served float32 over the HTTP edge's KServe
+v2 REST ``infer``, with JSON tensors and with the binary-data extension
+(throughput at the best concurrency, c=1 p50/p99, keep-alive connections,
+from ``http_client``), beside gRPC's. Single
 back-to-back figures drift by +-30% on a shared 2-core machine, so figures
 are medians over passes with their ranges, and ratios are taken within a
 pass. Held-out accuracy of both
@@ -44,6 +47,7 @@ import numpy as np
 
 # Run as a script (`make bench-serve`), so this folder is on sys.path.
 from bench_models import fast_model, int8_model, lite0_model, small_model
+from http_client import served_http
 from serve_client import STREAM_WINDOW, Server, latency_ms, model_settings, served
 
 from tlserve.contract.card import ModelCard
@@ -56,6 +60,7 @@ BATCHES = (1, 8, 32)
 VARIANTS = ("float32", "int8")
 TARGETS = {"lite0": 0.85, "lite0-96": 0.80, "fast": 0.80}
 P50_OVERHEAD_MS = 1.5  # served c=1 p50 over in-process batch-1 p50, at most
+HTTP_FORMS = ("json", "binary")  # KServe v2 REST infer: JSON tensors, binary-data extension
 
 
 def _photo_jpeg(side: int = 640) -> bytes:
@@ -134,6 +139,10 @@ def bench_model(name: str, path: Path, passes: int, seconds: float) -> dict[str,
                 figures[f"served {variant}"] = asyncio.run(
                     served(server.target, models[variant], row, seconds)
                 )
+            for form in HTTP_FORMS:  # the REST edge, float32, beside gRPC's row
+                figures[f"http {form} float32"] = asyncio.run(
+                    served_http(server.http_port, name, row, seconds, binary=form == "binary")
+                )
             runs.append(figures)
             print(f"  pass {index + 1}/{passes} done", flush=True)
     finally:
@@ -168,6 +177,14 @@ def _print(name: str, results: dict[str, Any]) -> None:
             ]
         ratios[f"c=1 p50 overhead {variant} (ms)"] = [
             r[f"served {variant}"]["p50"] - r[f"in-process {variant}"]["p50"] for r in runs
+        ]
+    for form in HTTP_FORMS:
+        ratios[f"http {form}/gRPC unary float32"] = [
+            r[f"http {form} float32"]["throughput"] / r["served float32"]["throughput"]
+            for r in runs
+        ]
+        ratios[f"c=1 p50 http {form} - gRPC (ms)"] = [
+            r[f"http {form} float32"]["p50"] - r["served float32"]["p50"] for r in runs
         ]
     ratios["in-process int8/float32"] = [
         r["in-process int8"]["throughput"] / r["in-process float32"]["throughput"] for r in runs

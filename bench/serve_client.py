@@ -46,11 +46,13 @@ class Server:
 
     def __init__(self, repo: Path, out: Path, env: dict[str, str] | None = None) -> None:
         self.grpc_port, self.metrics_port = _free_port(), _free_port()
+        self.http_port = _free_port()  # the REST edge (bench/http_client.py)
         self.target = f"127.0.0.1:{self.grpc_port}"
         self.log = (out / f"server-{repo.name}.log").open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tlserve.cli.main", "serve", "--model-repository", str(repo),
              "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
+             "--http-port", str(self.http_port),
              "--drain-delay", "0", "--grace", "2"],
             env={**os.environ, "TLSERVE_DEVICE": "cpu", **(env or {})},
             stdout=self.log, stderr=subprocess.STDOUT,

@@ -220,6 +220,15 @@ def test_one_bound_for_both_edges_429_retry_after_and_504(bounded: ServerThread)
     gate.open()
     first.join(timeout=30)
     assert held[0].status == 200
+    text = urllib.request.urlopen(bounded.metrics_url, timeout=5).read().decode()
+    refusals = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "tlserve_requests_total" and s.labels["outcome"] == "RESOURCE_EXHAUSTED"
+        and s.labels["api"] == "RestModelInfer"
+    ]  # fmt: skip
+    assert refusals == [1.0]  # counted once, by the admission, as gRPC's refusals are
 
     gate = install_gate(bounded.running)  # a deadline that passes while the batch runs
     answer = call(port, "POST", "/v2/models/tiny/infer", infer_json(IMAGES), {"Timeout": "0.3"})

@@ -8,7 +8,6 @@ from tlserve.server.config import ServerConfig
 from tlserve.server.core.control import ModelControl
 from tlserve.server.core.inference import InferenceCore
 from tlserve.server.edge.admission import InferenceAdmission
-from tlserve.server.edge.rest.admitting import RestAdmission
 from tlserve.server.edge.rest.listener import RestListener
 from tlserve.server.edge.rest.routes import RestApp
 
@@ -26,22 +25,10 @@ async def start_rest(
     """Listen for HTTP on ``config.http_port`` (None when it is 0: off)."""
     if config.http_port == 0:
         return None
-    registry = core.registry
-
-    def waits() -> list[float]:
-        return [m.batcher.expected_wait() for n in registry.names() for m in registry.versions(n)]
-
-    def retry_after() -> float:  # the longest drain of any serving queue, as gRPC's hint
-        hints = [m.batcher.retry_after() for n in registry.names() for m in registry.versions(n)]
-        return max(hints, default=0.1)
-
-    def over_time() -> bool:
-        return config.max_queue_time > 0 and max(waits(), default=0.0) > config.max_queue_time
-
     app = RestApp(
         core,
         ModelControl(core),
-        RestAdmission(admission, retry_after, over_time),
+        admission,
         token=token,
         on_denied=lambda why: core.metrics.auth_failures.labels(why).inc(),
     )

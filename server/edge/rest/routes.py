@@ -31,8 +31,8 @@ from tlserve.contract.errors import (
 )
 from tlserve.server.core.control import ModelControl
 from tlserve.server.core.inference import InferenceCore
+from tlserve.server.edge.admission import InferenceAdmission
 from tlserve.server.edge.handling import details, record, refused
-from tlserve.server.edge.rest.admitting import RestAdmission
 from tlserve.server.edge.rest.exchange import (
     BodyTimeout,
     ClientGone,
@@ -77,7 +77,7 @@ class RestApp:
         self,
         core: InferenceCore,
         control: ModelControl,
-        admission: RestAdmission,
+        admission: InferenceAdmission,
         *,
         token: str | None,
         on_denied: Callable[[str], None] = lambda why: None,
@@ -101,13 +101,17 @@ class RestApp:
             return
         started, outcome = time.perf_counter(), outcome_of(None)
         name = exchange.params.get("name", "")
+        refused_on_arrival = False  # then the admission counted it (as gRPC's refusals)
         try:
             self._authenticate(exchange, route)
             if route.api is None:
                 await route.handler(self.handlers, exchange)
                 return
             exchange.deadline = _deadline(exchange)
-            with self.admission.admitted():
+            refused_on_arrival = True
+            # gRPC's bound, messages and deadline rule, before the body is read.
+            with self.admission.admitted(route.api, _seconds_left(exchange.deadline)):
+                refused_on_arrival = False
                 await _within(route.handler(self.handlers, exchange), exchange.deadline)
         except TlserveError as exc:
             outcome = outcome_of(exc)
@@ -121,7 +125,7 @@ class RestApp:
             log.exception("%s %s failed", exchange.method, scope["path"][:200])
             await exchange.error(500, TlserveError(), "internal error; see server logs")
         finally:
-            if route.api is not None:
+            if route.api is not None and not refused_on_arrival:
                 record(self.core, route.api, name, outcome, started)
 
     def _authenticate(self, exchange: Exchange, route: _Route) -> None:
@@ -202,6 +206,10 @@ def _deadline(exchange: Exchange) -> float | None:
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidInput(f"Timeout must be a number of seconds, got {raw[:40]!r}")
     return asyncio.get_running_loop().time() + seconds
+
+
+def _seconds_left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - asyncio.get_running_loop().time()
 
 
 async def _within(work: Awaitable[None], deadline: float | None) -> None:

@@ -108,8 +108,8 @@ class Server:
         self.log = (OUT / "server-overload.log").open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tlserve.cli.main", "serve", "--model-repository", str(repo),
-             "--grpc-port", str(port), "--metrics-port", "0", "--drain-delay", "0",
-             "--grace", "2", "--device", "cpu", *flags],
+             "--grpc-port", str(port), "--metrics-port", "0", "--http-port", "0",
+             "--drain-delay", "0", "--grace", "2", "--device", "cpu", *flags],
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 120

@@ -11,10 +11,12 @@ the server with SIGTERM as Kubernetes would.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,7 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 _BATCH = 16
 
 
-def _start_server(repo: Path, log_file: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _start_server(
+    repo: Path, log_file: Path, http_port: int
+) -> tuple[subprocess.Popen[bytes], str, str]:
     """Start ``tlserve serve`` on free ports; return it, its gRPC target and metrics URL."""
     with log_file.open("wb") as sink:
         process = subprocess.Popen(
@@ -43,6 +53,8 @@ def _start_server(repo: Path, log_file: Path) -> tuple[subprocess.Popen[bytes], 
                 "0",
                 "--metrics-port",
                 "0",
+                "--http-port",
+                str(http_port),
                 "--drain-delay",
                 "1",
             ],
@@ -98,8 +110,9 @@ def run(data_dir: Path, work_dir: Path) -> None:
     print(result.summary())
     print(_data_check_summary(result.version_dir, data_dir))
 
-    print("\n== 2. serve the repository over gRPC")
-    process, target, metrics_url = _start_server(repo, work_dir / "server.log")
+    print("\n== 2. serve the repository over gRPC and HTTP")
+    http_port = _free_port()
+    process, target, metrics_url = _start_server(repo, work_dir / "server.log", http_port)
     try:
         with Client(target) as client:
             client.wait_until_ready(timeout=120)
@@ -108,6 +121,7 @@ def run(data_dir: Path, work_dir: Path) -> None:
                 f"serving 'fashion' version {meta.versions[0]} on {target} "
                 f"({meta.execution_provider}); metrics at {metrics_url}"
             )
+            print(f"the model page (KServe v2 REST beside it): http://127.0.0.1:{http_port}/")
 
             print("\n== 3. classify the test images through the client SDK")
             files = sorted((data_dir / "test").rglob("*.png"))
@@ -139,7 +153,20 @@ def run(data_dir: Path, work_dir: Path) -> None:
             f"p90 {_percentile(latencies, 90):.1f} ms, p99 {_percentile(latencies, 99):.1f} ms"
         )
 
-        print("\n== 4. a few lines of the metrics page")
+        print("\n== 4. the same over HTTP: one image's bytes, as curl would send them")
+        sample = files[0]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v2/models/fashion/classify?top_k=1",
+            data=sample.read_bytes(),
+            headers={"Content-Type": "image/png"},
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=10).read())
+        print(
+            f"  curl --data-binary @{sample.relative_to(data_dir)} -H 'Content-Type: image/png' ..."
+        )
+        print(f"  {json.dumps(answer)[:200]}")
+
+        print("\n== 5. a few lines of the metrics page")
         page = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
         wanted = (
             "tlserve_requests_total{",
@@ -154,7 +181,7 @@ def run(data_dir: Path, work_dir: Path) -> None:
             if line.startswith(wanted):
                 print("  " + line)
     finally:
-        print("\n== 5. SIGTERM: drain and stop")
+        print("\n== 6. SIGTERM: drain and stop")
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
         print(f"server exited with status {code}; its log is {work_dir / 'server.log'}")

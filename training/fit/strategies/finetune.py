@@ -7,7 +7,7 @@ them), then the backbone unfreezes (the last ``unfreeze`` layer groups, or
 all) and trains with AdamW, timm's cosine schedule with warmup, and
 discriminative learning rates (head ``lr``; backbone ``lr *
 backbone_lr_mult``, decaying by ``layer_decay`` per layer group towards the
-stem, timm's layer-wise decay), label smoothing and augmentation chosen for
+stem, timm's layer-wise decay), augmentation chosen for
 the data (``augment="auto"``: crops on grayscale images, crops and colour
 jitter on colour ones; flips only when asked, see
 :class:`~tlserve.training.fit.loops.Augment`). It runs at the backbone's native
@@ -23,12 +23,16 @@ for ``finetune``) keeps every BatchNorm on its pretrained running statistics
 the pretrained weights (default) or from random init (``pretrained=False``).
 
 On a GPU when there is one; ``precision`` (default ``auto``: bfloat16 autocast
-on a GPU, float32 on a CPU, where bf16 steps measured slower) is set out in
+on a GPU, on a CPU only where measured faster on it) is set out in
 :mod:`tlserve.training.fit.precision`. Both run under ``torchrun`` unchanged
 (DistributedDataParallel, each rank on its slice). A checkpoint is written
 every epoch; ``resume`` continues from it. Under a time budget
-(``FitContext.deadline``) training stops before an epoch
-that would end after it, keeping the best epoch so far.
+(``FitContext.deadline``) the schedule is shortened to the epochs that fit
+at the measured pace, and training stops before an epoch that would end
+after it, keeping the best epoch so far. The probe is epoch 0, and a moving
+average of the weights competes with them every epoch
+(:mod:`~tlserve.training.fit.strategies.averaging`); docs/training.md sets
+out the recipe and what it measured.
 """
 
 from __future__ import annotations
@@ -70,3 +74,4 @@ class Scratch(FineTune):
     layer_decay: float = 1.0
     bn: str = "train"
     probe_head: bool = False
+    label_smoothing: float = 0.1  # a random head: smoothing keeps its first logits modest

@@ -84,3 +84,16 @@ def test_without_the_average_nothing_about_it_is_reported(shapes_context: FitCon
     assert "weights" not in fitted.params and "ema_val_accuracy" not in fitted.history[0]
     with pytest.raises(ValueError, match="weight_average must be"):
         FineTune(weight_average="swa").fit(shapes_context)
+
+
+def test_a_fine_tune_that_never_beats_the_probe_ends_as_the_probe_after_half_its_schedule(
+    shapes_context: FitContext,
+) -> None:
+    # lr 0 (and no warm-up from 1e-7): no epoch can beat epoch 0; patience 1
+    # would stop after epoch 1, but early stopping waits for half the schedule.
+    recipe = FineTune(epochs=6, patience=1, lr=0.0, warmup_fraction=0.0, augment="none")
+    fitted = recipe.fit(shapes_context)
+    assert len(fitted.history) == 3
+    assert fitted.params["best_epoch"] == 0
+    assert str(fitted.params["stopped"]).startswith("no gain")
+    assert fitted.params["val_accuracy"] == fitted.params["probe_val_accuracy"]

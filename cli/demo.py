@@ -155,16 +155,17 @@ def run(data_dir: Path, work_dir: Path) -> None:
 
         print("\n== 4. the same over HTTP: one image's bytes, as curl would send them")
         sample = files[0]
+        url = f"http://127.0.0.1:{http_port}/v2/models/fashion/classify?top_k=1"
         request = urllib.request.Request(
-            f"http://127.0.0.1:{http_port}/v2/models/fashion/classify?top_k=1",
-            data=sample.read_bytes(),
-            headers={"Content-Type": "image/png"},
+            url, data=sample.read_bytes(), headers={"Content-Type": "image/png"}
         )
-        answer = json.loads(urllib.request.urlopen(request, timeout=10).read())
+        result = json.loads(urllib.request.urlopen(request, timeout=10).read())["results"][0]
+        top = result["labels"][0]
+        print(f"  curl -H 'Content-Type: image/png' --data-binary @{sample} '{url}'")
         print(
-            f"  curl --data-binary @{sample.relative_to(data_dir)} -H 'Content-Type: image/png' ..."
+            f"  -> {top['label']} ({top['score']:.2f}), "
+            f"out of distribution: {result['out_of_distribution']}"
         )
-        print(f"  {json.dumps(answer)[:200]}")
 
         print("\n== 5. a few lines of the metrics page")
         page = urllib.request.urlopen(metrics_url, timeout=10).read().decode()

@@ -111,17 +111,20 @@ def test_early_stopping_restores_the_best_epoch(shapes_context: FitContext) -> N
     stopper.restore(network)
     assert stopper.best_epoch == 2 and torch.equal(network.weight, states[1])
 
-    # A real run: what finish() hands back scores exactly as its best epoch did.
+    # A real run: what finish() hands back scores exactly as the weights it kept did
+    # (the best epoch's, or their moving average's where that scored better), and
+    # no worse than any epoch's own weights.
     context = shapes_context
     recipe = FineTune(epochs=4, lr=0.05, augment="none", patience=4)
     run = BackboneRun(recipe, context, prepare_run_images(context, 0.3))
     run.advance(4)
     fitted = run.finish()
-    best = int(fitted.params["best_epoch"])
     history = [row["val_accuracy"] for row in fitted.history]
-    assert len(history) == 4 and history[best - 1] == max(history)
+    assert len(history) == 4 and 0 <= int(fitted.params["best_epoch"]) <= 4
+    kept = float(fitted.params["val_accuracy"])
+    assert kept >= max(history) - 1e-6
     accuracy, _, _ = validate(run.network, run.data)
-    assert accuracy == pytest.approx(history[best - 1])
+    assert accuracy == pytest.approx(kept, abs=1e-6)
     assert fitted.calibration is not None and fitted.val_images == len(run.data.val_labels)
 
 

@@ -75,7 +75,9 @@ def test_inference_calls_past_the_bound_are_refused_unread_and_health_still_answ
             held = [stub.ModelInfer.future(_request(seed=i), timeout=30) for i in range(3)]
             gate.wait_entered(1)
             deadline = time.monotonic() + 30
-            while batcher.queued_rows < 2:  # all three are inside the server
+            # All three are inside the server: at the gate or queued behind it
+            # (the first batch may already hold two of them).
+            while gate.rows + batcher.queued_rows < 3:
                 assert time.monotonic() < deadline, "the calls never reached the queue"
                 time.sleep(0.002)
             garbage = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")

@@ -8,9 +8,10 @@ depends on the model and the host. So while a model version warms up,
 (``TLSERVE_TUNE_SECONDS``): each layout (threads x instances filling the
 cores) gets the largest batch that runs within ``TLSERVE_TUNE_LATENCY_CAP``,
 and the layouts are then compared in interleaved, repeated trials. Another
-layout replaces the default (all cores, one instance) only when it wins by
-more than the spread of the repeats (:func:`tuning_search.decide`), so two
-starts on one host choose alike. A serving session narrower than the host
+layout replaces the default (on a CPU, one thread per instance and an
+instance per core: :func:`tuning_search.default_layout`) only when it wins
+by more than the spread of the repeats (:func:`tuning_search.decide`), so
+two starts on one host choose alike. A serving session narrower than the host
 leaves an all-cores session for batches that run alone. The choice and why
 are logged and shown in ``ModelConfig`` and the ``tlserve_model_setting``
 metric.
@@ -47,6 +48,7 @@ from tlserve.server.models.tuning_search import (
     candidate_batches,
     cores,
     decide,
+    default_layout,
     layouts,
     lone_threads,
     measure,
@@ -174,7 +176,8 @@ def tune_model(
     host = cores()
     # On a GPU the thread count matters little, and another session would build
     # its engines again: the loaded one is measured as it is.
-    default = (config.intra_op_threads or (0 if on_gpu else host), config.instances)
+    given = (config.intra_op_threads or (0 if on_gpu else host), config.instances)
+    default = default_layout(*given, host, fixed, on_gpu)
     candidates = layouts(default, host, fixed, on_gpu)
     batches = (
         [config.max_batch_size]

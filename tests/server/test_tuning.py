@@ -19,7 +19,15 @@ from tlserve.protos import grpc_service_pb2_grpc as pb_grpc
 from tlserve.server.config import ServerConfig
 from tlserve.server.models.runtime import OnnxModel, load_model, provider_options
 from tlserve.server.models.tuning import Trial, candidate_batches, decide, tune_model, warm_up
-from tlserve.server.models.tuning_search import ROUNDS, Layout, layouts, lone_threads, search
+from tlserve.server.models.tuning_search import (
+    ROUNDS,
+    Layout,
+    cores,
+    default_layout,
+    layouts,
+    lone_threads,
+    search,
+)
 
 
 def _config(repo: Path, **overrides: object) -> ServerConfig:
@@ -65,7 +73,8 @@ def test_a_search_cut_by_its_time_bound_keeps_the_default(model_repo: Path) -> N
     _, tuning, _ = tune_model(_path(model_repo), config, loader=slow_loader)
     elapsed = time.perf_counter() - started
     assert "time bound reached" in tuning.reason and "fit the time bound" in tuning.reason
-    assert tuning.instances == 1  # the default layout: one repeat is no evidence
+    # The default layout: one repeat is no evidence.
+    assert (tuning.intra_op_threads, tuning.instances) == (1, cores())
     assert elapsed < 2.0  # the bound plus one trial per layout and their session loads
 
 
@@ -107,6 +116,15 @@ def test_a_noisy_near_tie_keeps_the_default_and_a_clear_win_replaces_it() -> Non
     assert decide(steady, default)[0] == default  # a 4% win is within the floor
     assert decide({default: [100.0, 100.0], rival: [200.0, 200.0]}, default)[0] == default
     assert decide({default: [100.0]}, default) == (default, "")  # nothing to compare
+
+
+def test_the_default_layout_is_a_core_per_one_thread_instance_unless_settings_were_given() -> None:
+    # Hosts of any size, not only this one: the AVX2 and the VNNI hosts alike.
+    for host in (2, 4, 16):
+        assert default_layout(host, 1, host, set(), on_gpu=False) == (1, host)
+    assert default_layout(2, 1, 2, {"instances"}, on_gpu=False) == (2, 1)
+    assert default_layout(4, 1, 8, {"intra_op_threads"}, on_gpu=False) == (4, 1)
+    assert default_layout(0, 1, 8, set(), on_gpu=True) == (0, 1)
 
 
 def test_layouts_fill_the_cores_and_keep_what_was_given() -> None:

@@ -11,14 +11,15 @@ The rule (:func:`select`), Breiman's one-standard-error rule made pairwise:
 
 1. The *leader* is the candidate no other beats on their common rows
    (candidates taken cheapest first; a later one must be strictly better).
-2. The *winner* is the cheapest candidate whose deficit to the leader, on
-   their common rows, is at most one standard error of that paired
-   difference *and* that is in a cheaper tier (the whole part of ``cost``:
-   1 a linear head on frozen features, 2 trees, 3 a trained backbone): it is
-   not measurably worse, and it is really cheaper to serve or train. Within
-   a tier (the linear heads on different layers run the same backbone) the
-   leader wins: preferring the cheaper there would give up expected accuracy
-   for nothing. The leader itself always qualifies.
+2. The *winner* is the leader of the cheapest tier (the whole part of
+   ``cost``: 1 a linear head on frozen features, 2 trees, 3 a trained
+   backbone) cheaper than the leader's whose deficit to the leader, on their
+   common rows, is at most one standard error of that paired difference: it
+   is not measurably worse, and it is really cheaper to serve or train; else
+   the leader. A tier is represented by its own leader (rule 1 within the
+   tier): the linear heads on different layers run the same backbone, so
+   preferring the cheaper of them would give up expected accuracy for
+   nothing.
 """
 
 from __future__ import annotations
@@ -114,16 +115,15 @@ def select(scores: Sequence[Score]) -> Selection:
     if not scores:
         raise ValueError("no candidate was scored")
     ranked = sorted(scores, key=lambda s: s.cost)
-    leader = ranked[0]
-    for candidate in ranked[1:]:
-        if paired_difference(candidate, leader)[0] > 0:
-            leader = candidate
-    for candidate in ranked:
-        diff, se, _ = paired_difference(leader, candidate)
-        cheaper_tier = math.floor(candidate.cost) < math.floor(leader.cost)
-        if candidate is leader or (cheaper_tier and diff <= se):
+    leader = _leader(ranked)
+    winner = leader
+    for tier in sorted({_tier(s) for s in ranked if _tier(s) < _tier(leader)}):
+        # A cheaper tier's own leader: within a tier the best measured stands for it.
+        best = _leader([s for s in ranked if _tier(s) == tier])
+        diff, se, _ = paired_difference(leader, best)
+        if diff <= se:
+            winner = best
             break
-    winner = candidate
     figure = f"{winner.accuracy:.1%} ({winner.protocol})" if winner.protocol else ""
     if winner is leader:
         others = [s for s in ranked if s is not winner]
@@ -136,6 +136,20 @@ def select(scores: Sequence[Score]) -> Selection:
             f"error of the best, {leader.name}, and cheaper: {_versus(leader, winner)}"
         )
     return Selection(winner=winner, leader=leader, reason=reason)
+
+
+def _tier(score: Score) -> int:
+    return math.floor(score.cost)
+
+
+def _leader(ranked: Sequence[Score]) -> Score:
+    """The candidate no other beats on their common rows; ``ranked`` cheapest first,
+    and a later one must be strictly better to take the lead."""
+    leader = ranked[0]
+    for candidate in ranked[1:]:
+        if paired_difference(candidate, leader)[0] > 0:
+            leader = candidate
+    return leader
 
 
 def _versus(a: Score, b: Score) -> str:

@@ -93,7 +93,12 @@ def train(config: TrainConfig | Path, /, **settings: Any) -> TrainResult:
     budget_rule = ""
     if budget is None and config.strategy == "auto":  # sized to the data, said up front
         auto = chosen if isinstance(chosen, AutoStrategy) else AutoStrategy()
-        plan = default_budget(context, candidates=len(auto.trained), rung_epochs=auto.rung_epochs)
+        plan = default_budget(
+            context,
+            candidates=len(auto.trained),
+            rung_epochs=auto.rung_epochs,
+            leader_epochs=auto.leader_epochs,
+        )
         budget, budget_rule = plan.seconds, plan.reason
         context.deadline = time.monotonic() + budget
         log.info("time budget %.0f s (auto's default for this data: %s)", budget, budget_rule)

@@ -52,7 +52,8 @@ def test_the_plan_grows_with_the_data_and_the_forward_time() -> None:
     larger = plan_budget(n_train=2400, n_classes=4, n_images=3000, forward_ms=10.0)
     slower = plan_budget(n_train=1200, n_classes=4, n_images=1500, forward_ms=15.0)
     assert small.seconds < larger.seconds and small.seconds < slower.seconds
-    assert race_epochs(2, 2) == 6 and race_epochs(0, 2) == 0
+    # Each candidate's first 2 epochs, then the leader on to the recipe's 10.
+    assert race_epochs(2, 2) == 12 and race_epochs(2, 2, 4) == 6 and race_epochs(0, 2) == 0
 
 
 def test_an_explicit_time_budget_wins(tmp_path: Path) -> None:

@@ -17,14 +17,14 @@ Candidates, cheapest first:
 3. ``finetune`` and ``scratch``, scored on one validation slice held out of
    train, raced by successive halving: each trains ``rung_epochs``, only the
    leader continues (to twice as many epochs, and so on, with early
-   stopping), and no epoch starts that the measured pace says would end
-   after the budget. The four-scenario table
-   (:mod:`~tlserve.training.fit.strategies.scenarios`) only decides which of the
-   two goes first.
+   stopping, up to the recipe's ``epochs``), and no epoch starts that the
+   measured pace says would end after the budget. The four-scenario table
+   (:mod:`~tlserve.training.fit.strategies.scenarios`) only decides which of
+   the two goes first.
 
 The winner is chosen by :func:`~tlserve.training.fit.selection.select`: the best
-on common validation rows, or the cheapest candidate within one standard
-error of it. Frozen-feature winners are refitted on every training image; a
+on common validation rows, or the best of a cheaper kind within one
+standard error of it. Frozen-feature winners are refitted on every training image; a
 trained-backbone winner keeps its best epoch (its held-out slice calibrates
 it). Serving cost is the backbone's forward time measured here (torch, one
 batch), plus trees' measured predict time.
@@ -47,6 +47,7 @@ from tlserve.training.fit.strategies.budget import EMBED_PER_FORWARD, TRAIN_STEP
 from tlserve.training.fit.strategies.finetune import FineTune, Scratch
 from tlserve.training.fit.strategies.geometry import describe_geometry, measure_geometry
 from tlserve.training.fit.strategies.linear import LinearProbe
+from tlserve.training.fit.strategies.recipe import Recipe
 from tlserve.training.fit.strategies.run import BackboneRun
 from tlserve.training.fit.strategies.scenarios import choose, measure
 from tlserve.training.fit.strategies.scoring import (
@@ -257,6 +258,11 @@ class AutoStrategy:
                 run.advance(epochs, deadline)
             alive = [n for n in alive if not runs[n].done and runs[n].epochs_done >= target]
         return runs
+
+    @property
+    def leader_epochs(self) -> int:
+        """Epochs the race's leader may train to: the recipe's (``options`` may set them)."""
+        return int(self.options.get("epochs", Recipe.epochs))
 
     def _first_rung(self, context: FitContext, serve_ms: float) -> float:
         """Seconds projected for one trained candidate's first ``rung_epochs``."""

@@ -35,7 +35,10 @@ def lite0_model(out: Path) -> Path:
     from tlserve.training import train
 
     staging = out / "lite0-train"
-    train(ROOT / "examples" / "fashion-mnist", model_repository=staging, name="lite0")
+    train(
+        ROOT / "examples" / "fashion-mnist", model_repository=staging, name="lite0",
+        strategy="linear",
+    )  # fmt: skip
     shutil.copyfile(sorted((staging / "lite0").glob("*/model.onnx"))[-1], path)
     return path
 
@@ -50,7 +53,7 @@ def small_model(out: Path) -> Path:
     staging = out / "lite0-96-train"
     train(
         ROOT / "examples" / "fashion-mnist", model_repository=staging, name="lite0-96",
-        image_size=96,
+        strategy="linear", image_size=96,
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(sorted((staging / "lite0-96").glob("*/model.onnx"))[-1], path)

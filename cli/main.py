@@ -47,11 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--name", required=True, help="model name in the repository")
     train.add_argument(
         "--strategy",
-        default="linear",
+        # No default here: TrainConfig's (auto), read when the command runs.
         choices=STRATEGY_NAMES,
         help="linear/trees: frozen features + a classifier; finetune: new head, then the "
-        "backbone at smaller learning rates; scratch: the whole network; auto: measure "
-        "the data and pick one (default: %(default)s)",
+        "backbone at smaller learning rates; scratch: the whole network; auto: score "
+        "the candidates on the data and keep the best (default: auto)",
     )
     train.add_argument(
         "--backbone",
@@ -84,13 +84,14 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from tlserve.training import TrainConfig, train
     from tlserve.training.backbone.backbones import DEFAULT_BACKBONE
+    from tlserve.training.config import DEFAULT_STRATEGY
 
     result = train(
         TrainConfig(
             args.data_dir,
             model_repository=args.model_repository,
             name=args.name,
-            strategy=args.strategy,
+            strategy=args.strategy or DEFAULT_STRATEGY,
             backbone=args.backbone or DEFAULT_BACKBONE,
             seed=args.seed,
             options=_strategy_options(args),

@@ -52,6 +52,11 @@ def test_train_and_check_embed_with_the_registrys_default_backbone(
     argv = ["train", str(tmp_path), "--model-repository", str(tmp_path), "--name", "m"]
     assert cli.main(argv) == 0
     assert seen[0].backbone == DEFAULT_BACKBONE
+    # The strategy too: TrainConfig's default (auto), not a copy in the parser.
+    assert (
+        seen[0].strategy
+        == {f.name: f.default for f in dataclasses.fields(training.TrainConfig)}["strategy"]
+    )
 
 
 def test_serve_offers_exactly_the_values_the_config_accepts(tmp_path: Path) -> None:

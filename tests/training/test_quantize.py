@@ -268,8 +268,8 @@ def test_train_publishes_the_variants_beside_float32(shapes_folder: Path, tmp_pa
 
     repo = tmp_path / "models"
     result = train(
-        shapes_folder, model_repository=repo, name="shapes", backbone=TINY_BACKBONE,
-        quantize="int8",
+        shapes_folder, model_repository=repo, name="shapes", strategy="linear",
+        backbone=TINY_BACKBONE, quantize="int8",
     )  # fmt: skip
     card = _card(result.model_path)
     assert card.notes["variant"] == "float32" and card.notes["variants"] == "int8,int8-rr"

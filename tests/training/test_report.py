@@ -74,6 +74,7 @@ def test_report_calibration_in_graph_and_inspect(shapes_folder: Path, tmp_path: 
         shapes_folder,
         model_repository=tmp_path / "models",
         name="shapes",
+        strategy="linear",
         backbone=TINY_BACKBONE,
         workers=0,
     )
@@ -160,7 +161,12 @@ def test_imbalanced_mixed_mode_data_is_weighted_and_read(tmp_path: Path) -> None
         with Image.open(path) as image:
             image.convert(mode).save(path)
     result = train(
-        root, model_repository=tmp_path / "m", name="imb", backbone=TINY_BACKBONE, workers=0
+        root,
+        model_repository=tmp_path / "m",
+        name="imb",
+        strategy="linear",
+        backbone=TINY_BACKBONE,
+        workers=0,
     )
     assert result.card.notes["balanced"] == "True"  # 13 circles vs 3 squares in train
     assert not result.skipped

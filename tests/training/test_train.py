@@ -25,7 +25,12 @@ def test_train_publishes_a_model_that_classifies(shapes_folder: Path, tmp_path: 
     repo = tmp_path / "models"
 
     result = train(
-        shapes_folder, model_repository=repo, name="shapes", backbone=TINY_BACKBONE, workers=2
+        shapes_folder,
+        model_repository=repo,
+        name="shapes",
+        strategy="linear",
+        backbone=TINY_BACKBONE,
+        workers=2,
     )
 
     assert result.version_dir == repo / "shapes" / "1" and result.version == 1

@@ -9,7 +9,8 @@ depends on the model and the host. So while a model version warms up,
 cores) gets the largest batch that runs within ``TLSERVE_TUNE_LATENCY_CAP``,
 and the layouts are then compared in interleaved, repeated trials. Another
 layout replaces the default (on a CPU, one thread per instance and an
-instance per core: :func:`tuning_search.default_layout`) only when it wins
+instance per core for a compute-bound model, all cores and one instance for
+a request-bound one: :func:`tuning_search.default_layout`) only when it wins
 by more than the spread of the repeats (:func:`tuning_search.decide`), so
 two starts on one host choose alike. A serving session narrower than the host
 leaves an all-cores session for batches that run alone. The choice and why
@@ -177,7 +178,7 @@ def tune_model(
     # On a GPU the thread count matters little, and another session would build
     # its engines again: the loaded one is measured as it is.
     given = (config.intra_op_threads or (0 if on_gpu else host), config.instances)
-    default = default_layout(*given, host, fixed, on_gpu)
+    default = default_layout(*given, host, fixed, on_gpu, row_core_seconds=batch1 * host)
     candidates = layouts(default, host, fixed, on_gpu)
     batches = (
         [config.max_batch_size]

@@ -106,23 +106,47 @@ def candidate_batches(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
+# The request path's CPU per call in the server (gRPC, the event loop, tlserve's
+# Python), measured on 2 cores: 0.5 ms at 96 px, 0.83-0.95 ms at 224 px.
+REQUEST_PATH_SECONDS = 0.001
+# One thread per instance by default only where a row's compute on one core is
+# at least this many request paths: the compute is then 80% of a call's CPU.
+NARROW_MIN_PATHS = 4.0
+
+
 def default_layout(
-    threads: int, instances: int, host_cores: int, fixed: set[str], on_gpu: bool
+    threads: int,
+    instances: int,
+    host_cores: int,
+    fixed: set[str],
+    on_gpu: bool,
+    row_core_seconds: float,
 ) -> Layout:
     """The layout kept unless another measures clearly faster.
 
-    On a CPU with neither setting given: one thread per instance, an instance
-    per core. In-process trials cannot see what serving adds: the event loop
-    and the request path take cores too, and a pool of intra-op threads stalls
-    whenever one of them is descheduled. Served on 2 cores (lite0 at 224 px,
-    2,000 calls in flight) 1 x 2 kept 46% and 68% of capacity as goodput
-    against 2 x 1's 36% and 54%; a batch that runs alone still gets all cores
-    (:func:`lone_threads`). On a GPU, or with a setting given, the settings as
-    given (0 threads: onnxruntime's own count).
+    In-process trials cannot see what serving adds: the event loop and the
+    request path take cores too, so two layouts that tie there serve
+    differently, and the default decides. ``row_core_seconds`` is one row's
+    compute on one core (a batch of one on all cores, times the cores).
+
+    - Compute-bound (at least :data:`NARROW_MIN_PATHS` request paths a row):
+      one thread per instance, an instance per core. A pool of intra-op
+      threads stalls whenever the busy event loop deschedules one: lite0 at
+      224 px (8 ms a row on one core), 2,000 calls in flight on 2 cores,
+      kept 56% and 69% of capacity as goodput with 1 x 2 against 36% and
+      54% with 2 x 1, at the same capacity. A batch that runs alone still
+      gets all cores (:func:`lone_threads`).
+    - Request-bound: all cores, one instance, which leaves the event loop
+      room between batches: lite0 at 96 px (2 ms a row on one core) served
+      816 and 916 images/s with 2 x 1 against 719 and 727 with 1 x 2.
+    - On a GPU, or with a setting given: the settings as given (0 threads:
+      onnxruntime's own count).
     """
     if on_gpu or fixed & {"intra_op_threads", "instances"}:
         return threads, instances
-    return 1, host_cores
+    if row_core_seconds >= NARROW_MIN_PATHS * REQUEST_PATH_SECONDS:
+        return 1, host_cores
+    return host_cores, 1
 
 
 def layouts(default: Layout, host_cores: int, fixed: set[str], on_gpu: bool) -> list[Layout]:

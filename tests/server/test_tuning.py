@@ -20,6 +20,8 @@ from tlserve.server.config import ServerConfig
 from tlserve.server.models.runtime import OnnxModel, load_model, provider_options
 from tlserve.server.models.tuning import Trial, candidate_batches, decide, tune_model, warm_up
 from tlserve.server.models.tuning_search import (
+    NARROW_MIN_PATHS,
+    REQUEST_PATH_SECONDS,
     ROUNDS,
     Layout,
     cores,
@@ -73,8 +75,8 @@ def test_a_search_cut_by_its_time_bound_keeps_the_default(model_repo: Path) -> N
     _, tuning, _ = tune_model(_path(model_repo), config, loader=slow_loader)
     elapsed = time.perf_counter() - started
     assert "time bound reached" in tuning.reason and "fit the time bound" in tuning.reason
-    # The default layout: one repeat is no evidence.
-    assert (tuning.intra_op_threads, tuning.instances) == (1, cores())
+    # The default layout (a model of microseconds: request-bound): one repeat is no evidence.
+    assert (tuning.intra_op_threads, tuning.instances) == (cores(), 1)
     assert elapsed < 2.0  # the bound plus one trial per layout and their session loads
 
 
@@ -118,13 +120,15 @@ def test_a_noisy_near_tie_keeps_the_default_and_a_clear_win_replaces_it() -> Non
     assert decide({default: [100.0]}, default) == (default, "")  # nothing to compare
 
 
-def test_the_default_layout_is_a_core_per_one_thread_instance_unless_settings_were_given() -> None:
+def test_the_default_layout_follows_whether_compute_or_the_request_path_bounds_the_model() -> None:
     # Hosts of any size, not only this one: the AVX2 and the VNNI hosts alike.
+    compute_bound = NARROW_MIN_PATHS * REQUEST_PATH_SECONDS  # a row on one core
     for host in (2, 4, 16):
-        assert default_layout(host, 1, host, set(), on_gpu=False) == (1, host)
-    assert default_layout(2, 1, 2, {"instances"}, on_gpu=False) == (2, 1)
-    assert default_layout(4, 1, 8, {"intra_op_threads"}, on_gpu=False) == (4, 1)
-    assert default_layout(0, 1, 8, set(), on_gpu=True) == (0, 1)
+        assert default_layout(host, 1, host, set(), False, compute_bound) == (1, host)
+        assert default_layout(host, 1, host, set(), False, compute_bound / 2) == (host, 1)
+    assert default_layout(2, 1, 2, {"instances"}, False, 1.0) == (2, 1)
+    assert default_layout(4, 1, 8, {"intra_op_threads"}, False, 1.0) == (4, 1)
+    assert default_layout(0, 1, 8, set(), True, 1.0) == (0, 1)
 
 
 def test_layouts_fill_the_cores_and_keep_what_was_given() -> None:

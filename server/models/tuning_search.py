@@ -122,25 +122,20 @@ def default_layout(
     on_gpu: bool,
     row_core_seconds: float,
 ) -> Layout:
-    """The layout kept unless another measures clearly faster.
+    """The layout kept unless another measures clearly faster: in-process trials
+    cannot see the event loop's share of the cores, so layouts that tie there
+    serve differently. ``row_core_seconds``: one row's compute on one core.
 
-    In-process trials cannot see what serving adds: the event loop and the
-    request path take cores too, so two layouts that tie there serve
-    differently, and the default decides. ``row_core_seconds`` is one row's
-    compute on one core (a batch of one on all cores, times the cores).
-
-    - Compute-bound (at least :data:`NARROW_MIN_PATHS` request paths a row):
-      one thread per instance, an instance per core. A pool of intra-op
-      threads stalls whenever the busy event loop deschedules one: lite0 at
-      224 px (8 ms a row on one core), 2,000 calls in flight on 2 cores,
-      kept 56% and 69% of capacity as goodput with 1 x 2 against 36% and
-      54% with 2 x 1, at the same capacity. A batch that runs alone still
-      gets all cores (:func:`lone_threads`).
-    - Request-bound: all cores, one instance, which leaves the event loop
-      room between batches: lite0 at 96 px (2 ms a row on one core) served
-      816 and 916 images/s with 2 x 1 against 719 and 727 with 1 x 2.
-    - On a GPU, or with a setting given: the settings as given (0 threads:
-      onnxruntime's own count).
+    - Compute-bound (a row is :data:`NARROW_MIN_PATHS` request paths or more):
+      one thread per instance, an instance per core, since a pool of intra-op
+      threads stalls whenever the busy loop deschedules one. lite0 at 224 px
+      (8 ms a row), 2,000 calls in flight on 2 cores: goodput 56% and 69% of
+      capacity with 1 x 2 against 36% and 54% with 2 x 1. A batch that runs
+      alone still gets all cores (:func:`lone_threads`).
+    - Request-bound: all cores x 1, which leaves the loop room between
+      batches: lite0 at 96 px (2 ms a row) served 816 and 916 images/s with
+      2 x 1 against 719 and 727 with 1 x 2.
+    - On a GPU, or with a setting given: as given (0 threads: onnxruntime's).
     """
     if on_gpu or fixed & {"intra_op_threads", "instances"}:
         return threads, instances

@@ -54,6 +54,7 @@ from tlserve.training.fit.strategies.scoring import (
     COMBINED,
     forward_ms,
     frozen_score,
+    log_candidates,
     progress,
 )
 from tlserve.training.fit.strategies.ties import combine_candidate
@@ -151,17 +152,7 @@ class AutoStrategy:
         chosen = runs[winner].finish() if winner in runs else fits[winner]
         reason = f"{selection.reason}. " + " ".join(notes)
         log.info("auto: %s", reason)
-        for score in sorted([*scores, *geometry.others], key=lambda s: s.cost):
-            low, high = score.interval
-            log.info(
-                "auto: %-13s %.1f%% [%.1f, %.1f] on %d rows, %.0f s",
-                score.name,
-                100 * score.accuracy,
-                100 * low,
-                100 * high,
-                score.n,
-                score.train_seconds,
-            )
+        log_candidates([*scores, *geometry.others])
         spec = context.backbone.preprocessing
         return FittedHead(
             head=chosen.head,

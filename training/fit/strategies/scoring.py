@@ -17,7 +17,15 @@ from tlserve.training.features.extract import load_images
 from tlserve.training.fit.selection import Score
 from tlserve.training.fit.strategies.base import FitContext, FittedHead
 
-__all__ = ["COMBINED", "COST", "EARLIER_COST", "forward_ms", "frozen_score", "progress"]
+__all__ = [
+    "COMBINED",
+    "COST",
+    "EARLIER_COST",
+    "forward_ms",
+    "frozen_score",
+    "log_candidates",
+    "progress",
+]
 
 log = logging.getLogger("tlserve.training.fit.strategies.auto")
 
@@ -60,6 +68,21 @@ def frozen_score(
         serve_cost_source="estimated from the backbone's measured forward time",
         figures={k: v for k, v in fitted.params.items() if k in ("C", "layer", "iterations")},
     )
+
+
+def log_candidates(scores: list[Score]) -> None:
+    """One log line per scored candidate, cheapest first: accuracy, interval, rows, time."""
+    for score in sorted(scores, key=lambda s: s.cost):
+        low, high = score.interval
+        log.info(
+            "auto: %-13s %.1f%% [%.1f, %.1f] on %d rows, %.0f s",
+            score.name,
+            100 * score.accuracy,
+            100 * low,
+            100 * high,
+            score.n,
+            score.train_seconds,
+        )
 
 
 def progress(context: FitContext, what: str) -> None:

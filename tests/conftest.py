@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ServerThread, build_tiny_classifier
+from tests.support import ServerThread, build_tiny_classifier, write_test_pki
 
 _CACHE_DIR = pytest.StashKey[str]()
 
@@ -80,6 +80,12 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerTh
     running = ServerThread(repo)
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throwaway CA with server and client certificates (:func:`write_test_pki`)."""
+    return write_test_pki(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture

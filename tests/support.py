@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import subprocess
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -138,3 +139,29 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def write_test_pki(folder: Path) -> Path:
+    """A throwaway P-256 CA (``ca.pem``/``ca.key``) in ``folder``, a server certificate for
+    localhost and 127.0.0.1 (``server.pem``/``server.key``) and a client certificate
+    (``client.pem``/``client.key``), both signed by it; returns ``folder``."""
+    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=folder)
+    _openssl("req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=tlserve test CA",
+             "-days", "2", "-sha256", "-out", "ca.pem", cwd=folder)  # fmt: skip
+    for name, extensions in (
+        ("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ):
+        _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key",
+                 cwd=folder)  # fmt: skip
+        _openssl("req", "-new", "-key", f"{name}.key", "-subj", f"/CN={name}",
+                 "-out", f"{name}.csr", cwd=folder)  # fmt: skip
+        (folder / f"{name}.ext").write_text(extensions)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "2", "-sha256", "-extfile", f"{name}.ext",
+                 "-out", f"{name}.pem", cwd=folder)  # fmt: skip
+    return folder

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,39 +15,11 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs o
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
-def _openssl(*args: str | Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
-
-
-def _signed(folder: Path, name: str, subject: str, ca: Path, ca_key: Path, ext: str) -> Path:
-    key, csr, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.pem"
-    _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
-             "-subj", subject)  # fmt: skip
-    extfile = folder / f"{name}.ext"
-    extfile.write_text(ext)
-    _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-             "-out", cert, "-days", "2", "-sha256", "-extfile", extfile)  # fmt: skip
-    return cert
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
-    folder = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", folder / "ca.key",
-             "-out", folder / "ca.pem", "-days", "2", "-subj", "/CN=tlserve test CA")  # fmt: skip
-    _signed(folder, "server", "/CN=127.0.0.1", folder / "ca.pem", folder / "ca.key",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")  # fmt: skip
-    _signed(folder, "client", "/CN=caller", folder / "ca.pem", folder / "ca.key",
-            "extendedKeyUsage=clientAuth\n")  # fmt: skip
-    return folder
-
-
-def test_tls_with_the_servers_ca(model_repo: Path, pki: Path) -> None:
-    server = ServerThread(model_repo, tls_cert=str(pki / "server.pem"),
-                          tls_key=str(pki / "server.key"))  # fmt: skip
+def test_tls_with_the_servers_ca(model_repo: Path, certs: Path) -> None:
+    server = ServerThread(model_repo, tls_cert=str(certs / "server.pem"),
+                          tls_key=str(certs / "server.key"))  # fmt: skip
     try:
-        trusted = Credentials(root_certificates=pki / "ca.pem")
+        trusted = Credentials(root_certificates=certs / "ca.pem")
         with Client(server.target, credentials=trusted, timeout=10) as client:
             assert client.classify(png_bytes((250, 0, 0)), model="tiny")[0][0].label == "red"
         # Plaintext to a TLS port, or TLS without trusting its CA, never gets through.
@@ -62,20 +33,20 @@ def test_tls_with_the_servers_ca(model_repo: Path, pki: Path) -> None:
         server.stop()
 
 
-def test_mutual_tls_needs_the_client_certificate(model_repo: Path, pki: Path) -> None:
-    server = ServerThread(model_repo, tls_cert=str(pki / "server.pem"),
-                          tls_key=str(pki / "server.key"),
-                          tls_client_ca=str(pki / "ca.pem"))  # fmt: skip
+def test_mutual_tls_needs_the_client_certificate(model_repo: Path, certs: Path) -> None:
+    server = ServerThread(model_repo, tls_cert=str(certs / "server.pem"),
+                          tls_key=str(certs / "server.key"),
+                          tls_client_ca=str(certs / "ca.pem"))  # fmt: skip
     try:
         mutual = Credentials(
-            root_certificates=(pki / "ca.pem").read_bytes(),
-            certificate_chain=pki / "client.pem",
-            private_key=pki / "client.key",
+            root_certificates=(certs / "ca.pem").read_bytes(),
+            certificate_chain=certs / "client.pem",
+            private_key=certs / "client.key",
         )
         with Client(server.target, credentials=mutual, timeout=10) as client:
             assert client.server_ready()
             assert client.classify(png_bytes((0, 0, 250)), model="tiny")[0][0].label == "blue"
-        anonymous = Credentials(root_certificates=pki / "ca.pem")
+        anonymous = Credentials(root_certificates=certs / "ca.pem")
         client = Client(server.target, credentials=anonymous, retry=NO_RETRY)
         with client, pytest.raises(Unavailable):
             client.server_ready(timeout=5)
@@ -83,9 +54,9 @@ def test_mutual_tls_needs_the_client_certificate(model_repo: Path, pki: Path) ->
         server.stop()
 
 
-def test_half_an_mtls_pair_is_refused(pki: Path) -> None:
+def test_half_an_mtls_pair_is_refused(certs: Path) -> None:
     with pytest.raises(ValueError, match="both"):
-        Client("127.0.0.1:1", credentials=Credentials(certificate_chain=pki / "client.pem"))
+        Client("127.0.0.1:1", credentials=Credentials(certificate_chain=certs / "client.pem"))
 
 
 def test_bearer_token(model_repo: Path) -> None:

@@ -228,75 +228,18 @@ def test_the_token_guards_http_but_not_probes_or_the_page_shell(tmp_path: Path) 
         running.stop()
 
 
-def test_tls_and_mtls_use_the_grpc_ports_files(tmp_path: Path) -> None:
-    import subprocess
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
-
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-subj",
-        "/CN=test CA",
-        "-days",
-        "2",
-        "-out",
-        "ca.pem",
-    )
-    for name, usage in (("server", "serverAuth"), ("client", "clientAuth")):
-        openssl(
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-subj",
-            f"/CN={name}",
-            "-out",
-            f"{name}.csr",
-        )
-        (tmp_path / f"{name}.ext").write_text(
-            f"subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n"
-        )
-        openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            f"{name}.ext",
-            "-out",
-            f"{name}.pem",
-        )
+def test_tls_and_mtls_use_the_grpc_ports_files(tmp_path: Path, certs: Path) -> None:
     build_http_repository(tmp_path / "models")
     running = ServerThread(
-        tmp_path / "models", http_port=free_port(), tls_cert=str(tmp_path / "server.pem"),
-        tls_key=str(tmp_path / "server.key"), tls_client_ca=str(tmp_path / "ca.pem"),
+        tmp_path / "models", http_port=free_port(), tls_cert=str(certs / "server.pem"),
+        tls_key=str(certs / "server.key"), tls_client_ca=str(certs / "ca.pem"),
     )  # fmt: skip
     try:
         port = running.running.http_port
-        trusting = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        trusting = ssl.create_default_context(cafile=str(certs / "ca.pem"))
         with pytest.raises((ssl.SSLError, ConnectionError)):
             call(port, "GET", "/v2/health/ready", context=trusting)  # no client certificate
-        trusting.load_cert_chain(str(tmp_path / "client.pem"), str(tmp_path / "client.key"))
+        trusting.load_cert_chain(str(certs / "client.pem"), str(certs / "client.key"))
         assert call(port, "GET", "/v2/health/ready", context=trusting).status == 200
         with pytest.raises((ConnectionError, OSError)):
             call(port, "GET", "/v2/health/ready")  # plaintext gets nothing

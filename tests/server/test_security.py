@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import subprocess
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -26,34 +25,6 @@ from tlserve.server.config import ConfigError, ServerConfig
 from tlserve.server.edge.security import load_token, server_credentials
 
 TOKEN = "s3cret-token-for-tests"
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def _issue(cwd: Path, name: str, extensions: str) -> None:
-    """A P-256 key and a certificate for ``name`` signed by the test CA."""
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=cwd)
-    _openssl("req", "-new", "-key", f"{name}.key", "-subj", f"/CN={name}", "-out", f"{name}.csr",
-             cwd=cwd)  # fmt: skip
-    (cwd / f"{name}.ext").write_text(extensions)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-days", "2", "-sha256", "-extfile", f"{name}.ext",
-             "-out", f"{name}.pem", cwd=cwd)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A throwaway CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
-    cwd = tmp_path_factory.mktemp("certs")
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=cwd)
-    _openssl("req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=tlserve test CA",
-             "-days", "2", "-sha256", "-out", "ca.pem", cwd=cwd)  # fmt: skip
-    _issue(cwd, "server", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-           "extendedKeyUsage=serverAuth\n")  # fmt: skip
-    _issue(cwd, "client", "extendedKeyUsage=clientAuth\n")
-    return cwd
 
 
 def _secure(server: ServerThread, certs: Path, *, client_cert: bool = False) -> grpc.Channel:

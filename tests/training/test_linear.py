@@ -13,6 +13,7 @@ from tlserve.training.fit.strategies import STRATEGIES, create_strategy
 from tlserve.training.fit.strategies.linear import (
     DEFAULT_C_GRID,
     LinearProbe,
+    block_weights,
     fit_logistic_regression,
     fold_into_linear,
 )
@@ -74,3 +75,37 @@ def test_registry() -> None:
     assert isinstance(create_strategy("linear", folds=3), LinearProbe)
     with pytest.raises(ValueError, match=r"unknown strategy 'magic': available are auto, fine"):
         create_strategy("magic")
+
+
+def test_block_weights_give_every_layer_an_equal_share_of_the_variance() -> None:
+    weights = block_weights([2, 6])
+    assert weights.shape == (8,)
+    # Each standardised block's total variance is D / B = 4; the whole keeps D = 8.
+    assert (weights[:2] ** 2).sum() == pytest.approx(4.0)
+    assert (weights[2:] ** 2).sum() == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="positive"):
+        block_weights([3, 0])
+
+
+def test_a_narrow_informative_layer_beside_a_wide_one_is_not_drowned() -> None:
+    """``multi``'s case: a few useful earlier-stage features next to a wide embedding."""
+    rng = np.random.default_rng(0)
+    n_classes, per_class, narrow, wide = 3, 60, 6, 400
+    y = np.repeat(np.arange(n_classes), per_class * 2)
+    centres = rng.normal(0, 0.6, size=(n_classes, narrow))
+    useful = centres[y] + rng.normal(0, 1.0, size=(len(y), narrow))
+    x = np.concatenate([useful, rng.normal(0, 1.0, size=(len(y), wide))], axis=1)
+    x = x.astype(np.float32)
+    train = np.arange(len(y)) % 2 == 0
+    classes = ("a", "b", "c")
+
+    def test_accuracy(blocks: list[int] | None) -> float:
+        fit = fit_logistic_regression(x[train], y[train], classes=classes, blocks=blocks)
+        with torch.inference_mode():
+            predicted = fit.linear(torch.from_numpy(x[~train])).argmax(1).numpy()
+        return float((predicted == y[~train]).mean())
+
+    plain, weighted = test_accuracy(None), test_accuracy([narrow, wide])
+    assert weighted >= plain + 0.05, (plain, weighted)
+    with pytest.raises(ValueError, match="add up"):
+        fit_logistic_regression(x, y, classes=classes, blocks=[narrow, wide - 1])

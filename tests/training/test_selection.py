@@ -45,6 +45,33 @@ def test_selection_picks_the_measured_best_on_synthetic_features() -> None:
     assert "signal scored best" in chosen.reason and "vs noise" in chosen.reason
 
 
+def test_a_combination_within_noise_of_its_tier_s_leader_stands_for_the_tier() -> None:
+    rng = np.random.default_rng(2)
+    stage = rng.random(200) < 0.9
+    multi = stage.copy()  # 11 rows lost and 9 won of 200: a point, inside the noise
+    multi[np.flatnonzero(stage)[:11]] = False
+    multi[np.flatnonzero(~stage)[:9]] = True
+    last = stage.copy()
+    last[np.flatnonzero(stage)[:30]] = False  # 15 points worse: measurably so
+    scores = [
+        _score("linear", last, 1.0),
+        _score("linear@-2", stage, 1.1),
+        dataclasses.replace(_score("linear@multi", multi, 1.2), combines=True),
+    ]
+    chosen = select(scores)
+    assert chosen.leader.name == "linear@-2" and chosen.winner.name == "linear@multi"
+    assert "combines the near-tied heads" in chosen.reason
+    # Measurably worse than the leader, the combination is not taken.
+    far = stage.copy()
+    far[np.flatnonzero(stage)[:25]] = False
+    far[np.flatnonzero(~stage)[:5]] = True
+    scores[2] = dataclasses.replace(scores[2], correct=far)
+    assert select(scores).winner.name == "linear@-2"
+    # A candidate that does not combine is never preferred for being close.
+    scores[2] = _score("linear@-3", multi, 1.1)
+    assert select(scores).winner.name == "linear@-2"
+
+
 def test_ties_within_one_standard_error_go_to_the_cheaper_candidate() -> None:
     rng = np.random.default_rng(1)
     base = rng.random(400) < 0.85

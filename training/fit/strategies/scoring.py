@@ -19,6 +19,7 @@ from tlserve.training.fit.strategies.base import FitContext, FittedHead
 
 __all__ = [
     "COMBINED",
+    "COMBINING",
     "COST",
     "EARLIER_COST",
     "forward_ms",
@@ -35,6 +36,8 @@ log = logging.getLogger("tlserve.training.fit.strategies.auto")
 COMBINED = "linear@combined"
 COST = {"linear": 1.0, "linear@multi": 1.2, COMBINED: 1.3, "trees": 2.0}
 EARLIER_COST = 1.1
+# The heads that combine the others (selection rule 3): all layers at once, the ties averaged.
+COMBINING = frozenset({"linear@multi", COMBINED})
 
 
 def forward_ms(context: FitContext) -> float:
@@ -67,6 +70,7 @@ def frozen_score(
         serve_ms_per_image=serve_ms,
         serve_cost_source="estimated from the backbone's measured forward time",
         figures={k: v for k, v in fitted.params.items() if k in ("C", "layer", "iterations")},
+        combines=name in COMBINING,
     )
 
 

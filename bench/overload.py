@@ -153,7 +153,7 @@ class Server:
 
 MODELS = {  # both take 224 px uint8 images as "images"
     "fast": lambda: fast_model(OUT / "overload", size=SIZE),
-    "lite0": lambda: lite0_model(OUT / "models"),
+    "lite0": lambda: lite0_model(OUT / "overload"),
 }
 
 

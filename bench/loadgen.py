@@ -77,7 +77,7 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
                     code = "OK"
                 except grpc.aio.AioRpcError as error:
                     code = error.code().name
-                    on_arrival = "no model can answer in time" in str(error.details())  # unread
+                    on_arrival = "(refused unparsed)" in str(error.details())
                     details.setdefault(code, str(error.details())[:120])
                     wait = _retry_after(error)
                 done = loop.time()

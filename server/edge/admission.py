@@ -13,6 +13,10 @@ could answer it (``too_late``: the queue's own rule,
 :meth:`~tlserve.server.batching.queueing.RequestQueue.time_to_answer`) gets
 DEADLINE_EXCEEDED on arrival, its message still unread: the caller hears at
 once instead of at its deadline, and the server spends no parse on it.
+Once read, before it is parsed, the call is judged again by its own model
+(named in the message's first field, :mod:`tlserve.server.edge.wire`):
+beside an idle model "no model can answer in time" is never true, and a
+late call for a busy one was parsed only for its queue to refuse it.
 
 Once the server is closing (:meth:`InferenceAdmission.close`, at the end of
 the drain window) new inference calls get UNAVAILABLE, which callers retry
@@ -48,6 +52,7 @@ from tlserve.contract.errors import (
 )
 from tlserve.protos import grpc_service_pb2, tlserve_v1_pb2
 from tlserve.server.edge.limit import AdaptiveLimit
+from tlserve.server.edge.wire import model_name
 
 __all__ = ["INFERENCE_METHODS", "InferenceAdmission"]
 
@@ -67,9 +72,10 @@ if TYPE_CHECKING:  # grpc's classes are generic only in its stubs
 
 #: Called with the method's name and the status code's name for each refused call.
 Refused = Callable[[str, str], None]
-#: Given the seconds a call has left: None if some serving model can answer in
-#: time, else the fastest model's name and the seconds it would take.
-TooLate = Callable[[float], tuple[str, float] | None]
+#: Given the seconds a call has left and its model (None: not known yet):
+#: None if that model (else some serving model) can answer in time, else the
+#: fastest such model's name and the seconds it would take.
+TooLate = Callable[[float, str | None], tuple[str, float] | None]
 
 
 def _api(method: str) -> str:
@@ -93,7 +99,7 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
         on_refused: Refused,
         *,
         over_time: Callable[[], bool] = lambda: False,
-        too_late: TooLate = lambda seconds_left: None,
+        too_late: TooLate = lambda seconds_left, model: None,
     ) -> None:
         self.bound = limit if isinstance(limit, AdaptiveLimit) else AdaptiveLimit.fixed(limit)
         # True while the queues hold more work than they may: refusing here costs
@@ -149,22 +155,28 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
         )
         return Overloaded(f"{why}; retry later", retry_after=self._retry_after())
 
-    def lateness(self, api: str, seconds_left: float | None) -> DeadlineExceeded | None:
-        """DEADLINE_EXCEEDED (counted) if no serving model can answer in time, else None."""
-        verdict = None if seconds_left is None else self._too_late(seconds_left)
+    def lateness(
+        self, api: str, seconds_left: float | None, model: str | None = None
+    ) -> DeadlineExceeded | None:
+        """DEADLINE_EXCEEDED (counted) if ``model`` (None: every serving model)
+        cannot answer in time, else None."""
+        verdict = None if seconds_left is None else self._too_late(seconds_left, model)
         if verdict is None or seconds_left is None:
             return None
-        model, seconds = verdict
+        fastest, seconds = verdict
         self._on_refused(api, DeadlineExceeded.code.name)
+        who = "no model can answer in time: model" if model is None else "model"
         return DeadlineExceeded(
-            f"no model can answer in time: model {model!r} has about {seconds * 1e3:.0f} ms "
-            f"of work ahead of a new request and the deadline is in {seconds_left * 1e3:.0f} ms"
+            f"{who} {fastest!r} has about {seconds * 1e3:.0f} ms of work ahead of a new "
+            f"request and the deadline is in {seconds_left * 1e3:.0f} ms (refused unparsed)"
         )
 
     @contextlib.contextmanager
-    def admitted(self, api: str, seconds_left: float | None) -> Iterator[None]:
+    def admitted(
+        self, api: str, seconds_left: float | None, model: str | None = None
+    ) -> Iterator[None]:
         """For another edge (HTTP): raise the refusal, else hold one unit of the bound."""
-        error = self.refusal(api) or self.lateness(api, seconds_left)
+        error = self.refusal(api) or self.lateness(api, seconds_left, model)
         if error is not None:
             raise error
         with self._holding():
@@ -199,8 +211,10 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
             run: Any = handler.unary_unary
 
             async def unary(requests: AsyncIterator[Any], context: _Context) -> Any:
-                await self._refuse_if_late(api, context)
+                await self._refuse_if_late(api, context, None)
                 request = await _only_message(requests, context)
+                if isinstance(request, bytes):  # read, not parsed (RequestGuard parses)
+                    await self._refuse_if_late(api, context, model_name(request))
                 with self._holding():
                     answer = run(request, context)
                     return await answer if inspect.isawaitable(answer) else answer
@@ -240,8 +254,8 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
             self.inflight -= 1
             self.bound.update(self.inflight)
 
-    async def _refuse_if_late(self, api: str, context: _Context) -> None:
-        error = self.lateness(api, context.time_remaining())
+    async def _refuse_if_late(self, api: str, context: _Context, model: str | None) -> None:
+        error = self.lateness(api, context.time_remaining(), model)
         if error is not None:
             await context.abort(error.code, str(error))
 

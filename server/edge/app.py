@@ -251,10 +251,12 @@ def _admission(
     def over_time() -> bool:  # as the queues' own bound, but before the message is parsed
         return config.max_queue_time > 0 and queue_time() > config.max_queue_time
 
-    def too_late(seconds_left: float) -> tuple[str, float] | None:
-        # Before the message is parsed its model is unknown: refuse only what
-        # no serving model could answer in time (with one model, exactly its rule).
-        soonest = min(((b.time_to_answer(), b.name) for b in batchers()), default=None)
+    def too_late(seconds_left: float, model: str | None) -> tuple[str, float] | None:
+        # Before the message is read its model is unknown: refuse only what no
+        # serving model could answer in time (with one model, exactly its rule);
+        # once read, what its own model cannot (an unknown name: as unknown).
+        named = [b for b in batchers() if b.name == model]
+        soonest = min(((b.time_to_answer(), b.name) for b in named or batchers()), default=None)
         if soonest is None or soonest[0] <= seconds_left:
             return None
         metrics.shed.labels(soonest[1], "late").inc()

@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.server.gates import install_gate
-from tests.support import TINY_SIZE, ServerThread
+from tests.support import TINY_SIZE, ServerThread, build_tiny_classifier
 from tlserve.contract.codec import encode_request_inputs
 from tlserve.contract.errors import ConfigError
 from tlserve.protos import grpc_service_pb2 as pb
@@ -178,6 +178,47 @@ def _late_request_refused(server: ServerThread) -> None:
         server,
         'tlserve_requests_total{api="ModelInfer",model="unknown",outcome="DEADLINE_EXCEEDED"} 2.0',
     )
+
+
+def test_beside_an_idle_model_a_late_call_is_refused_by_its_own_model_before_the_parse(
+    model_repo: Path,
+) -> None:
+    # "No model can answer in time" is never true beside an idle model: the
+    # call is judged again by the model its bytes name, before they are parsed.
+    build_tiny_classifier(model_repo / "idle" / "1" / "model.onnx")
+    server = ServerThread(model_repo)
+    try:
+        gate = install_gate(server.running)
+        batcher = server.running.core.registry.get("tiny").batcher
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            busy = stub.ModelInfer.future(_request(), timeout=30)
+            gate.wait_entered(1)
+            batcher.speed.measured(1, 1000.0)  # a row takes 1000 s: far past 5 s
+            sent = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(_request(seed=1), timeout=5)
+            assert time.monotonic() - sent < 2.5
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "model 'tiny' has about" in caught.value.details()
+            assert "(refused unparsed)" in caught.value.details()
+            assert batcher.queued_rows == 0
+            # Not parsed: the name, then a string field that is not UTF-8, which
+            # the parse would refuse as INVALID_ARGUMENT.
+            raw = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            with pytest.raises(grpc.RpcError) as caught:
+                raw(b"\x0a\x04tiny\x1a\x02\xff\xfe", timeout=5)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The idle model still answers at once.
+            idle = pb.ModelInferRequest(model_name="idle")
+            zeros = np.zeros((1, TINY_SIZE, TINY_SIZE, 3), np.uint8)
+            encode_request_inputs(idle, {"images": zeros})
+            assert stub.ModelInfer(idle, timeout=5).model_name == "idle"
+            gate.open()
+            assert busy.result(timeout=10).model_name == "tiny"
+        assert gate.rows == 1
+    finally:
+        server.stop()
 
 
 def test_grpc_itself_refuses_every_call_past_the_bound_plus_room_for_control_calls(

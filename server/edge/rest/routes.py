@@ -110,7 +110,8 @@ class RestApp:
             exchange.deadline = _deadline(exchange)
             refused_on_arrival = True
             # gRPC's bound, messages and deadline rule, before the body is read.
-            with self.admission.admitted(route.api, _seconds_left(exchange.deadline)):
+            seconds_left = _seconds_left(exchange.deadline)
+            with self.admission.admitted(route.api, seconds_left, name or None):
                 refused_on_arrival = False
                 await _within(route.handler(self.handlers, exchange), exchange.deadline)
         except TlserveError as exc:

@@ -37,9 +37,11 @@ def _payload(model: str) -> bytes:
     return request.SerializeToString()
 
 
-def _retry_after(error: Any) -> float | None:
+def _trailer_seconds(error: Any, wanted: str) -> float | None:
+    """``retry-after-ms`` (a refusal's hint) or ``deadline-left-ms`` (what a call
+    refused for its deadline still had), in seconds."""
     for key, value in error.trailing_metadata() or ():
-        if key == "retry-after-ms":
+        if key == wanted:
             return int(value) / 1000.0
     return None
 
@@ -59,19 +61,27 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
     latencies: list[float] = []
     refusals: list[float] = []
     late: list[float] = []  # DEADLINE_EXCEEDED: how soon the caller heard it
-    refused_late: list[float] = []  # ...of those the server refused on arrival for it
+    # ...of those the server refused as unable to answer in time: from sending,
+    # before the server took the call up (the deadline less what it still had
+    # then: on the caller's side of the connection), and from then on.
+    refused_late: list[float] = []
+    before_server: list[float] = []
+    after_server: list[float] = []
+    unparsed = 0  # refused by the admission, before the message was parsed
+    unanswered = 0  # gRPC's own "Deadline Exceeded": nothing answered in time
     answered: list[float] = []  # every outcome's latency: the light caller's view
     loop = asyncio.get_running_loop()
     start = loop.time()
     end = start + args.seconds
 
     async def slot(index: int) -> None:
+        nonlocal unparsed, unanswered
         call = calls[index % len(calls)]
         while loop.time() < end:
             deadline, attempt = loop.time() + args.deadline, 0
             began = loop.time()
             while True:
-                attempt, sent, wait = attempt + 1, loop.time(), None
+                attempt, sent, wait, left, bare = attempt + 1, loop.time(), None, None, False
                 try:
                     await call(payload, timeout=max(0.001, deadline - sent))
                     code = "OK"
@@ -79,7 +89,9 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
                     code = error.code().name
                     on_arrival = "(refused unparsed)" in str(error.details())
                     details.setdefault(code, str(error.details())[:120])
-                    wait = _retry_after(error)
+                    wait = _trailer_seconds(error, "retry-after-ms")
+                    left = _trailer_seconds(error, "deadline-left-ms")
+                    bare = error.details() == "Deadline Exceeded"
                 done = loop.time()
                 # Calls sent in the window count, wherever their answer lands: a
                 # starved generator reads answers a second or more late, and
@@ -93,8 +105,12 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
                         refusals.append(done - sent)
                     elif code == "DEADLINE_EXCEEDED":
                         late.append(done - sent)
-                        if on_arrival:
+                        unparsed += on_arrival
+                        unanswered += bare
+                        if left is not None:
                             refused_late.append(done - sent)
+                            before_server.append(max(0.0, deadline - left - sent))
+                            after_server.append(max(0.0, done - (deadline - left)))
                     answered.append(done - sent)
                 if code not in _RETRIED or args.light:
                     break
@@ -123,6 +139,10 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
         "refused_ms": _percentiles(refusals),
         "deadline_ms": _percentiles(late),
         "refused_late_ms": _percentiles(refused_late),
+        "refused_late_before_ms": _percentiles(before_server),
+        "refused_late_after_ms": _percentiles(after_server),
+        "refused_unparsed": unparsed,
+        "unanswered": unanswered,
         "any_ms": _percentiles(answered),
     }
     print(json.dumps(figures), flush=True)

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Seq
 from types import TracebackType
 from typing import Any, Literal
 
-import grpc
 import numpy as np
 
 from tlserve.client.local import LocalClassifier
@@ -28,6 +27,7 @@ from tlserve.client.streaming import classify_stream
 from tlserve.client.transport import (
     DEFAULT_TIMEOUT,
     Credentials,
+    OutstandingCalls,
     RetryPolicy,
     call_with_retries,
     channel_options,
@@ -41,7 +41,6 @@ from tlserve.contract.errors import (
     ModelNotFound,
     TlserveError,
     Unavailable,
-    from_rpc_error,
 )
 from tlserve.contract.predictions import DEFAULT_TOP_K, Classification
 from tlserve.contract.rules import MAX_MESSAGE_BYTES
@@ -96,6 +95,7 @@ class AsyncClient:
         self._health = health_pb2_grpc.HealthStub(self._channel).Check
         self._local = LocalClassifier(self.model_metadata, self._model_infer)
         self._closed = False
+        self._out = OutstandingCalls()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -120,10 +120,7 @@ class AsyncClient:
             raise ValueError(f"the client for {self.target} is closed")
 
         async def attempt(remaining: float | None) -> Any:
-            try:
-                return await method(request, timeout=remaining, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc) from exc
+            return await self._out.run(method(request, timeout=remaining, metadata=self._metadata))
 
         return await call_with_retries(
             attempt,

@@ -18,12 +18,19 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tlserve.contract.errors import Overloaded, TlserveError, Unavailable
+from tlserve.contract.errors import (
+    DeadlineExceeded,
+    Overloaded,
+    TlserveError,
+    Unavailable,
+    from_rpc_error,
+)
 from tlserve.contract.rules import MAX_MESSAGE_BYTES
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Credentials",
+    "OutstandingCalls",
     "RetryPolicy",
     "call_with_retries",
     "channel_options",
@@ -156,3 +163,42 @@ async def call_with_retries(
                 raise
             await asyncio.sleep(wait)
             number += 1
+
+
+#: What gRPC says when a deadline passes with no answer from the server's code.
+_NO_ANSWER = "DEADLINE_EXCEEDED: Deadline Exceeded"
+
+
+def _unanswered(error: TlserveError, inflight: int) -> TlserveError:
+    """A deadline that passed with no answer says where the time may have gone.
+
+    A server refusing a call it cannot answer in time says so at once (its
+    message; ``seconds_left``). gRPC's bare "Deadline Exceeded" means nothing
+    answered: with many calls out, most likely they waited on this side of the
+    connection, past the streams the server takes from one connection at once,
+    where no server can see them or refuse them early.
+    """
+    if not isinstance(error, DeadlineExceeded) or str(error) != _NO_ANSWER or inflight < 2:
+        return error
+    return DeadlineExceeded(
+        f"{error}: no answer before the deadline, with {inflight} calls of this client out "
+        "on its connection; a server takes a limited number of calls from one connection at "
+        "a time (tlserve: --max-streams-per-connection) and the rest wait on the caller's "
+        "side, unseen by the server, until a stream frees or their deadline passes"
+    )
+
+
+class OutstandingCalls:
+    """Runs a client's calls as typed errors, counting those out on its channel."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def run(self, call: Awaitable[T]) -> T:
+        self.count += 1
+        try:
+            return await call
+        except grpc.RpcError as exc:
+            raise _unanswered(from_rpc_error(exc), self.count) from exc
+        finally:
+            self.count -= 1

@@ -28,7 +28,7 @@ hint as a ``Retry-After`` header in whole seconds.
 
 The retry hint has one unit, seconds (``Overloaded.retry_after``); it travels
 as integer milliseconds in the ``retry-after-ms`` trailing metadata, and
-:func:`retry_trailer` / :func:`from_rpc_error` are the only two places that
+:func:`error_trailer` / :func:`from_rpc_error` are the only two places that
 convert.
 """
 
@@ -40,6 +40,7 @@ from typing import Any
 import grpc
 
 __all__ = [
+    "DEADLINE_LEFT_KEY",
     "HTTP_STATUS",
     "RETRY_AFTER_KEY",
     "ConfigError",
@@ -56,15 +57,20 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "error_trailer",
     "from_rpc_error",
     "from_status_message",
     "http_status",
-    "retry_trailer",
 ]
 
 #: Trailing-metadata key of the server's retry hint on RESOURCE_EXHAUSTED:
 #: an integer number of milliseconds.
 RETRY_AFTER_KEY = "retry-after-ms"
+#: Trailing-metadata key on DEADLINE_EXCEEDED when the server refused the call
+#: as unable to answer it in time: the milliseconds its deadline still had
+#: then. A caller that sent with 2 s and reads 40 here spent the rest before
+#: the server took the call up (on its own side of the connection).
+DEADLINE_LEFT_KEY = "deadline-left-ms"
 
 
 class TlserveError(Exception):
@@ -106,7 +112,15 @@ class Overloaded(TlserveError):
 
 
 class DeadlineExceeded(TlserveError):
+    """Not answered in time. ``seconds_left``: what the deadline still had when
+    the server refused the call as unable to answer it in time (None: the
+    server did not refuse it so, e.g. it expired queued or on the caller's side)."""
+
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def __init__(self, *args: object, seconds_left: float | None = None) -> None:
+        super().__init__(*args)
+        self.seconds_left = seconds_left
 
 
 class Unavailable(TlserveError):
@@ -174,19 +188,21 @@ def http_status(exc: TlserveError) -> int:
     return HTTP_STATUS.get(exc.code, 500)
 
 
-def retry_trailer(exc: TlserveError) -> tuple[tuple[str, str], ...]:
-    """The trailing metadata that carries ``exc``'s retry hint (empty if it has none)."""
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is None:
-        return ()
-    return ((RETRY_AFTER_KEY, str(max(1, math.ceil(retry_after * 1000)))),)
+def error_trailer(exc: TlserveError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that carries ``exc``'s retry hint or deadline left (else empty)."""
+    if isinstance(exc, Overloaded) and exc.retry_after is not None:
+        return ((RETRY_AFTER_KEY, str(max(1, math.ceil(exc.retry_after * 1000)))),)
+    if isinstance(exc, DeadlineExceeded) and exc.seconds_left is not None:
+        return ((DEADLINE_LEFT_KEY, str(max(0, round(exc.seconds_left * 1000)))),)
+    return ()
 
 
 def from_rpc_error(exc: grpc.RpcError) -> TlserveError:
     """The typed error for a failed call (sync or ``grpc.aio``); raise it ``from exc``.
 
     An :class:`Overloaded` carries the server's ``retry-after-ms`` trailing
-    metadata as ``retry_after`` seconds.
+    metadata as ``retry_after`` seconds, a :class:`DeadlineExceeded` its
+    ``deadline-left-ms`` as ``seconds_left``.
     """
     code = _called(exc, "code")
     if not isinstance(code, grpc.StatusCode):
@@ -197,7 +213,14 @@ def from_rpc_error(exc: grpc.RpcError) -> TlserveError:
     cls = _BY_CODE.get(code, ServerError)
     message = f"{code.name}: {details}"
     if cls is Overloaded:
-        return Overloaded(message, retry_after=_retry_after(_called(exc, "trailing_metadata")))
+        return Overloaded(
+            message, retry_after=_milliseconds(_called(exc, "trailing_metadata"), RETRY_AFTER_KEY)
+        )
+    if cls is DeadlineExceeded:
+        return DeadlineExceeded(
+            message,
+            seconds_left=_milliseconds(_called(exc, "trailing_metadata"), DEADLINE_LEFT_KEY),
+        )
     return cls(message)
 
 
@@ -214,9 +237,9 @@ def _called(exc: object, method: str) -> Any:
     return function() if callable(function) else None
 
 
-def _retry_after(metadata: Any) -> float | None:
+def _milliseconds(metadata: Any, wanted: str) -> float | None:
     for key, value in metadata or ():
-        if key == RETRY_AFTER_KEY:
+        if key == wanted:
             try:
                 return max(0.0, int(value) / 1000.0)
             except (TypeError, ValueError):

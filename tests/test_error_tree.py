@@ -123,7 +123,13 @@ def test_a_closed_pipe_ends_quietly() -> None:
 
 
 def test_the_retry_hint_has_one_unit() -> None:
-    assert errors.retry_trailer(errors.Overloaded("x", retry_after=0.0123)) == (
+    assert errors.error_trailer(errors.Overloaded("x", retry_after=0.0123)) == (
         (errors.RETRY_AFTER_KEY, "13"),
     )
-    assert errors.retry_trailer(errors.InvalidInput("x")) == ()
+    assert errors.error_trailer(errors.InvalidInput("x")) == ()
+
+
+def test_a_deadline_refusal_says_how_much_time_the_call_still_had() -> None:
+    refused = errors.DeadlineExceeded("x", seconds_left=0.0404)
+    assert errors.error_trailer(refused) == ((errors.DEADLINE_LEFT_KEY, "40"),)
+    assert errors.error_trailer(errors.DeadlineExceeded("expired queued")) == ()

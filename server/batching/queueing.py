@@ -156,13 +156,16 @@ class RequestQueue:
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             self._shed("late")
-            raise DeadlineExceeded(f"the deadline passed before reaching model {self.name!r}")
+            raise DeadlineExceeded(
+                f"the deadline passed before reaching model {self.name!r}", seconds_left=0.0
+            )
         wait = self.time_to_answer(rows)
         if wait > remaining:
             self._shed("late")
             raise DeadlineExceeded(
                 f"model {self.name!r} cannot answer in time: about {wait * 1e3:.0f} ms of work "
-                f"is ahead of these {rows} rows and the deadline is in {remaining * 1e3:.0f} ms"
+                f"is ahead of these {rows} rows and the deadline is in {remaining * 1e3:.0f} ms",
+                seconds_left=remaining,
             )
 
     def _within_max_wait(self, rows: int) -> None:

@@ -48,7 +48,7 @@ from tlserve.contract.errors import (
     Overloaded,
     TlserveError,
     Unavailable,
-    retry_trailer,
+    error_trailer,
 )
 from tlserve.protos import grpc_service_pb2, tlserve_v1_pb2
 from tlserve.server.edge.limit import AdaptiveLimit
@@ -168,7 +168,8 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
         who = "no model can answer in time: model" if model is None else "model"
         return DeadlineExceeded(
             f"{who} {fastest!r} has about {seconds * 1e3:.0f} ms of work ahead of a new "
-            f"request and the deadline is in {seconds_left * 1e3:.0f} ms (refused unparsed)"
+            f"request and the deadline is in {seconds_left * 1e3:.0f} ms (refused unparsed)",
+            seconds_left=seconds_left,
         )
 
     @contextlib.contextmanager
@@ -186,7 +187,7 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
         async def refuse(requests: Any, context: _Context) -> NoReturn:
             if self.closing:
                 await self._released.wait()
-            await context.abort(error.code, str(error), trailing_metadata=retry_trailer(error))
+            await context.abort(error.code, str(error), trailing_metadata=error_trailer(error))
             raise AssertionError("unreachable: context.abort raises")
 
         async def refuse_stream(requests: Any, context: _Context) -> AsyncIterator[Any]:
@@ -257,7 +258,7 @@ class InferenceAdmission(grpc.aio.ServerInterceptor):
     async def _refuse_if_late(self, api: str, context: _Context, model: str | None) -> None:
         error = self.lateness(api, context.time_remaining(), model)
         if error is not None:
-            await context.abort(error.code, str(error))
+            await context.abort(error.code, str(error), trailing_metadata=error_trailer(error))
 
 
 async def _only_message(requests: AsyncIterator[Any], context: _Context) -> Any:

@@ -2,10 +2,11 @@
 
 :func:`handled` turns domain errors into ``context.abort`` with their status
 (anything unexpected is logged with its traceback and becomes INTERNAL, no
-internals leaked) and puts an ``Overloaded``'s retry hint in trailing
-metadata (:func:`~tlserve.contract.errors.retry_trailer`). :func:`counted`
-does the same bookkeeping for one message of a stream, whose errors travel
-in the message instead.
+internals leaked) and puts an ``Overloaded``'s retry hint, or the deadline
+a ``DeadlineExceeded`` still had when refused, in trailing metadata
+(:func:`~tlserve.contract.errors.error_trailer`). :func:`counted` does the
+same bookkeeping for one message of a stream, whose errors travel in the
+message instead.
 
 Every outcome is counted with its real code
 (:func:`~tlserve.server.metrics.outcome_of`): a call whose deadline passed
@@ -29,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from tlserve.contract.errors import TlserveError, retry_trailer
+from tlserve.contract.errors import TlserveError, error_trailer
 from tlserve.server.core.inference import InferenceCore
 from tlserve.server.metrics import outcome_of, time_left
 
@@ -150,7 +151,7 @@ def handled(
             except TlserveError as exc:
                 outcome = outcome_of(exc)
                 refused(name, exc.code, str(exc))
-                await context.abort(exc.code, details(exc), trailing_metadata=retry_trailer(exc))
+                await context.abort(exc.code, details(exc), trailing_metadata=error_trailer(exc))
             except asyncio.CancelledError as exc:
                 outcome = outcome_of(exc, context.time_remaining())
                 raise

@@ -195,3 +195,46 @@ def test_leaving_the_context_manager_closes_the_channel(server: ServerThread) ->
     other.close()
     with pytest.raises(ValueError, match="is closed"):
         other.classify(png_bytes(RED), model="tiny", timeout=5)
+
+
+def test_calls_whose_deadline_passes_on_the_callers_side_say_where_they_waited(
+    model_repo: Path,
+) -> None:
+    # One stream per connection and a model that does not answer yet: of three
+    # calls, two wait on the client's side of the connection, where the server
+    # can neither see nor refuse them. Their errors say so; a call the server
+    # refuses for its deadline says what it still had when it arrived.
+    running = ServerThread(model_repo, max_streams_per_connection=1)
+    try:
+        gate = install_gate(running.running)
+        with Client(running.target) as client, ThreadPoolExecutor(3) as pool:
+            assert client.server_ready(timeout=10)  # the connection and its limit are up
+            calls = [
+                pool.submit(client.classify, png_bytes(RED), model="tiny", timeout=1.0)
+                for _ in range(3)
+            ]
+            errors = [call.exception(timeout=30) for call in calls]
+            assert all(isinstance(e, DeadlineExceeded) for e in errors)
+            for error in errors:
+                _assert_chained(error)  # type: ignore[arg-type]
+            told = [str(e) for e in errors if "calls of this client out" in str(e)]
+            assert told and all("--max-streams-per-connection" in text for text in told)
+            gate.open()
+            gate = install_gate(running.running)
+            busy = pool.submit(client.classify, png_bytes(RED), model="tiny", timeout=30)
+            gate.wait_entered(1)
+            batcher = running.running.core.registry.get("tiny").batcher
+            batcher.speed.measured(1, 1000.0)  # as if a row took 1000 s
+            # Its own connection (gRPC shares one between channels unless told not to).
+            own = [("grpc.use_local_subchannel_pool", 1)]
+            with (
+                Client(running.target, options=own) as other,
+                pytest.raises(DeadlineExceeded, match="refused unparsed") as refused,
+            ):
+                other.classify(png_bytes(BLUE), model="tiny", timeout=5)
+            left = refused.value.seconds_left
+            assert left is not None and 2.5 < left <= 5.1
+            gate.open()
+            assert busy.result(timeout=30)[0][0].label == "red"
+    finally:
+        running.stop()

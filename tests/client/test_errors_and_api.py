@@ -145,8 +145,12 @@ def test_from_rpc_error_without_a_call_is_a_server_error() -> None:
 
 
 class HintedCall(FakeCall):
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+    def __init__(
+        self,
+        metadata: tuple[tuple[str, str], ...],
+        code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ) -> None:
+        super().__init__(code, "queue full")
         self._metadata = metadata
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:  # type: ignore[override]
@@ -167,6 +171,17 @@ def test_overloaded_carries_the_retry_hint_in_seconds(
 ) -> None:
     error = from_rpc_error(HintedCall(metadata))
     assert isinstance(error, Overloaded) and error.retry_after == seconds
+
+
+@pytest.mark.parametrize(
+    ("metadata", "seconds"),
+    [((("deadline-left-ms", "40"),), 0.04), ((("retry-after-ms", "40"),), None), ((), None)],
+)
+def test_a_deadline_refusal_carries_the_time_the_call_still_had(
+    metadata: tuple[tuple[str, str], ...], seconds: float | None
+) -> None:
+    error = from_rpc_error(HintedCall(metadata, grpc.StatusCode.DEADLINE_EXCEEDED))
+    assert isinstance(error, DeadlineExceeded) and error.seconds_left == seconds
 
 
 @pytest.mark.parametrize(

@@ -165,6 +165,10 @@ def _late_request_refused(
         assert time.monotonic() - sent < 2.5
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert told in caught.value.details() and "(refused unparsed)" in caught.value.details()
+        # ...with the time it still had, so the caller can tell what it spent on its own side
+        # (gRPC rounds the timeout it sends up, so this can pass 5 s by a few ms).
+        left = dict(caught.value.trailing_metadata())["deadline-left-ms"]
+        assert 2500 < int(left) <= 5100
         assert batcher.queued_rows == 0  # refused before it took room
         # Refused before its message is parsed: bytes that are no message at all
         # get the same answer, not INVALID_ARGUMENT.

@@ -6,7 +6,9 @@ each with a ``--deadline``; a refused call (RESOURCE_EXHAUSTED, UNAVAILABLE)
 is retried as the SDK does (the server's ``retry-after-ms`` hint, else
 jittered exponential backoff, never past its deadline); ``--no-backoff``
 retries at once. ``--light``: one call at a time,
-never retried (the light caller). ``--nice N`` lowers its CPU priority.
+never retried (the light caller; with a short ``--deadline``, the late
+caller). ``--nice N`` lowers its CPU priority. How late a 10 ms timer fires
+in the generator is reported too: a starved generator reads answers late.
 ``--model`` names the model (``fast`` unless given).
 Prints its figures as one JSON object; stops by itself.
 """
@@ -124,11 +126,20 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
             if args.light:  # one call at a time, a few per second
                 await asyncio.sleep(0.05)
 
+    lags: list[float] = []  # how late a 10 ms timer fires: this process's own delay
+
+    async def ticker() -> None:
+        while loop.time() < end:
+            due = loop.time() + 0.01
+            await asyncio.sleep(0.01)
+            lags.append(loop.time() - due)
+
+    clock = asyncio.ensure_future(ticker())
     tasks = [asyncio.ensure_future(slot(i)) for i in range(args.inflight)]
     # Bounded even when starved of CPU: calls still out after the last
     # deadline could have passed are cancelled.
     _, unfinished = await asyncio.wait(tasks, timeout=args.seconds + args.deadline + 5)
-    for task in unfinished:
+    for task in (*unfinished, clock):
         task.cancel()
     figures = {
         "seconds": args.seconds,
@@ -144,6 +155,7 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
         "refused_unparsed": unparsed,
         "unanswered": unanswered,
         "any_ms": _percentiles(answered),
+        "loop_lag_ms": _percentiles(lags),
     }
     print(json.dumps(figures), flush=True)
     # Not waiting for thousands of cancelled calls, or gRPC's threads, to wind

@@ -43,7 +43,6 @@ import json
 import os
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -53,6 +52,7 @@ from typing import Any
 
 # Run as a script (`make bench-overload`), so this folder is on sys.path.
 from bench_models import fast_model, lite0_model
+from overload_report import LATE_DEADLINE, print_phase, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "bench"
@@ -79,7 +79,8 @@ def _result(process: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
         process.communicate()
         return {"ok_per_s": float("nan"), "outcomes": {"generator timed out": 1},
                 "refused_ms": {"n": 0}, "any_ms": {"n": 0}, "ok_ms": {"n": 0},
-                "deadline_ms": {"n": 0}}  # fmt: skip
+                "deadline_ms": {"n": 0}, "loop_lag_ms": {"n": 0},
+                "refused_late_ms": {"n": 0}}  # fmt: skip
     assert process.returncode == 0, f"generator failed ({process.returncode})"
     return dict(json.loads(out))
 
@@ -198,78 +199,20 @@ def _round(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(min(2.0, args.seconds / 4))  # the light caller measures under overload
         light = _start_generator(server.target, 1, 2.0, args.seconds - 3.0, light=True,
                                  model=args.model)  # fmt: skip
+        late = _start_generator(server.target, 1, LATE_DEADLINE, args.seconds - 3.0,
+                                light=True, model=args.model)  # fmt: skip
         overload, refusals = _result(load, args.seconds + 60), _result(light, args.seconds + 60)
+        lately = _result(late, args.seconds + 60)
         overload["server_cpu_s"] = _cpu_seconds(pid) - cpu
         overload["server_counts"] = {
             k: v - counted.get(k, 0.0) for k, v in server.counts().items()
             if v - counted.get(k, 0.0)
         }  # fmt: skip
         ratio = overload["ok_per_s"] / capacity["ok_per_s"]
-        figures[f"overload_{label}"] = {"load": overload, "light": refusals,
+        figures[f"overload_{label}"] = {"load": overload, "light": refusals, "late": lately,
                                         "rss_mb": _rss_mb(pid), "goodput_ratio": ratio}  # fmt: skip
-        refused = refusals["refused_ms"]
-        print(f"  overload, generator at {label} priority (nice {nice}), {args.inflight} in "
-              f"flight, 2 s deadlines: goodput {overload['ok_per_s']:.0f} req/s = {ratio:.0%} "
-              f"of capacity; outcomes {overload['outcomes']}; server CPU "
-              f"{overload['server_cpu_s'] / args.seconds:.0%} of a core", flush=True)  # fmt: skip
-        print(f"    the server counted {overload['server_counts']}", flush=True)
-        for key, what in (("deadline_ms", "DEADLINE_EXCEEDED, from sending"),
-                          ("refused_late_ms", "  of which refused by the server, from sending"),
-                          ("refused_late_before_ms", "    before the server took them up"),
-                          ("refused_late_after_ms", "    from then on")):  # fmt: skip
-            late = overload.get(key, {"n": 0})
-            p50, p99 = late.get("p50", float("nan")), late.get("p99", float("nan"))
-            print(f"    {what}: p50 {p50:.0f} ms, p99 {p99:.0f} ms over {late['n']}",
-                  flush=True)  # fmt: skip
-        print(
-            f"    refused before the parse: {overload.get('refused_unparsed', 0)}; no answer "
-            f"before the deadline (gRPC's own): {overload.get('unanswered', 0)}",
-            flush=True,
-        )
-        p50, p99 = refused.get("p50", float("nan")), refused.get("p99", float("nan"))
-        print(f"    light caller: RESOURCE_EXHAUSTED in p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-              f"over {refused['n']} refusals; all its {refusals['outcomes']} in p50 "
-              f"{refusals['any_ms'].get('p50', 0):.1f} / p99 "
-              f"{refusals['any_ms'].get('p99', 0):.1f} ms; "
-              f"server RSS {figures[f'overload_{label}']['rss_mb']}", flush=True)  # fmt: skip
+        print_phase(label, nice, args, figures[f"overload_{label}"])
     return figures
-
-
-def _summary(model: str, rounds: list[dict[str, Any]]) -> None:
-    """Medians over rounds beside the targets (one round's goodput drifts +-20% here)."""
-    print(f"{model}: capacity median "
-          f"{statistics.median(r['capacity']['ok_per_s'] for r in rounds):.0f} req/s")  # fmt: skip
-    for label, target in (("equal", 0.5), ("lower", 0.8)):
-        ratios = [r[f"overload_{label}"]["goodput_ratio"] for r in rounds]
-        median = statistics.median(ratios)
-        print(f"goodput, generator at {label} priority: median {median:.0%} of capacity "
-              f"[{min(ratios):.0%}-{max(ratios):.0%}] over {len(ratios)} rounds "
-              f"(>= {target:.0%}: {'met' if median >= target else 'MISSED'})")  # fmt: skip
-    p99s = [
-        r[f"overload_{label}"]["light"]["refused_ms"]["p99"]
-        for r in rounds for label in ("equal", "lower")
-        if r[f"overload_{label}"]["light"]["refused_ms"]["n"]
-    ]  # fmt: skip
-    if p99s:
-        print(f"light caller's RESOURCE_EXHAUSTED p99: worst {max(p99s):.1f} ms over "
-              f"{len(p99s)} phases that refused it (< 50 ms: "
-              f"{'met' if max(p99s) < 50 else 'MISSED'})")  # fmt: skip
-    else:
-        print("light caller's RESOURCE_EXHAUSTED p99: n/a (never refused)")
-    for key, what in (("deadline_ms", "every DEADLINE_EXCEEDED, from sending"),
-                      ("refused_late_ms", "refused for its deadline, from sending"),
-                      ("refused_late_before_ms", "  of which before the server took it up"),
-                      ("refused_late_after_ms", "refused for its deadline, from when the "
-                                                "server took it up")):  # fmt: skip
-        late = [
-            r[f"overload_{label}"]["load"].get(key, {}).get("p99", float("nan"))
-            for r in rounds for label in ("equal", "lower")
-        ]  # fmt: skip
-        measured = [ms for ms in late if ms == ms]  # NaN: none in that phase
-        met = bool(measured) and max(measured) < 100
-        wanted = " (< 100 ms: " + ("met)" if met else "MISSED)")
-        print(f"{what}: p99 per phase {', '.join(f'{ms:.0f}' for ms in late)} ms"
-              f"{wanted if key == 'refused_late_after_ms' else ''}")  # fmt: skip
 
 
 def main() -> None:
@@ -284,7 +227,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     figures = {model: run(args, model) for model in args.models.split(",")}
     for model, measured in figures.items():
-        _summary(model, measured["rounds"])
+        summary(model, measured["rounds"])
     (OUT / "overload.json").write_text(json.dumps(figures, indent=2))
     print(f"figures: {OUT / 'overload.json'}")
 

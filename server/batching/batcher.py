@@ -130,11 +130,12 @@ class DynamicBatcher:
             return 0.0
         return self._queue.expected_wait()
 
-    def time_to_answer(self, rows: int = 1) -> float:
-        """Seconds until a request of ``rows`` arriving now would be answered."""
+    def time_to_answer(self, rows: int = 1, deadline: float | None = None) -> float:
+        """Seconds until a request of ``rows`` arriving now with ``deadline`` (on the
+        loop's clock) would be answered."""
         if self._queue is None:  # not started: nothing queued
             return self.speed.seconds(rows)
-        return self._queue.time_to_answer(rows)
+        return self._queue.time_to_answer(rows, deadline)
 
     def retry_after(self, rows: int = 0) -> float:
         """Seconds until the queue (plus ``rows``) drains, at the recent per-row speed."""

@@ -1,6 +1,6 @@
 """The batcher's queue: bounded in rows, deadline-aware, freshest first under overload.
 
-Admission (:meth:`RequestQueue.admit`) is O(1) and says why it refuses:
+Admission (:meth:`RequestQueue.admit`) says why it refuses:
 
 - more rows than the whole queue holds: ``InvalidInput`` (it could never run);
 - the queue is full: ``Overloaded``, with the time it needs to drain as the
@@ -10,7 +10,9 @@ Admission (:meth:`RequestQueue.admit`) is O(1) and says why it refuses:
   fast one): ``Overloaded`` (reason ``queue_time``), with the time the
   queue needs to drain as the hint;
 - the work ahead of it, at the measured per-row compute time, would keep it
-  past its deadline: ``DeadlineExceeded`` at once, before it takes room.
+  past its deadline: ``DeadlineExceeded`` at once, before it takes room
+  (while the queue stands, the work ahead is every queued request with more
+  time left, served first: a short deadline waits behind them).
 
 A queued request whose deadline comes before it could run is failed by a
 timer with ``DeadlineExceeded`` (the caller hears DEADLINE_EXCEEDED, not a
@@ -121,14 +123,24 @@ class RequestQueue:
         """Seconds the queue's work and the running batches take, plus ``rows``."""
         return self.speed.seconds(self.speed.running_rows + self.rows + rows)
 
-    def time_to_answer(self, rows: int) -> float:
-        """Seconds until a request of ``rows`` arriving now is answered, at the measured speed.
+    def time_to_answer(self, rows: int, deadline: float | None = None) -> float:
+        """Seconds until a request of ``rows`` arriving now, with ``deadline`` (on
+        the loop's clock; None: none), is answered, at the measured speed.
 
         The one rule for "too late to answer": the queue's admission and the
         server's admission before the message is read both use it.
         """
-        # Served newest first, a fresh request waits only for the running batches.
-        ahead = self.speed.running_rows + (0 if self.fresh_first_now() else self.rows)
+        ahead = self.speed.running_rows
+        if not self.fresh_first_now():
+            ahead += self.rows
+        elif deadline is not None:
+            # Served by time left, every queued request with more of it goes first:
+            # a call with a short deadline is served after them, not at once.
+            ahead += sum(
+                item.rows
+                for item in self._items
+                if not item.future.done() and _time_left(item)[0] > deadline
+            )
         return self.speed.seconds(ahead + rows)
 
     def publish(self) -> None:
@@ -159,7 +171,7 @@ class RequestQueue:
             raise DeadlineExceeded(
                 f"the deadline passed before reaching model {self.name!r}", seconds_left=0.0
             )
-        wait = self.time_to_answer(rows)
+        wait = self.time_to_answer(rows, deadline)
         if wait > remaining:
             self._shed("late")
             raise DeadlineExceeded(

@@ -256,7 +256,10 @@ def _admission(
         # serving model could answer in time (with one model, exactly its rule);
         # once read, what its own model cannot (an unknown name: as unknown).
         named = [b for b in batchers() if b.name == model]
-        soonest = min(((b.time_to_answer(), b.name) for b in named or batchers()), default=None)
+        deadline = asyncio.get_running_loop().time() + seconds_left
+        soonest = min(
+            ((b.time_to_answer(1, deadline), b.name) for b in named or batchers()), default=None
+        )
         if soonest is None or soonest[0] <= seconds_left:
             return None
         metrics.shed.labels(soonest[1], "late").inc()

@@ -307,6 +307,32 @@ async def test_under_sustained_overload_the_most_time_left_runs_first(rig: Rig) 
     assert [int(b[0, 0]) for b in rig.model.batches[1:]] == [1, 3, 2]
 
 
+async def test_served_by_time_left_a_short_deadline_waits_behind_every_longer_one(
+    rig: Rig,
+) -> None:
+    # 100 ms a row; the queue stands, so it is served by time left: a request
+    # due in 0.3 s waits behind the 4 queued rows due in 60 s (0.5 s with the
+    # running one) and is refused at once; one due in 120 s goes first and fits.
+    batcher = await rig.start(max_batch_size=1, row_seconds=0.1, standing=0.0)
+    first = await busy_with_first_request(rig, batcher)
+    loop = asyncio.get_running_loop()
+    queued = [
+        asyncio.create_task(batcher.submit(request(i), deadline=loop.time() + 60))
+        for i in range(1, 5)
+    ]
+    await wait_until(lambda: batcher.queued_rows == 4)
+    assert batcher.time_to_answer(1, loop.time() + 120) == pytest.approx(0.2, abs=0.01)
+    with pytest.raises(DeadlineExceeded, match=r"about 600 ms of work") as refused:
+        await batcher.submit(request(5), deadline=loop.time() + 0.3)
+    assert refused.value.seconds_left is not None
+    assert batcher.queued_rows == 4  # refused before it took room
+    rig.model.open()
+    assert_own_rows(await first, 0)
+    for ident, task in enumerate(queued, start=1):
+        assert_own_rows(await task, ident)
+    assert not rig.model.seen(5)
+
+
 async def test_in_arrival_order_while_the_queue_drains(rig: Rig) -> None:
     batcher = await rig.start(max_batch_size=2, fresh_first=False)
     first = await busy_with_first_request(rig, batcher)

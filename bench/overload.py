@@ -52,7 +52,7 @@ from typing import Any
 
 # Run as a script (`make bench-overload`), so this folder is on sys.path.
 from bench_models import fast_model, lite0_model
-from overload_report import LATE_DEADLINE, print_phase, summary
+from overload_report import LATE_DEADLINE, NO_LATE_CALLER, print_phase, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "bench"
@@ -199,10 +199,11 @@ def _round(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(min(2.0, args.seconds / 4))  # the light caller measures under overload
         light = _start_generator(server.target, 1, 2.0, args.seconds - 3.0, light=True,
                                  model=args.model)  # fmt: skip
-        late = _start_generator(server.target, 1, LATE_DEADLINE, args.seconds - 3.0,
-                                light=True, model=args.model)  # fmt: skip
+        late = args.late_deadline and _start_generator(
+            server.target, 1, args.late_deadline, args.seconds - 3.0, light=True, model=args.model
+        )
         overload, refusals = _result(load, args.seconds + 60), _result(light, args.seconds + 60)
-        lately = _result(late, args.seconds + 60)
+        lately = _result(late, args.seconds + 60) if late else NO_LATE_CALLER
         overload["server_cpu_s"] = _cpu_seconds(pid) - cpu
         overload["server_counts"] = {
             k: v - counted.get(k, 0.0) for k, v in server.counts().items()
@@ -221,13 +222,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="capacity + overload rounds")
     parser.add_argument("--inflight", type=int, default=2000)
     parser.add_argument("--no-backoff", action="store_true", help="refused calls retry at once")
+    parser.add_argument("--late-deadline", type=float, default=LATE_DEADLINE,
+                        help="the late caller's deadline, seconds (0: none)")  # fmt: skip
     parser.add_argument("--server-flags", default="", help="extra `tlserve serve` flags")
     parser.add_argument("--models", default="fast,lite0", help="run one after the other")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     figures = {model: run(args, model) for model in args.models.split(",")}
     for model, measured in figures.items():
-        summary(model, measured["rounds"])
+        summary(model, measured["rounds"], args.late_deadline)
     (OUT / "overload.json").write_text(json.dumps(figures, indent=2))
     print(f"figures: {OUT / 'overload.json'}")
 

@@ -11,6 +11,12 @@ from typing import Any
 #: overload (its light caller's answers: p99 370-530 ms), so those calls cannot
 #: be met and should be refused at once; on the fast net they are mostly served.
 LATE_DEADLINE = 0.2
+#: A phase's late-caller figures when it did not run.
+NO_LATE_CALLER: dict[str, Any] = {
+    "outcomes": {},
+    "deadline_ms": {"n": 0},
+    "refused_late_ms": {"n": 0},
+}
 
 
 def print_phase(label: str, nice: int, args: argparse.Namespace, phase: dict[str, Any]) -> None:
@@ -43,14 +49,14 @@ def print_phase(label: str, nice: int, args: argparse.Namespace, phase: dict[str
           f"{refusals['any_ms'].get('p99', 0):.1f} ms; "
           f"server RSS {phase['rss_mb']}", flush=True)  # fmt: skip
     heard, lag = lately["refused_late_ms"], overload["loop_lag_ms"]
-    print(f"    late caller ({LATE_DEADLINE * 1e3:.0f} ms deadlines): {lately['outcomes']}; "
+    print(f"    late caller ({args.late_deadline * 1e3:.0f} ms deadlines): {lately['outcomes']}; "
           f"refused for its deadline, heard in p50 {heard.get('p50', float('nan')):.1f} ms, "
           f"p99 {heard.get('p99', float('nan')):.1f} ms from sending over {heard['n']}; "
           f"the flood's own timer lag p50 {lag.get('p50', 0):.0f} ms, "
           f"p99 {lag.get('p99', 0):.0f} ms", flush=True)  # fmt: skip
 
 
-def summary(model: str, rounds: list[dict[str, Any]]) -> None:
+def summary(model: str, rounds: list[dict[str, Any]], late_deadline: float) -> None:
     """Medians over rounds beside the targets (one round's goodput drifts +-20% here)."""
     print(f"{model}: capacity median "
           f"{statistics.median(r['capacity']['ok_per_s'] for r in rounds):.0f} req/s")  # fmt: skip
@@ -94,6 +100,6 @@ def summary(model: str, rounds: list[dict[str, Any]]) -> None:
         f"{late['deadline_ms']['n'] - late['refused_late_ms']['n']} of "
         f"{sum(late['outcomes'].values())}" for late in lates
     )  # fmt: skip
-    print(f"late caller ({LATE_DEADLINE * 1e3:.0f} ms deadlines, its own connection), refused "
+    print(f"late caller ({late_deadline * 1e3:.0f} ms deadlines, its own connection), refused "
           f"for its deadline: p99 from sending per phase {phases} ms (< 100 ms: {met}); "
           f"admitted and then past its deadline: {expired} calls")  # fmt: skip

@@ -139,7 +139,7 @@ class RequestQueue:
             ahead += sum(
                 item.rows
                 for item in self._items
-                if not item.future.done() and _time_left(item)[0] > deadline
+                if not item.dequeued and (item.deadline is None or item.deadline > deadline)
             )
         return self.speed.seconds(ahead + rows)
 

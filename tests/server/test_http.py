@@ -213,6 +213,7 @@ def test_one_bound_for_both_edges_429_retry_after_and_504(bounded: ServerThread)
     gate.wait_entered(1)
     answer = call(port, "POST", "/v2/models/tiny/infer", infer_json(IMAGES))
     assert answer.status == 429 and int(answer.headers["retry-after"]) >= 1
+    assert int(answer.headers["retry-after-ms"]) >= 1  # the same hint as gRPC's trailer
     assert "inference calls, its limit" in answer.json()["error"]
     with Client(bounded.target) as client, pytest.raises(Overloaded) as refused:
         client.infer("tiny", {"images": IMAGES}, timeout=10)  # gRPC shares the bound

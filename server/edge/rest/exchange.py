@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
-from tlserve.contract.errors import DeadlineExceeded, InvalidInput, Overloaded, TlserveError
+from tlserve.contract.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    Overloaded,
+    TlserveError,
+    error_trailer,
+)
 
 __all__ = [
     "BODY_SECONDS",
@@ -142,6 +148,7 @@ class Exchange:
         headers: list[tuple[str, str]] = []
         if isinstance(exc, Overloaded) and exc.retry_after is not None:
             headers.append(("retry-after", str(max(1, math.ceil(exc.retry_after)))))
+        headers.extend(error_trailer(exc))  # as gRPC's trailers: retry-after-ms, deadline-left-ms
         if status in (401,):
             headers.append(("www-authenticate", "Bearer"))
         if self.method == "POST" and not self.body_read:

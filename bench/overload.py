@@ -12,7 +12,9 @@ separate load-generator processes over grpc.aio:
   server's CPU priority and then at a lower one (``os.nice`` in the
   generator): goodput = OK answers per second, beside capacity;
 - meanwhile a light caller (its own process, one call at a time) measures
-  how long a RESOURCE_EXHAUSTED takes to come back (p50/p99);
+  how long a RESOURCE_EXHAUSTED takes to come back (p50/p99), and a late
+  caller (the same, with deadlines too short to be met on lite0:
+  ``--late-deadline``) how long a refusal for its deadline takes;
 - how soon a DEADLINE_EXCEEDED reaches the flood's callers (p50/p99), and,
   for the calls the server refused as unable to answer in time, how that
   time splits: before the server took the call up (its deadline less the
@@ -29,8 +31,8 @@ hostile caller). Everything is bounded: each phase stops by itself.
 
 Targets (2 cores): goodput >= 80% of capacity with the generator at lower
 priority and >= 50% at equal priority; the light caller's RESOURCE_EXHAUSTED
-p99 < 50 ms; a call refused for its deadline hears so within 100 ms (p99)
-of the server taking it up. One round's goodput drifts by +-20% on 2 cores (the first
+p99 < 50 ms; the late caller hears a refusal for its deadline within 100 ms
+(p99) of sending. One round's goodput drifts by +-20% on 2 cores (the first
 seconds of 2,000 new calls are a burst of their own), so ``--rounds`` rounds
 of ``--seconds`` phases run on one server and the targets are judged on the
 medians, each round's goodput a ratio to that round's own capacity.

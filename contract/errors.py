@@ -24,10 +24,12 @@ nothing is lost. The CLI maps each class to an exit code
 
 Over HTTP (the KServe v2 REST edge) each code travels as the HTTP status in
 :data:`HTTP_STATUS` (:func:`http_status`), with the same message; the retry
-hint as a ``Retry-After`` header in whole seconds.
+hint also as a ``Retry-After`` header in whole seconds.
 
-The retry hint has one unit, seconds (``Overloaded.retry_after``); it travels
-as integer milliseconds in the ``retry-after-ms`` trailing metadata, and
+The retry hint and the deadline a refused call still had have one unit,
+seconds (``Overloaded.retry_after``, ``DeadlineExceeded.seconds_left``);
+they travel as integer milliseconds in the ``retry-after-ms`` and
+``deadline-left-ms`` trailing metadata (HTTP headers on the REST edge), and
 :func:`error_trailer` / :func:`from_rpc_error` are the only two places that
 convert.
 """

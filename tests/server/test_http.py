@@ -262,3 +262,31 @@ def test_the_http_port_setting(tmp_path: Path) -> None:
     assert ServerConfig.load({"http_port": 9000}, environ=repo).http_port == 9000
     with pytest.raises(ConfigError, match="TLSERVE_HTTP_PORT"):
         ServerConfig.load({"http_port": 70000}, environ=repo)
+
+
+def test_a_call_no_model_can_answer_in_time_gets_504_and_the_time_it_had(
+    tmp_path: Path,
+) -> None:
+    build_http_repository(tmp_path / "models")
+    running = ServerThread(tmp_path / "models", http_port=free_port())
+    try:
+        port = running.running.http_port
+        gate = install_gate(running.running)
+        held: list[Answer] = []
+        busy = threading.Thread(
+            target=lambda: held.append(
+                call(port, "POST", "/v2/models/tiny/infer", infer_json(IMAGES))
+            )
+        )
+        busy.start()
+        gate.wait_entered(1)
+        running.running.core.registry.get("tiny").batcher.speed.measured(1, 1000.0)
+        answer = call(port, "POST", "/v2/models/tiny/infer", infer_json(IMAGES), {"Timeout": "5"})
+        assert answer.status == 504 and "work ahead" in answer.json()["error"]
+        # As gRPC's trailer: what the deadline still had, so the caller sees its own wait.
+        assert 2500 < int(answer.headers["deadline-left-ms"]) <= 5100
+        gate.open()
+        busy.join(timeout=30)
+        assert held[0].status == 200
+    finally:
+        running.stop()

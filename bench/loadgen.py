@@ -20,7 +20,7 @@ import asyncio
 import json
 import os
 import random
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import numpy as np
 
@@ -39,18 +39,11 @@ def _payload(model: str) -> bytes:
     return request.SerializeToString()
 
 
-def _trailer_seconds(error: Any, wanted: str) -> float | None:
-    """``retry-after-ms`` (a refusal's hint) or ``deadline-left-ms`` (what a call
-    refused for its deadline still had), in seconds."""
-    for key, value in error.trailing_metadata() or ():
-        if key == wanted:
-            return int(value) / 1000.0
-    return None
-
-
 async def _generate(args: argparse.Namespace) -> NoReturn:
     """Keep ``inflight`` calls going for ``seconds``; count outcomes (runs in its own process)."""
     import grpc
+
+    from tlserve.contract.errors import DeadlineExceeded, Overloaded, from_rpc_error
 
     payload = _payload(args.model)
     channels = [
@@ -91,8 +84,9 @@ async def _generate(args: argparse.Namespace) -> NoReturn:
                     code = error.code().name
                     on_arrival = "(refused unparsed)" in str(error.details())
                     details.setdefault(code, str(error.details())[:120])
-                    wait = _trailer_seconds(error, "retry-after-ms")
-                    left = _trailer_seconds(error, "deadline-left-ms")
+                    typed = from_rpc_error(error)  # the SDK's reading of the hints
+                    wait = typed.retry_after if isinstance(typed, Overloaded) else None
+                    left = typed.seconds_left if isinstance(typed, DeadlineExceeded) else None
                     bare = error.details() == "Deadline Exceeded"
                 done = loop.time()
                 # Calls sent in the window count, wherever their answer lands: a

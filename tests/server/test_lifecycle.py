@@ -282,9 +282,12 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+    # Every call made before the drain was announced (those in flight at the
+    # signal among them) and every call made while it was being announced
+    # answered. The watcher can see NOT_SERVING before any caller sends again,
+    # so there may be no calls of the second kind.
     assert set(before) == {"OK"}, before
-    # Every call made before the drain was announced, and those in flight, answered.
-    assert set(after) == {"OK"}, after
+    assert set(after) <= {"OK"}, after
     assert "stopped" in log.read_text()
 
 

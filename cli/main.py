@@ -85,29 +85,33 @@ def _train(args: argparse.Namespace) -> int:
     from tlserve.training import TrainConfig, train
     from tlserve.training.backbone.backbones import DEFAULT_BACKBONE
     from tlserve.training.config import DEFAULT_STRATEGY
+    from tlserve.training.fit.distributed import leave_distributed
 
-    result = train(
-        TrainConfig(
-            args.data_dir,
-            model_repository=args.model_repository,
-            name=args.name,
-            strategy=args.strategy or DEFAULT_STRATEGY,
-            backbone=args.backbone or DEFAULT_BACKBONE,
-            seed=args.seed,
-            options=_strategy_options(args),
-            backbone_weights=args.backbone_weights,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            balanced={"auto": None, "balanced": True, "none": False}[args.class_weights],
-            calibrate=not args.no_calibrate,
-            cache=not args.no_cache,
-            resume=args.resume,
-            time_budget=args.time_budget,
-            drop_duplicates=args.drop_duplicates,
-            quantize=args.quantize,
+    try:
+        result = train(
+            TrainConfig(
+                args.data_dir,
+                model_repository=args.model_repository,
+                name=args.name,
+                strategy=args.strategy or DEFAULT_STRATEGY,
+                backbone=args.backbone or DEFAULT_BACKBONE,
+                seed=args.seed,
+                options=_strategy_options(args),
+                backbone_weights=args.backbone_weights,
+                image_size=args.image_size,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                balanced={"auto": None, "balanced": True, "none": False}[args.class_weights],
+                calibrate=not args.no_calibrate,
+                cache=not args.no_cache,
+                resume=args.resume,
+                time_budget=args.time_budget,
+                drop_duplicates=args.drop_duplicates,
+                quantize=args.quantize,
+            )
         )
-    )
+    finally:
+        leave_distributed()  # under torchrun; nothing otherwise
     print(result.summary())
     return 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tests.training.shapes import TINY_BACKBONE
 from tlserve.training import train
+from tlserve.training.fit.distributed import leave_distributed
 from tlserve.training.fit.loops import rank_and_world
 
 
@@ -27,6 +28,7 @@ def main(data: str, repo: str, out: str) -> None:
     if rank == 0:
         row = {"accuracy": result.test_accuracy, "world": world, "version": result.version}
         Path(out).write_text(json.dumps(row))
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["broadcast_path", "init_distributed"]
+__all__ = ["broadcast_path", "init_distributed", "leave_distributed"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,17 @@ def init_distributed() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         log.info("distributed: rank %d of %d", dist.get_rank(), dist.get_world_size())
+
+
+def leave_distributed() -> None:
+    """Leave the process group, if joined: at the end of a process that trained.
+
+    Left to interpreter exit, gloo's threads are torn down mid-flight; one
+    rank of a finished 2-process run aborted that way ("terminate called
+    without an active exception", exit -6).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def broadcast_path(path: Path) -> Path:
